@@ -1,0 +1,183 @@
+"""GPU check of generation: correctness of CUDA-graph decoding, then decode / prefill speed.
+
+    python scripts/gpu_check_generate.py --out $OUT
+
+Random-weight fp16 models built directly on the GPU (speed does not depend on the weights' values):
+Mamba-1 and Mamba-2 at the 130m shape (d_model 768, 24 layers, vocab 50277), then the 2.8b shapes
+(d_model 2560, 64 layers) if the time budget allows. Measures, as in the project's ANCHORS.md:
+
+- decode ms/token at batch 1 = (time to generate 129 tokens - time to generate 1) / 128, cg=True and cg=False;
+- batch 64 after 2048-token prompts: decode tokens/s = 64 * 128 / (t(129) - t(1)), and the prefill time t(1);
+- kernels launched by one eager decode step (torch.profiler), per layer;
+- a 1M-token prompt prefilled in chunks (Mamba-2 130m): time and peak memory.
+Checks first that graph decoding gives the eager decode's logits and that decoding matches a full forward.
+Prints a table last; writes JSON to --out (a directory, or a .json path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from mambakit import MambaConfig, MambaLMHeadModel
+from mambakit.inference.cuda_graph import clear_graph_cache
+from mambakit.inference.generate import generate
+
+VOCAB = 50277
+SHAPES = {
+    "mamba1-130m": dict(d_model=768, n_layer=24, ssm_cfg={}),
+    "mamba2-130m": dict(d_model=768, n_layer=24, ssm_cfg={"layer": "Mamba2"}),
+    "mamba1-2.8b": dict(d_model=2560, n_layer=64, ssm_cfg={}),
+    "mamba2-2.7b": dict(d_model=2560, n_layer=64, ssm_cfg={"layer": "Mamba2"}),
+}
+GOALS = {"mamba1-130m": 0.40, "mamba2-130m": 0.40, "mamba1-2.8b": 2.4, "mamba2-2.7b": 2.4}  # ms/token, b1 cg
+PEER = {"mamba1-130m": 0.787, "mamba2-130m": 0.649, "mamba1-2.8b": 3.77, "mamba2-2.7b": 3.63}
+
+
+def build(name: str) -> MambaLMHeadModel:
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=VOCAB, pad_vocab_size_multiple=16, **SHAPES[name])
+    return MambaLMHeadModel(config, device="cuda", dtype=torch.float16).eval()
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median wall seconds of fn() with the GPU synchronised before and after."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check(model, prompt_len: int = 64, new: int = 32) -> dict:
+    """cg decode logits vs eager decode logits (same forced tokens); eager decode vs one full forward."""
+    prompt = torch.randint(0, VOCAB, (2, prompt_len), device="cuda")
+    kw = dict(max_new_tokens=new, output_scores=True, return_dict_in_generate=True)
+    eager = generate(model, prompt, cg=False, **kw)
+    graphed = generate(model, prompt, cg=True, teacher_outputs=eager.sequences, **kw)
+    cg_err = max(rel(a, b) for a, b in zip(graphed.scores, eager.scores))
+    with torch.inference_mode():
+        full = model(eager.sequences).logits[:, prompt_len - 1:-1, :VOCAB]
+    dec_err = rel(torch.stack(eager.scores, 1), full)
+    tokens_equal = bool(torch.equal(graphed.sequences, eager.sequences))
+    return {"cg_vs_eager_rel_err": cg_err, "decode_vs_forward_rel_err": dec_err, "cg_tokens_equal": tokens_equal}
+
+
+def decode_ms(model, batch: int, prompt_len: int, cg: bool, repeats: int = 3) -> tuple[float, float]:
+    """(ms per decoded token, seconds to generate 1 token = prefill) at this batch and prompt length."""
+    prompt = torch.randint(0, VOCAB, (batch, prompt_len), device="cuda")
+    run = lambda n: generate(model, prompt, max_new_tokens=n, cg=cg)  # noqa: E731
+    run(2)  # warm-up: kernels compiled, graph captured
+    t1 = timed(lambda: run(1), repeats)
+    t129 = timed(lambda: run(129), repeats)
+    return (t129 - t1) / 128 * 1e3, t1
+
+
+def kernels_per_step(model) -> int:
+    """CUDA kernels launched by one eager decode step (batch 1)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.randint(0, VOCAB, (1, 8), device="cuda")
+    _, cache = generate(model, prompt, max_new_tokens=1, return_cache=True)
+    tok = prompt[:, -1:]
+    with torch.inference_mode():
+        model.decode_step(tok, cache)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.decode_step(tok, cache)
+            torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def long_prompt(model, length: int = 1 << 20, chunk: int = 1 << 16) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    prompt = torch.randint(0, VOCAB, (1, length), device="cuda")
+    t = timed(lambda: generate(model, prompt, max_new_tokens=8, prefill_chunk_size=chunk, cg=True), repeats=1)
+    return {"tokens": length, "chunk": chunk, "seconds": t, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> None:
+    t0 = time.perf_counter()
+    model = build(name)
+    r = results.setdefault(name, {})
+    r["check"] = check(model)
+    print(f"[{name}] check {r['check']}", flush=True)
+    r["kernels_per_decode_step"] = kernels_per_step(model)
+    r["kernels_per_layer"] = r["kernels_per_decode_step"] / model.config.n_layer
+    for cg in (True, False):
+        ms, _ = decode_ms(model, 1, 16, cg)
+        r[f"b1_ms_per_token_cg={cg}"] = ms
+        print(f"[{name}] b1 cg={cg}: {ms:.3f} ms/token", flush=True)
+    if big_batch and time.perf_counter() < deadline:
+        ms, prefill = decode_ms(model, 64, 2048, True, repeats=2)
+        r["b64_after_2048_tok_per_s"] = 64 / ms * 1e3
+        r["prefill_b64x2048_ms"] = prefill * 1e3
+        print(f"[{name}] b64: {r['b64_after_2048_tok_per_s']:.0f} tok/s, prefill {prefill * 1e3:.1f} ms", flush=True)
+    if name == "mamba2-130m" and time.perf_counter() < deadline:
+        r["long_prompt"] = long_prompt(model)
+        print(f"[{name}] long prompt {r['long_prompt']}", flush=True)
+    r["seconds"] = time.perf_counter() - t0
+    clear_graph_cache(model)
+    del model
+    torch.cuda.empty_cache()
+
+
+def table(results: dict) -> str:
+    head = (f"{'model':<13} {'b1 cg ms/tok':>12} {'goal':>5} {'peer':>6} {'b1 eager':>9} {'b64 tok/s':>10} "
+            f"{'prefill ms':>10} {'kern/layer':>10} {'cg err':>8}")
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "check" not in r:
+            continue
+        f = lambda k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+        lines.append(f"{name:<13} {f('b1_ms_per_token_cg=True', '12.3f')} {GOALS[name]:>5.2f} {PEER[name]:>6.3f} "
+                     f"{f('b1_ms_per_token_cg=False', '9.3f')} {f('b64_after_2048_tok_per_s', '10.0f')} "
+                     f"{f('prefill_b64x2048_ms', '10.1f')} {f('kernels_per_layer', '10.1f')} "
+                     f"{r['check']['cg_vs_eager_rel_err']:8.1e}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory (or .json file) for the results")
+    p.add_argument("--budget", type=float, default=220.0, help="seconds; later stages are skipped past it")
+    p.add_argument("--skip-large", action="store_true", help="do not run the 2.8b shapes")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    deadline = start + args.budget
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name in ("mamba1-130m", "mamba2-130m"):
+        run_model(name, results, big_batch=True, deadline=deadline)
+    for name in ("mamba1-2.8b", "mamba2-2.7b"):
+        if args.skip_large or time.perf_counter() > start + 0.6 * args.budget:
+            results[name] = "skipped (time budget)"
+            continue
+        run_model(name, results, big_batch=False, deadline=deadline)
+    results["wall_seconds"] = time.perf_counter() - start
+    out = args.out if args.out.endswith(".json") else os.path.join(args.out, "gpu_check_generate.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

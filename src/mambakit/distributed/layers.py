@@ -1,0 +1,176 @@
+"""Tensor-parallel building blocks: how a parameter is split (ShardSpec) and the parallel linear/embedding layers.
+
+A fused projection such as Mamba-2's in_proj stacks several segments ([z, x, B, C, dt]); splitting the whole
+matrix in ``world`` contiguous pieces would hand rank 0 all of z and none of dt. So each parameter carries a
+ShardSpec: the dim it is split along and the full sizes of its segments; rank r keeps the r-th 1/world of
+*every* segment, concatenated in the same order. The same spec reassembles the full tensor (``unshard``), so
+a sharded model saves back to the official layout.
+
+Specs live on the module that owns the parameter, in ``module._tp_specs[param_name]``; parameters without a
+spec are replicated (norm weights, output biases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .comm import copy_to_group, gather_last_dim, reduce_from_group
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Split along ``dim``; ``sizes`` are the full sizes of the consecutive segments along that dim."""
+
+    dim: int
+    sizes: tuple[int, ...]
+
+    def check(self, world: int, what: str) -> None:
+        bad = [s for s in self.sizes if s % world]
+        if bad:
+            raise ValueError(f"{what}: segment sizes {list(self.sizes)} must all be divisible by the tensor-parallel "
+                             f"world size {world} (not: {bad})")
+
+    def shard(self, full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+        """Rank ``rank``'s part of ``full``: its 1/world slice of every segment, concatenated."""
+        segments = full.split(list(self.sizes), dim=self.dim)
+        return torch.cat([s.narrow(self.dim, rank * (s.shape[self.dim] // world), s.shape[self.dim] // world)
+                          for s in segments], dim=self.dim)
+
+    def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of ``shard``: shards[r] is rank r's part."""
+        world = len(shards)
+        local = [s // world for s in self.sizes]
+        per_rank = [t.split(local, dim=self.dim) for t in shards]
+        return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(world)], dim=self.dim)
+
+
+def group_rank_world(group) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def set_sharded_param(module: nn.Module, name: str, full: torch.Tensor, spec: ShardSpec | None, group) -> None:
+    """Give ``module.<name>`` this rank's shard of ``full`` (a copy, so the full tensor can be freed) and record
+    the spec; ``spec=None`` keeps the full tensor (replicated). Flags such as ``_no_weight_decay`` carry over."""
+    rank, world = group_rank_world(group)
+    data = full.detach() if spec is None else spec.shard(full.detach(), rank, world)
+    param = nn.Parameter(data.clone(), requires_grad=full.requires_grad)
+    for flag in ("_no_weight_decay", "_no_reinit"):
+        if hasattr(full, flag):
+            setattr(param, flag, getattr(full, flag))
+    setattr(module, name, param)
+    if spec is not None:
+        if not hasattr(module, "_tp_specs"):
+            module._tp_specs = {}
+        module._tp_specs[name] = spec
+
+
+def _meta_linear(cls, linear: nn.Linear, in_features: int, out_features: int):
+    layer = cls.__new__(cls)
+    nn.Linear.__init__(layer, in_features, out_features, bias=linear.bias is not None, device="meta")
+    return layer
+
+
+class ColumnParallelLinear(nn.Linear):
+    """y_local = x @ W_local^T + b_local: this rank's output features (rows of W). x is replicated.
+
+    forward: x (..., in_features) -> (..., local out_features)."""
+
+    process_group = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group) -> "ColumnParallelLinear":
+        world = dist.get_world_size(group)
+        layer = _meta_linear(cls, linear, linear.in_features, linear.out_features // world)
+        layer.process_group = group
+        set_sharded_param(layer, "weight", linear.weight, spec, group)
+        if linear.bias is not None:
+            set_sharded_param(layer, "bias", linear.bias, spec, group)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_group(x, self.process_group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Linear):
+    """y = all_reduce(x_local @ W_local^T) + b: this rank holds the input features (columns of W) matching
+    its local activations; the bias is replicated and added once, after the sum.
+
+    forward: x (..., local in_features) -> (..., out_features)."""
+
+    process_group = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group) -> "RowParallelLinear":
+        world = dist.get_world_size(group)
+        layer = _meta_linear(cls, linear, linear.in_features // world, linear.out_features)
+        layer.process_group = group
+        set_sharded_param(layer, "weight", linear.weight, spec, group)
+        if linear.bias is not None:
+            set_sharded_param(layer, "bias", linear.bias, None, group)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_group(F.linear(x, self.weight), self.process_group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [vocab_start, vocab_end) of the embedding; other ids give zeros here and the all-reduce fills them in.
+
+    forward: input_ids (batch, seqlen) -> (batch, seqlen, embedding_dim), replicated."""
+
+    process_group = None
+    vocab_start = vocab_end = 0
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, group) -> "VocabParallelEmbedding":
+        rank, world = group_rank_world(group)
+        n = emb.num_embeddings
+        spec = ShardSpec(0, (n,))
+        spec.check(world, "embedding rows (padded vocabulary)")
+        layer = cls.__new__(cls)
+        nn.Embedding.__init__(layer, n // world, emb.embedding_dim, device="meta")
+        layer.process_group = group
+        layer.vocab_start, layer.vocab_end = rank * (n // world), (rank + 1) * (n // world)
+        set_sharded_param(layer, "weight", emb.weight, spec, group)
+        return layer
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_group(out, self.process_group)
+
+
+class ParallelLMHead(nn.Linear):
+    """Logits of this rank's vocabulary slice, all-gathered so every rank returns the full (..., vocab) logits
+    (identical on all ranks, so sampling with the same seed picks the same tokens everywhere).
+
+    forward: hidden (..., d_model) -> logits (..., vocab)."""
+
+    process_group = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, tied_weight: nn.Parameter | None = None) -> "ParallelLMHead":
+        if linear.bias is not None:
+            raise ValueError("ParallelLMHead: an lm_head with a bias is not supported")
+        world = dist.get_world_size(group)
+        spec = ShardSpec(0, (linear.out_features,))
+        spec.check(world, "lm_head rows (padded vocabulary)")
+        layer = _meta_linear(cls, linear, linear.in_features, linear.out_features // world)
+        layer.process_group = group
+        if tied_weight is not None:
+            layer.weight = tied_weight  # shares the embedding's shard (same rows, same spec)
+            layer._tp_specs = {"weight": spec}
+        else:
+            set_sharded_param(layer, "weight", linear.weight, spec, group)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(copy_to_group(x, self.process_group), self.weight)  # (..., vocab / world)
+        return gather_last_dim(logits, self.process_group)

@@ -1,0 +1,96 @@
+"""`mambakit generate PROMPT`: generate text from a prompt and stream it to stdout as it is produced.
+
+Without ``--model`` it uses the small model shipped inside the package (``mambakit.hub.default_model_path()``),
+so it works offline right after ``pip install``. Greedy by default (the official default, top_k=1); giving
+--temperature, --top-p, --min-p or a --top-k other than 1 turns sampling on, e.g. ``--top-p 0.9 --seed 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mambakit generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
+    p.add_argument("--model", default=None,
+                   help="model directory or Hugging Face Hub id (default: the model shipped with mambakit)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory, tokenizer.json file or Hub id (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="number of tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this when sampling")
+    p.add_argument("--top-k", type=int, default=1,
+                   help="sample among the k most likely tokens; 1 = greedy (official default), 0 = no limit")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass in (0, 1); 0 = off")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min-p x the most likely one; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL penalty on tokens already in the text (> 1 discourages repeats); 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible output)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--prefill-chunk-size", type=int, default=None,
+                   help="prompt tokens per forward pass (bounds memory for long prompts); 0 = whole prompt")
+    p.add_argument("--cg", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
+    p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    return p
+
+
+def _load(args, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from --model / --tokenizer, through mambakit.hub and mambakit.tokenizer."""
+    from ..hub import load_pretrained
+    from ..models.lm import MambaLMHeadModel
+    from ..tokenizer import load_tokenizer
+
+    # None = the shipped default model (mambakit.hub.default_model_path()) and its tokenizer.
+    model = load_pretrained(MambaLMHeadModel, args.model, device=device, dtype=dtype)
+    model.eval()
+    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
+    return model, tokenizer
+
+
+def _wants_sampling(args) -> bool:
+    """Any sampling option given means sampling, even with the greedy default --top-k 1 (then: no top-k)."""
+    return args.top_k != 1 or args.top_p > 0 or args.min_p > 0 or args.temperature != 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .generate import generate
+    from .streamer import TextStreamer
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    try:
+        model, tokenizer = _load(args, device, dtype)
+        ids = tokenizer.encode(prompt)
+        if len(ids) == 0:
+            raise ValueError("empty prompt: give some text to continue")
+        # Never produce ids the tokenizer cannot decode (the embedding is padded past the vocabulary).
+        vocab = min(int(tokenizer.vocab_size), model.config.vocab_size)
+        generator = None
+        if args.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(args.seed)
+        generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, temperature=args.temperature,
+                 repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+                 do_sample=_wants_sampling(args), generator=generator, vocab_size=vocab, cg=args.cg,
+                 prefill_chunk_size=args.prefill_chunk_size,
+                 streamer=TextStreamer(tokenizer, skip_prompt=args.no_echo))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mambakit generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

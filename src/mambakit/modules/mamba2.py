@@ -1,0 +1,204 @@
+"""Mamba2: the SSD mixer of Dao & Gu, "Transformers are SSMs" (2024), with the official
+`mamba_ssm.modules.mamba2.Mamba2` constructor, initialisation and parameter names.
+
+Data flow: in_proj -> [z0, x0 (optional gated MLP part), z, xBC, dt]; causal conv1d(xBC) + SiLU;
+split xBC -> (x, B, C); chunked SSD scan with A = -exp(A_log), D skip, softplus(dt + dt_bias) clamped to
+dt_limit; gated RMSNorm(y, z) per group (norm_before_gate=False); out_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..cache import InferenceParams
+from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
+                   selective_state_update)
+from ._common import (cache_slot, check_hidden, conv_weight, init_dt_bias, new_conv_window, silu_gate,
+                      seq_idx_from_cu_seqlens, varlen_conv_windows)
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer. Input and output: (batch, seqlen, d_model).
+
+    ``use_mem_eff_path`` is accepted for compatibility; ``process_group`` (tensor parallelism) must be None here.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
+                 expand: int = 2, headdim: int = 64, d_ssm: int | None = None, ngroups: int = 1,
+                 A_init_range=(1, 16), D_has_hdim: bool = False, rmsnorm: bool = True,
+                 norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_limit=(0.0, float("inf")), bias: bool = False,
+                 conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
+                 layer_idx: int | None = None, process_group=None, sequence_parallel: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if process_group is not None:
+            raise NotImplementedError("Mamba2 with a process_group (tensor parallelism) is not available yet in "
+                                      "mambakit; build the layer with process_group=None")
+        self.d_model, self.d_state, self.d_conv, self.conv_init, self.expand = d_model, d_state, d_conv, conv_init, expand
+        self.d_inner = int(expand * d_model)
+        self.headdim = headdim
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
+        self.ngroups = ngroups
+        if self.d_ssm > self.d_inner or self.d_ssm % headdim:
+            raise ValueError(f"Mamba2: d_ssm={self.d_ssm} must be <= d_inner={self.d_inner} and divisible by "
+                             f"headdim={headdim}")
+        self.nheads = self.d_ssm // headdim
+        if ngroups < 1 or self.nheads % ngroups:
+            raise ValueError(f"Mamba2: ngroups={ngroups} must divide nheads={self.nheads}")
+        if chunk_size < 1:
+            raise ValueError(f"Mamba2: chunk_size must be >= 1, got {chunk_size}")
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.dt_limit = tuple(dt_limit)
+        self.activation = "silu"
+        self.chunk_size = chunk_size
+        self.use_mem_eff_path = use_mem_eff_path
+        self.layer_idx = layer_idx
+
+        # in_proj output order: [z, x, B, C, dt] (plus [z0, x0] in front when d_ssm < d_inner).
+        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
+        self.conv_dim = self.d_ssm + 2 * ngroups * d_state
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+        self.act = nn.SiLU()
+
+        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor, device=device))
+        self.dt_bias._no_weight_decay = True
+        lo, hi = A_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"Mamba2: A_init_range must satisfy 0 < low <= high, got {A_init_range}")
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(lo, hi)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        self.D._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+                                     group_size=self.d_ssm // ngroups, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    # ---- full sequence ------------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, seqlen: int | None = None, seq_idx: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        Also accepts u as (batch * seqlen, d_model) with ``seqlen`` given (the official layout). inference_params:
+        as in Mamba; with cu_seqlens (batch 1, packed) each packed sequence gets its own cache row.
+        """
+        flat = u.dim() == 2
+        if flat:
+            if seqlen is None or u.shape[0] % seqlen:
+                raise ValueError(f"Mamba2: a 2-D input {tuple(u.shape)} needs seqlen dividing its first dimension")
+            u = u.reshape(u.shape[0] // seqlen, seqlen, u.shape[1])
+        check_hidden("Mamba2", u, self.d_model, self.in_proj.weight)
+        batch, seqlen, _ = u.shape
+        conv_state = ssm_state = None
+        continuing = False
+        if inference_params is not None:
+            rows = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+            conv_state, ssm_state = cache_slot(inference_params, self.layer_idx,
+                                               lambda: self.allocate_inference_cache(rows, 0))
+            continuing = inference_params.seqlen_offset > 0
+            if continuing and seqlen == 1 and seq_idx is None and cu_seqlens is None:
+                out, _, _ = self.step(u, conv_state, ssm_state)
+                return out.reshape(batch, self.d_model) if flat else out
+        if cu_seqlens is not None:
+            if batch != 1:
+                raise ValueError(f"Mamba2: cu_seqlens packs sequences into batch 1, got batch {batch}")
+            if continuing:
+                raise ValueError("Mamba2: cu_seqlens cannot continue from a cache (seqlen_offset > 0)")
+            seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, seqlen)
+
+        zxbcdt = self.in_proj(u)  # (b, l, d_in_proj)
+        d_mlp = self.d_inner - self.d_ssm
+        z0, x0, z, xBC, dt = torch.split(
+            zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        xBC_t = xBC.transpose(1, 2)  # (b, conv_dim, l), channels-last view
+        if conv_state is not None:
+            window = (varlen_conv_windows(xBC_t, cu_seqlens, self.d_conv) if cu_seqlens is not None else
+                      new_conv_window(conv_state if continuing else None, xBC_t, self.d_conv, seq_idx))
+        xBC = causal_conv1d_fn(xBC_t, conv_weight(self.conv1d), self.conv1d.bias, seq_idx=seq_idx,
+                               initial_states=conv_state[:, :, 1:].to(xBC.dtype) if continuing else None,
+                               activation=self.activation).transpose(1, 2)  # (b, l, conv_dim)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = self._scan(x, dt, B, C, z, seq_idx, cu_seqlens, ssm_state, continuing)
+        if ssm_state is not None:
+            y, last_state = y
+            ssm_state.copy_(last_state)
+            conv_state.copy_(window)
+        y = y.reshape(batch, seqlen, self.d_ssm)  # (b, l, d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if d_mlp > 0:
+            y = torch.cat([silu_gate(x0, z0), y], dim=-1)
+        out = self.out_proj(y)  # (b, l, d_model)
+        return out.reshape(batch * seqlen, self.d_model) if flat else out
+
+    def _scan(self, x, dt, B, C, z, seq_idx, cu_seqlens, ssm_state, continuing):
+        """SSD over (b, l, ...) pieces; returns y (b, l, h, p) [and the state to keep in the cache]."""
+        b, l, _ = x.shape
+        A = -torch.exp(self.A_log.float())  # (nheads,)
+        keep = ssm_state is not None
+        out = mamba_chunk_scan_combined(
+            x.reshape(b, l, self.nheads, self.headdim), dt, A,
+            B.reshape(b, l, self.ngroups, self.d_state), C.reshape(b, l, self.ngroups, self.d_state),
+            chunk_size=self.chunk_size,
+            D=self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D,
+            z=None if self.rmsnorm else z.reshape(b, l, self.nheads, self.headdim),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            initial_states=ssm_state.float() if continuing else None,
+            seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+            return_final_states=keep and cu_seqlens is None,
+            return_varlen_states=keep and cu_seqlens is not None,
+        )
+        return out  # y, or (y, final states), or (y, one final state per packed sequence) with cu_seqlens
+
+    # ---- decoding -----------------------------------------------------------------------------------
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decoding step. hidden_states: (batch, 1, d_model); the states are updated in place."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+            raise ValueError(f"Mamba2.step decodes one token at a time: hidden_states must be (batch, 1, "
+                             f"{self.d_model}), got {tuple(hidden_states.shape)}")
+        zxbcdt = self.in_proj(hidden_states[:, 0])  # (b, d_in_proj)
+        d_mlp = self.d_inner - self.d_ssm
+        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        xBC = causal_conv1d_update(xBC, conv_state, conv_weight(self.conv1d), self.conv1d.bias,
+                                   activation=self.activation)  # (b, conv_dim)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        b = x.shape[0]
+        A = -torch.exp(self.A_log.float())  # (nheads,)
+        dt_bias = self.dt_bias
+        if self.dt_limit != (0.0, float("inf")):
+            # The official step ignores dt_limit; apply it so that decoding matches the full forward.
+            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+            dt_bias = None
+        D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        y = selective_state_update(
+            ssm_state, x.reshape(b, self.nheads, self.headdim), dt, A,
+            B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state), D.float(),
+            z=None if self.rmsnorm else z.reshape(b, self.nheads, self.headdim),
+            dt_bias=None if dt_bias is None else dt_bias.float(), dt_softplus=dt_bias is not None,
+        ).reshape(b, self.d_ssm)  # (b, d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if d_mlp > 0:
+            y = torch.cat([silu_gate(x0, z0), y], dim=-1)
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        """Zeroed (conv_state (b, conv_dim, d_conv), ssm_state (b, nheads, headdim, d_state))."""
+        device = self.out_proj.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        ssm_dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        # channels-last conv state like the official layout (the update kernel reads a (b, d_conv) column per step)
+        conv_state = torch.zeros(batch_size, self.d_conv, self.conv_dim, device=device,
+                                 dtype=conv_dtype).transpose(1, 2)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
+        return conv_state, ssm_state

@@ -1,0 +1,62 @@
+"""Input checks shared by the ops: clear messages that name the argument, its shape and what was expected.
+
+Never ``assert`` on user input (it vanishes under ``python -O``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def check_tensor(name: str, t, ndim: int | Sequence[int], dims: str = "") -> torch.Tensor:
+    """Check that ``t`` is a tensor of the given rank(s); ``dims`` names the dimensions for the message."""
+    if not isinstance(t, torch.Tensor):
+        fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if t.dim() not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        hint = f" ({dims})" if dims else ""
+        fail(f"{name} must have {want} dimensions{hint}, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], dims: str = "") -> torch.Tensor:
+    """Check ``t.shape == expected``; ``dims`` names the dimensions, e.g. '(batch, dim, seqlen)'."""
+    if not isinstance(t, torch.Tensor):
+        fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(expected):
+        hint = f" {dims}" if dims else ""
+        fail(f"{name} has shape {tuple(t.shape)}, expected {tuple(expected)}{hint}")
+    return t
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
+    """All given tensors must live on ``reference``'s device (None entries are skipped)."""
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            fail(f"{name} is on {t.device} but {reference_name} is on {reference.device}; move them to one device")
+
+
+def check_floating(**tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            fail(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_seq_idx(seq_idx: torch.Tensor | None, batch: int, seqlen: int, device: torch.device) -> None:
+    """``seq_idx``: (batch, seqlen) integer sequence ids, non-decreasing along seqlen (packed sequences)."""
+    if seq_idx is None:
+        return
+    check_shape("seq_idx", seq_idx, (batch, seqlen), "(batch, seqlen)")
+    if seq_idx.dtype not in (torch.int32, torch.int64):
+        fail(f"seq_idx must be int32 or int64, got {seq_idx.dtype}")
+    if seq_idx.device != device:
+        fail(f"seq_idx is on {seq_idx.device} but the inputs are on {device}")
+    if seqlen > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        fail("seq_idx must be non-decreasing along the sequence (one id per packed sequence, in order)")

@@ -1,0 +1,385 @@
+"""SSD stage 4 (Triton): outputs inside each chunk, forward and backward.
+
+Within chunk c, with a = dA_cs[c] (cumsum of dt*A), S_c the state entering the chunk (state_passing.py):
+    y[t] = exp(a[t]) S_c C[t]  +  sum_{s <= t} (C[t] . B[s]) exp(a[t] - a[s]) dt[s] x[s]  (+ D x[t]),  out = y silu(z)
+One program computes BLOCK_M rows t of one (batch, chunk, head) for the whole headdim: C B^T is recomputed
+per head with tensor-core dots instead of being stored (a dstate-wide dot costs about what loading a stored
+fp32 C B^T tile would), and the loop over source blocks s stops at the diagonal.
+Positions of other packed sequences (seq_idx) are masked out of both terms.
+
+Backward, G = dLoss/dS_{c+1} (the gradient of the chunk's state contribution) from state_passing.py:
+    w[s] = exp(a_end - a[s]) G B[s]  +  sum_{t >= s} (C[t] . B[s]) exp(a[t] - a[s]) dy[t]
+    dx[s] = dt[s] w[s] + D dy[s],   ddt_direct[s] = x[s] . w[s],   dyy[t] = dy[t] . (y[t] - D x[t])
+    dC[t] = sum_h exp(a[t]) S_c^T dy[t]      + sum_{s <= t} exp(a[t] - a[s]) dt[s] (dy[t] . x[s]) B[s]
+    dB[s] = sum_h exp(a_end - a[s]) dt[s] G^T x[s] + sum_{t >= s} exp(a[t] - a[s]) dt[s] (x[s] . dy[t]) C[t]
+dB/dC sum over the heads of a group inside one program (optionally split over programs and summed after).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mambakit.ops.ssd.state_passing import dot_precision
+
+
+@triton.jit
+def _chunk_scan_fwd_kernel(
+    x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, states_ptr, D_ptr, z_ptr, seq_ptr, out_ptr, y_ptr,
+    seqlen, nheads, nchunks, heads_per_group, headdim, dstate,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_z_b, stride_z_l, stride_z_h, stride_z_p,
+    stride_seq_b, stride_seq_l, stride_D_h, stride_D_p,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    pid_b = (pid_bc // nchunks).to(tl.int64)
+    pid_c = pid_bc % nchunks
+    dtype = x_ptr.dtype.element_ty
+    start = pid_c * Q
+    chunk_len = tl.minimum(Q, seqlen - start)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < chunk_len
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    pos_m = (start + offs_m).to(tl.int64)
+    row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q  # this chunk's row in dt / dA_cs (b, h, c, Q)
+    x_base = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p[None, :] * stride_x_p
+    B_base = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
+    C_base = C_ptr + pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
+    seq_base = seq_ptr + pid_b * stride_seq_b
+
+    a_m = tl.load(dA_cs_ptr + row + offs_m)
+    Cm = tl.load(C_base + pos_m[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                 mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_N)
+    # the state entering the chunk, read transposed: (BLOCK_N, BLOCK_P)
+    S_ptrs = (states_ptr + ((pid_b * (nchunks + 1) + pid_c) * nheads + pid_h) * headdim * dstate
+              + offs_n[:, None] + offs_p[None, :] * dstate)
+    S = tl.load(S_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(dtype)
+    scale_m = tl.exp(a_m)
+    if HAS_SEQ:
+        seq_m = tl.load(seq_base + pos_m * stride_seq_l, mask=mask_m, other=-1)
+        seq_in = tl.load(seq_base + tl.maximum(start - 1, 0).to(tl.int64) * stride_seq_l)
+        scale_m = tl.where(seq_m == seq_in, scale_m, 0.0)
+    acc = tl.dot(Cm, S, input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
+
+    k_hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_len)  # causal: sources up to the diagonal
+    for k0 in range(0, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < chunk_len
+        pos_k = (start + offs_k).to(tl.int64)
+        Bk = tl.load(B_base + pos_k[None, :] * stride_B_l + offs_n[:, None] * stride_B_n,
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_K)
+        cb = tl.dot(Cm, Bk, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_K)
+        a_k = tl.load(dA_cs_ptr + row + offs_k)
+        dt_k = tl.load(dt_ptr + row + offs_k)
+        keep = (offs_m[:, None] >= offs_k[None, :]) & mask_k[None, :]
+        if HAS_SEQ:
+            seq_k = tl.load(seq_base + pos_k * stride_seq_l, mask=mask_k, other=-2)
+            keep &= seq_m[:, None] == seq_k[None, :]
+        # mask before exp: above the diagonal a[t] - a[s] > 0 could overflow
+        decay = tl.exp(tl.where(keep, a_m[:, None] - a_k[None, :], float("-inf"))) * dt_k[None, :]
+        xk = tl.load(x_base + pos_k[:, None] * stride_x_l, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        acc += tl.dot((cb * decay).to(dtype), xk.to(dtype), input_precision=DOT_PREC)
+
+    mask_mp = mask_m[:, None] & mask_p[None, :]
+    if HAS_D:
+        xm = tl.load(x_base + pos_m[:, None] * stride_x_l, mask=mask_mp, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
+        acc += xm * Dv[None, :]
+    out_off = ((pid_b * seqlen + pos_m[:, None]) * nheads + pid_h) * headdim + offs_p[None, :]  # contiguous
+    if HAS_Z:
+        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=mask_mp)
+        zm = tl.load(z_ptr + pid_b * stride_z_b + pos_m[:, None] * stride_z_l + pid_h * stride_z_h
+                     + offs_p[None, :] * stride_z_p, mask=mask_mp, other=0.0).to(tl.float32)
+        acc = acc * zm * tl.sigmoid(zm)
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_mp)
+
+
+@triton.jit
+def _chunk_scan_bwd_dx_kernel(
+    x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, dstates_ptr, dy_ptr, y_ptr, D_ptr, seq_ptr,
+    dx_ptr, ddt_ptr, dyy_ptr, dD_ptr,
+    seqlen, nheads, nchunks, heads_per_group, headdim, dstate,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_seq_b, stride_seq_l, stride_D_h, stride_D_p,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    pid_b = (pid_bc // nchunks).to(tl.int64)
+    pid_c = pid_bc % nchunks
+    dtype = x_ptr.dtype.element_ty
+    start = pid_c * Q
+    chunk_len = tl.minimum(Q, seqlen - start)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < chunk_len
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    pos_m = (start + offs_m).to(tl.int64)
+    row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q
+    B_base = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
+    C_base = C_ptr + pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
+    seq_base = seq_ptr + pid_b * stride_seq_b
+    # dy, y, dx are contiguous (b, l, h, p)
+    tok_m = ((pid_b * seqlen + pos_m[:, None]) * nheads + pid_h) * headdim + offs_p[None, :]
+
+    a_m = tl.load(dA_cs_ptr + row + offs_m)
+    a_end = tl.load(dA_cs_ptr + row + Q - 1)
+    Bm = tl.load(B_base + pos_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+                 mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_N)
+    G_ptrs = (dstates_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
+              + offs_n[:, None] + offs_p[None, :] * dstate)
+    G = tl.load(G_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_P)
+    scale_m = tl.exp(a_end - a_m)
+    if HAS_SEQ:
+        seq_m = tl.load(seq_base + pos_m * stride_seq_l, mask=mask_m, other=-1)
+        seq_end = tl.load(seq_base + (start + chunk_len - 1).to(tl.int64) * stride_seq_l)
+        scale_m = tl.where(seq_m == seq_end, scale_m, 0.0)
+    acc = tl.dot(Bm, G, input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
+
+    for k0 in range(pid_m * BLOCK_M, chunk_len, BLOCK_K):  # targets t >= s
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < chunk_len
+        pos_k = (start + offs_k).to(tl.int64)
+        Ck = tl.load(C_base + pos_k[None, :] * stride_C_l + offs_n[:, None] * stride_C_n,
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_K)
+        cbT = tl.dot(Bm, Ck, input_precision=DOT_PREC)  # (BLOCK_M s, BLOCK_K t)
+        a_k = tl.load(dA_cs_ptr + row + offs_k)
+        keep = (offs_k[None, :] >= offs_m[:, None]) & mask_k[None, :]
+        if HAS_SEQ:
+            seq_k = tl.load(seq_base + pos_k * stride_seq_l, mask=mask_k, other=-2)
+            keep &= seq_m[:, None] == seq_k[None, :]
+        decay = tl.exp(tl.where(keep, a_k[None, :] - a_m[:, None], float("-inf")))
+        tok_k = ((pid_b * seqlen + pos_k[:, None]) * nheads + pid_h) * headdim + offs_p[None, :]
+        dyk = tl.load(dy_ptr + tok_k, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        acc += tl.dot((cbT * decay).to(dtype), dyk.to(dtype), input_precision=DOT_PREC)
+
+    mask_mp = mask_m[:, None] & mask_p[None, :]
+    dt_m = tl.load(dt_ptr + row + offs_m)
+    xm = tl.load(x_ptr + pid_b * stride_x_b + pos_m[:, None] * stride_x_l + pid_h * stride_x_h
+                 + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0).to(tl.float32)
+    dym = tl.load(dy_ptr + tok_m, mask=mask_mp, other=0.0).to(tl.float32)
+    ym = tl.load(y_ptr + tok_m, mask=mask_mp, other=0.0).to(tl.float32)
+    dx = acc * dt_m[:, None]
+    if HAS_D:
+        Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
+        dx += dym * Dv[None, :]
+        ym -= xm * Dv[None, :]
+        tl.store(dD_ptr + ((pid_bc * tl.num_programs(1) + pid_m) * nheads + pid_h) * headdim + offs_p,
+                 tl.sum(dym * xm, axis=0), mask=mask_p)
+    tl.store(dx_ptr + tok_m, dx.to(dx_ptr.dtype.element_ty), mask=mask_mp)
+    tl.store(ddt_ptr + row + offs_m, tl.sum(xm * acc, axis=1))  # 0 past seqlen: xm is 0 there
+    tl.store(dyy_ptr + row + offs_m, tl.sum(dym * ym, axis=1))
+
+
+@triton.jit
+def _chunk_scan_bwd_dbc_kernel(
+    u_ptr, v_ptr, K_ptr, S_ptr, dt_ptr, dA_cs_ptr, seq_ptr, out_ptr,
+    seqlen, nheads, nchunks, S_nchunks, heads_per_group, heads_per_split, headdim, dstate,
+    stride_u_b, stride_u_l, stride_u_h, stride_u_p,
+    stride_v_b, stride_v_l, stride_v_h, stride_v_p,
+    stride_K_b, stride_K_l, stride_K_g, stride_K_n,
+    stride_seq_b, stride_seq_l,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_DB: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dC (IS_DB=False: u = dy, v = x, K = B, S = states entering the chunk, sources s <= t)
+    or dB (IS_DB=True: u = x, v = dy, K = C, S = dstates, targets t >= s), summed over a split of heads."""
+    pid_bc = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    nsplit = heads_per_group // heads_per_split
+    pid_g = tl.program_id(2) // nsplit
+    pid_split = tl.program_id(2) % nsplit
+    pid_b = (pid_bc // nchunks).to(tl.int64)
+    pid_c = pid_bc % nchunks
+    dtype = u_ptr.dtype.element_ty
+    start = pid_c * Q
+    chunk_len = tl.minimum(Q, seqlen - start)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < chunk_len
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    mask_mp = mask_m[:, None] & mask_p[None, :]
+    pos_m = (start + offs_m).to(tl.int64)
+    K_base = K_ptr + pid_b * stride_K_b + pid_g * stride_K_g + offs_n[None, :] * stride_K_n
+    seq_base = seq_ptr + pid_b * stride_seq_b
+    if HAS_SEQ:
+        seq_m = tl.load(seq_base + pos_m * stride_seq_l, mask=mask_m, other=-1)
+        if IS_DB:  # the chunk state keeps the sequence running at the chunk's end
+            seq_ref = tl.load(seq_base + (start + chunk_len - 1).to(tl.int64) * stride_seq_l)
+        else:  # the entering state belongs to the sequence running before the chunk
+            seq_ref = tl.load(seq_base + tl.maximum(start - 1, 0).to(tl.int64) * stride_seq_l)
+    if IS_DB:
+        k_lo = pid_m * BLOCK_M
+        k_hi = chunk_len
+    else:
+        k_lo = 0
+        k_hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_len)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(heads_per_split):
+        h = pid_g * heads_per_group + pid_split * heads_per_split + i
+        row = ((pid_b * nheads + h) * nchunks + pid_c) * Q
+        a_m = tl.load(dA_cs_ptr + row + offs_m)
+        um = tl.load(u_ptr + pid_b * stride_u_b + pos_m[:, None] * stride_u_l + h * stride_u_h
+                     + offs_p[None, :] * stride_u_p, mask=mask_mp, other=0.0).to(tl.float32)
+        if IS_DB:
+            dt_m = tl.load(dt_ptr + row + offs_m)
+            scale_m = tl.exp(tl.load(dA_cs_ptr + row + Q - 1) - a_m) * dt_m
+        else:
+            scale_m = tl.exp(a_m)
+        if HAS_SEQ:
+            scale_m = tl.where(seq_m == seq_ref, scale_m, 0.0)
+        S = tl.load(S_ptr + ((pid_b * S_nchunks + pid_c) * nheads + h) * headdim * dstate
+                    + offs_p[:, None] * dstate + offs_n[None, :],
+                    mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_P, BLOCK_N)
+        acc += tl.dot((um * scale_m[:, None]).to(dtype), S, input_precision=DOT_PREC)
+        um = um.to(dtype)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < chunk_len
+            pos_k = (start + offs_k).to(tl.int64)
+            vkT = tl.load(v_ptr + pid_b * stride_v_b + pos_k[None, :] * stride_v_l + h * stride_v_h
+                          + offs_p[:, None] * stride_v_p, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            P = tl.dot(um, vkT.to(dtype), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_K)
+            a_k = tl.load(dA_cs_ptr + row + offs_k)
+            if IS_DB:  # rows are sources s, columns targets t >= s; dt of the source
+                keep = (offs_k[None, :] >= offs_m[:, None]) & mask_k[None, :]
+                diff = a_k[None, :] - a_m[:, None]
+                dt_factor = dt_m[:, None]
+            else:  # rows are targets t, columns sources s <= t
+                keep = (offs_m[:, None] >= offs_k[None, :]) & mask_k[None, :]
+                diff = a_m[:, None] - a_k[None, :]
+                dt_factor = tl.load(dt_ptr + row + offs_k)[None, :]
+            if HAS_SEQ:
+                seq_k = tl.load(seq_base + pos_k * stride_seq_l, mask=mask_k, other=-2)
+                keep &= seq_m[:, None] == seq_k[None, :]
+            P = P * tl.exp(tl.where(keep, diff, float("-inf"))) * dt_factor
+            Kk = tl.load(K_base + pos_k[:, None] * stride_K_l, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc += tl.dot(P.to(dtype), Kk.to(dtype), input_precision=DOT_PREC)
+    nbatch = tl.num_programs(0) // nchunks
+    ngroups = nheads // heads_per_group
+    # out: (nsplit, b, l, g, n) fp32 partial sums, added up by the launcher
+    out_off = (((pid_split * nbatch + pid_b) * seqlen + pos_m[:, None]) * ngroups + pid_g) * dstate + offs_n[None, :]
+    tl.store(out_ptr + out_off, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _scan_blocks(Q: int, headdim: int, dstate: int, blocks: dict):
+    BM = blocks.get("BLOCK_M") or min(64, Q)
+    BK = blocks.get("BLOCK_K") or min(BM, 64)
+    if Q % BM or BM % BK:
+        raise ValueError(f"block sizes must divide: chunk {Q}, BLOCK_M {BM}, BLOCK_K {BK}")
+    return BM, BK, max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
+
+
+def _launch_opts(blocks: dict):
+    return dict(num_warps=blocks.get("num_warps", 4), num_stages=blocks.get("num_stages", 2))
+
+
+def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=None):
+    """x: (b, l, h, p), B, C: (b, l, g, n), dt_p, dA_cs: (b, h, c, Q) fp32, states: (b, c + 1, h, p, n),
+    D: (h, p) / (h,) / None, z: (b, l, h, p) / None.
+
+    Returns out (b, l, h, p) contiguous in x's dtype, and y = out before the gate (only when z is given).
+    """
+    blocks = blocks or {}
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    nchunks = dt_p.shape[2]
+    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks)
+    out = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
+    y = torch.empty_like(out) if z is not None else out
+    zz = z if z is not None else x
+    Dv = D if D is not None else dt_p
+    D_strides = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
+    seq = seq_idx if seq_idx is not None else dt_p
+    _chunk_scan_fwd_kernel[(b * nchunks, Q // BM, h)](
+        x, B, C, dt_p, dA_cs, states, Dv, zz, seq, out, y,
+        l, h, nchunks, h // g, p, n,
+        *x.stride(), *B.stride(), *C.stride(), *zz.stride(), seq.stride(0), seq.stride(1), *D_strides,
+        Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks),
+    )
+    return out, (y if z is not None else None)
+
+
+def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, y, D, seq_idx, Q: int, blocks=None):
+    """dy, y: (b, l, h, p) contiguous (y = output before the gate), dstates: (b, c, h, p, n).
+
+    Returns dx (b, l, h, p) in x's dtype, ddt_direct and dyy (b, h, c, Q) fp32, dD (like D, fp32) or None.
+    """
+    blocks = blocks or {}
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    nchunks = dt_p.shape[2]
+    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks)
+    dx = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
+    ddt_dir = torch.empty_like(dt_p)
+    dyy = torch.empty_like(dt_p)
+    dD_part = torch.empty(b * nchunks * (Q // BM), h, p, device=x.device, dtype=torch.float32)
+    Dv = D if D is not None else dt_p
+    D_strides = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
+    seq = seq_idx if seq_idx is not None else dt_p
+    _chunk_scan_bwd_dx_kernel[(b * nchunks, Q // BM, h)](
+        x, B, C, dt_p, dA_cs, dstates, dy, y, Dv, seq, dx, ddt_dir, dyy, dD_part,
+        l, h, nchunks, h // g, p, n,
+        *x.stride(), *B.stride(), *C.stride(), seq.stride(0), seq.stride(1), *D_strides,
+        Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, HAS_D=D is not None,
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks),
+    )
+    dD = None
+    if D is not None:
+        dD = dD_part.sum(0) if D.dim() == 2 else dD_part.sum((0, 2))
+    return dx, ddt_dir, dyy, dD
+
+
+def _head_split(batch: int, nchunks: int, mblocks: int, ngroups: int, heads_per_group: int, blocks: dict) -> int:
+    """Split each group's heads over several programs when the grid would otherwise not fill the GPU."""
+    if blocks.get("HEAD_SPLIT"):
+        return blocks["HEAD_SPLIT"]
+    split = 1
+    while (batch * nchunks * mblocks * ngroups * split < 528 and heads_per_group % (split * 2) == 0
+           and heads_per_group // (split * 2) >= 4):
+        split *= 2
+    return split
+
+
+def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: int, blocks=None):
+    """Returns dB, dC: (b, l, g, n) in B's / C's dtype (fp32 sums over the heads of each group)."""
+    blocks = blocks or {}
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    nchunks = dt_p.shape[2]
+    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks)
+    hpg = h // g
+    split = _head_split(b, nchunks, Q // BM, g, hpg, blocks)
+    seq = seq_idx if seq_idx is not None else dt_p
+    grads = []
+    for is_db, u, v, K, S, S_chunks in ((True, x, dy, C, dstates, nchunks), (False, dy, x, B, states, nchunks + 1)):
+        part = torch.empty(split, b, l, g, n, device=x.device, dtype=torch.float32)
+        _chunk_scan_bwd_dbc_kernel[(b * nchunks, Q // BM, g * split)](
+            u, v, K, S, dt_p, dA_cs, seq, part,
+            l, h, nchunks, S_chunks, hpg, hpg // split, p, n,
+            *u.stride(), *v.stride(), *K.stride(), seq.stride(0), seq.stride(1),
+            Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, IS_DB=is_db, HAS_SEQ=seq_idx is not None,
+            DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks),
+        )
+        grads.append(part[0] if split == 1 else part.sum(0))
+    return grads[0].to(B.dtype), grads[1].to(C.dtype)

@@ -1,0 +1,2 @@
+"""Official import path `mamba_ssm.utils.generation` -> mambakit."""
+from ..cache import InferenceParams  # noqa: F401

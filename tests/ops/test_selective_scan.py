@@ -1,0 +1,206 @@
+"""selective_scan_fn: the PyTorch path and the Triton kernels against the float64 loop reference."""
+import pytest
+import torch
+
+from mambakit.ops import selective_scan as ss
+from mambakit.ops.dispatch import backend
+from mambakit.ops.selective_scan import selective_scan_fn, selective_scan_ref
+from numerics import DEVICE, assert_rule, rel_err, triton_ok
+
+F64 = torch.float64
+ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(b, d, l, n, bc="step", ngroups=2, dtype=F64, device="cpu", options=True):
+    """Random inputs as a dict of leaf tensors requiring grad; dt stays O(0.1-1) so states neither die nor blow up."""
+    g = torch.Generator().manual_seed(1234 + l)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale + shift).to(device)
+
+    x = {"u": r(b, d, l), "delta": r(b, d, l, scale=0.5, shift=-1.0),
+         "A": -torch.exp(r(d, n, scale=0.5)).to(device)}
+    shape = {"const": (d, n), "step": (b, n, l), "group": (b, ngroups, n, l)}[bc]
+    x["B"], x["C"] = r(*shape), r(*shape)
+    if options:
+        x.update(D=r(d), z=r(b, d, l), delta_bias=r(d, scale=0.3), initial_state=r(b, d, n))
+    out = {}
+    for k, t in x.items():
+        t = t.to(dtype if k not in ("A", "D", "delta_bias", "initial_state") else torch.float32 if dtype != F64 else F64)
+        out[k] = t.detach().requires_grad_()
+    return out
+
+
+def run(fn, x, seq_idx=None, softplus=True):
+    kw = {k: v for k, v in x.items() if k not in ("u", "delta", "A", "B", "C")}
+    return fn(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_softplus=softplus, return_last_state=True,
+              seq_idx=seq_idx, **kw)
+
+
+def outputs_and_grads(fn, x, seq_idx=None, softplus=True, seed=0):
+    """(out, last_state, grads of every input) for a random linear loss on out and last_state."""
+    out, last = run(fn, x, seq_idx, softplus)
+    g = torch.Generator().manual_seed(seed)
+    gout = torch.randn(out.shape, generator=g, dtype=F64).to(out.device, out.dtype)
+    glast = torch.randn(last.shape, generator=g, dtype=F64).to(last.device, last.dtype)
+    loss = (out * gout).sum() + (last * glast).sum()
+    names = [k for k in ARGS if k in x]
+    grads = torch.autograd.grad(loss, [x[k] for k in names], allow_unused=True)
+    return out, last, dict(zip(names, grads))
+
+
+def assert_close_all(got, ref, tol, what=""):
+    (o1, s1, g1), (o2, s2, g2) = got, ref
+    errs = {"out": rel_err(o1, o2), "last_state": rel_err(s1, s2)}
+    errs.update({f"d{k}": rel_err(g1[k], g2[k]) for k in g2})
+    bad = {k: f"{v:.1e}" for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{what} rel err above {tol}: {bad}"
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make the PyTorch path use 16-step chunks at the test sizes, so that chunk boundaries are exercised."""
+    monkeypatch.setattr(ss, "_TORCH_CHUNK_ELEMS", 2 * 8 * 4 * 16)
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch path
+
+@pytest.mark.parametrize("bc", ["const", "step", "group"])
+@pytest.mark.parametrize("l", [1, 63, 100, 300])
+def test_torch_matches_reference(small_chunks, bc, l):
+    x = make_inputs(2, 8, l, 4, bc)
+    with backend("torch"):
+        got = outputs_and_grads(selective_scan_fn, x)
+    assert_close_all(got, outputs_and_grads(selective_scan_ref, x), 1e-12, f"torch path {bc} l={l}")
+
+
+def test_torch_without_options(small_chunks):
+    x = make_inputs(2, 8, 40, 4, "step", options=False)
+    with backend("torch"):
+        got = outputs_and_grads(selective_scan_fn, x, softplus=False)
+    assert_close_all(got, outputs_and_grads(selective_scan_ref, x, softplus=False), 1e-12, "no options")
+    out = selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"])  # no last state: a plain tensor
+    assert torch.is_tensor(out) and out.shape == x["u"].shape
+
+
+def test_torch_float32_and_bfloat16_close_to_float64(small_chunks):
+    x64 = make_inputs(2, 8, 63, 4, "group")
+    ref = outputs_and_grads(selective_scan_ref, x64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        x = {k: v.detach().to(dtype if v.dtype == F64 and k in ("u", "delta", "B", "C", "z") else torch.float32)
+             .requires_grad_() for k, v in x64.items()}
+        with backend("torch"):
+            out, last, grads = outputs_and_grads(selective_scan_fn, x)
+        assert out.dtype == dtype and last.dtype == torch.float32
+        assert all(grads[k].dtype == x[k].dtype for k in grads)
+        assert_close_all((out, last, grads), ref, tol, f"torch path {dtype}")
+
+
+def packed_inputs(bc, lens=(7, 20, 13)):
+    """One row of packed sequences plus the seq_idx that separates them."""
+    x = make_inputs(1, 8, sum(lens), 4, bc)
+    x["initial_state"] = x["initial_state"].detach().requires_grad_()
+    seq_idx = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lens)])[None]
+    return x, seq_idx, lens
+
+
+def split_time(x, s0, s1):
+    """The inputs of positions s0:s1 (B/C per step sliced, constant ones kept)."""
+    y = dict(x)
+    for k in ("u", "delta", "z"):
+        y[k] = x[k][..., s0:s1]
+    if x["B"].dim() > 2:
+        y["B"], y["C"] = x["B"][..., s0:s1], x["C"][..., s0:s1]
+    return y
+
+
+def check_packed_equals_separate(fn, bc, tol):
+    x, seq_idx, lens = packed_inputs(bc)
+    out, last = run(fn, x, seq_idx)
+    s0 = 0
+    for i, n in enumerate(lens):
+        y = split_time(x, s0, s0 + n)
+        if i > 0:  # the initial state belongs to the first packed sequence only
+            y["initial_state"] = torch.zeros_like(x["initial_state"])
+        o, h = run(fn, y)
+        assert rel_err(out[..., s0:s0 + n], o) <= tol, f"packed sequence {i} differs"
+        s0 += n
+    assert rel_err(last, h) <= tol
+    # Gradients: the packed loss is the sum of the separate losses.
+    (g_packed,) = torch.autograd.grad((out * out).sum(), [x["delta"]])
+    assert torch.isfinite(g_packed).all()
+
+
+@pytest.mark.parametrize("bc", ["const", "step", "group"])
+def test_torch_seq_idx_packed_equals_separate(small_chunks, bc):
+    with backend("torch"):
+        check_packed_equals_separate(selective_scan_fn, bc, 1e-12)
+    x, seq_idx, _ = packed_inputs(bc)
+    with backend("torch"):
+        got = outputs_and_grads(selective_scan_fn, x, seq_idx)
+    assert_close_all(got, outputs_and_grads(selective_scan_ref, x, seq_idx), 1e-12, "seq_idx grads")
+
+
+def check_prefix_continuation(fn, tol):
+    x = make_inputs(2, 8, 50, 4, "group")
+    out, last = run(fn, x)
+    first = split_time(x, 0, 22)
+    o1, h1 = run(fn, first)
+    second = split_time(x, 22, 50)
+    second["initial_state"] = h1
+    o2, h2 = run(fn, second)
+    assert rel_err(torch.cat([o1, o2], -1), out) <= tol
+    assert rel_err(h2, last) <= tol
+
+
+def test_torch_initial_state_continues_a_prefix(small_chunks):
+    with backend("torch"):
+        check_prefix_continuation(selective_scan_fn, 1e-12)
+
+
+def test_torch_non_contiguous_inputs(small_chunks):
+    x = make_inputs(2, 8, 30, 4, "step")
+    ref = outputs_and_grads(selective_scan_ref, x)
+    # channels-last (b, l, d) memory, like the Mamba module's views of in_proj's output
+    y = {k: (v.detach().transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() == 3 else v.detach())
+         .requires_grad_() for k, v in x.items()}
+    with backend("torch"):
+        got = outputs_and_grads(selective_scan_fn, y)
+    assert_close_all(got, ref, 1e-12, "non-contiguous")
+
+
+def test_torch_gradcheck():
+    x = make_inputs(1, 4, 5, 2, "group", ngroups=2)
+    names = list(x)
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1]])
+
+    def f(*args):
+        kw = dict(zip(names, args))
+        return run(selective_scan_fn, kw, seq_idx)
+
+    with backend("torch"):
+        assert torch.autograd.gradcheck(f, [x[k] for k in names], fast_mode=True)
+
+
+BAD = [
+    (dict(u=torch.randn(2, 8)), "u must have 3 dimensions"),
+    (dict(delta=torch.randn(2, 8, 9)), "delta has shape"),
+    (dict(A=torch.randn(7, 4)), "A has shape"),
+    (dict(B=torch.randn(2, 4, 9)), "B has shape"),
+    (dict(B=torch.randn(2, 3, 4, 10), C=torch.randn(2, 3, 4, 10)), "divisible by ngroups"),
+    (dict(C=torch.randn(8, 4)), "same layout"),
+    (dict(D=torch.randn(7)), "D has shape"),
+    (dict(initial_state=torch.randn(2, 8, 5)), "initial_state has shape"),
+    (dict(seq_idx=torch.tensor([[0, 1] * 5, [0] * 10])), "non-decreasing"),
+    (dict(seq_idx=torch.zeros(2, 10)), "int32 or int64"),
+    (dict(u=torch.randint(0, 3, (2, 8, 10))), "floating-point"),
+]
+
+
+@pytest.mark.parametrize("bad,msg", BAD)
+def test_bad_inputs_raise(bad, msg):
+    x = dict(u=torch.randn(2, 8, 10), delta=torch.randn(2, 8, 10), A=-torch.rand(8, 4), B=torch.randn(2, 4, 10),
+             C=torch.randn(2, 4, 10))
+    x.update(bad)
+    with pytest.raises(ValueError, match=msg):
+        selective_scan_fn(**x)

@@ -36,24 +36,33 @@ SHAPES = {
     "mamba1-2.8b": dict(d_model=2560, n_layer=64, ssm_cfg={}),
     "mamba2-2.7b": dict(d_model=2560, n_layer=64, ssm_cfg={"layer": "Mamba2"}),
 }
+SMOKE = dict(d_model=32, n_layer=2, ssm_cfg={"d_state": 8})  # --smoke: a CPU dry run of this script
+DEVICE = "cuda"
 GOALS = {"mamba1-130m": 0.40, "mamba2-130m": 0.40, "mamba1-2.8b": 2.4, "mamba2-2.7b": 2.4}  # ms/token, b1 cg
 PEER = {"mamba1-130m": 0.787, "mamba2-130m": 0.649, "mamba1-2.8b": 3.77, "mamba2-2.7b": 3.63}
 
 
 def build(name: str) -> MambaLMHeadModel:
     torch.manual_seed(0)
-    config = MambaConfig(vocab_size=VOCAB, pad_vocab_size_multiple=16, **SHAPES[name])
-    return MambaLMHeadModel(config, device="cuda", dtype=torch.float16).eval()
+    shape = SHAPES[name] if DEVICE == "cuda" else dict(SMOKE, ssm_cfg={**SMOKE["ssm_cfg"], **SHAPES[name]["ssm_cfg"]})
+    config = MambaConfig(vocab_size=VOCAB, pad_vocab_size_multiple=16, **shape)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    return MambaLMHeadModel(config, device=DEVICE, dtype=dtype).eval()
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int = 3) -> float:
     """Median wall seconds of fn() with the GPU synchronised before and after."""
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -65,7 +74,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check(model, prompt_len: int = 64, new: int = 32) -> dict:
     """cg decode logits vs eager decode logits (same forced tokens); eager decode vs one full forward."""
-    prompt = torch.randint(0, VOCAB, (2, prompt_len), device="cuda")
+    prompt = torch.randint(0, VOCAB, (2, prompt_len), device=DEVICE)
     kw = dict(max_new_tokens=new, output_scores=True, return_dict_in_generate=True)
     eager = generate(model, prompt, cg=False, **kw)
     graphed = generate(model, prompt, cg=True, teacher_outputs=eager.sequences, **kw)
@@ -79,7 +88,7 @@ def check(model, prompt_len: int = 64, new: int = 32) -> dict:
 
 def decode_ms(model, batch: int, prompt_len: int, cg: bool, repeats: int = 3) -> tuple[float, float]:
     """(ms per decoded token, seconds to generate 1 token = prefill) at this batch and prompt length."""
-    prompt = torch.randint(0, VOCAB, (batch, prompt_len), device="cuda")
+    prompt = torch.randint(0, VOCAB, (batch, prompt_len), device=DEVICE)
     run = lambda n: generate(model, prompt, max_new_tokens=n, cg=cg)  # noqa: E731
     run(2)  # warm-up: kernels compiled, graph captured
     t1 = timed(lambda: run(1), repeats)
@@ -88,26 +97,34 @@ def decode_ms(model, batch: int, prompt_len: int, cg: bool, repeats: int = 3) ->
 
 
 def kernels_per_step(model) -> int:
-    """CUDA kernels launched by one eager decode step (batch 1)."""
+    """CUDA kernels launched by one eager decode step (batch 1); on CPU (--smoke), aten ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompt = torch.randint(0, VOCAB, (1, 8), device="cuda")
+    prompt = torch.randint(0, VOCAB, (1, 8), device=DEVICE)
     _, cache = generate(model, prompt, max_new_tokens=1, return_cache=True)
     tok = prompt[:, -1:]
     with torch.inference_mode():
         model.decode_step(tok, cache)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
             model.decode_step(tok, cache)
-            torch.cuda.synchronize()
+            sync()
+    if DEVICE != "cuda":
+        return sum(1 for e in prof.events() if e.name.startswith("aten::"))
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def long_prompt(model, length: int = 1 << 20, chunk: int = 1 << 16) -> dict:
-    torch.cuda.reset_peak_memory_stats()
-    prompt = torch.randint(0, VOCAB, (1, length), device="cuda")
+    """A 1M-token prompt, prefilled in chunks, then 8 tokens: seconds and peak GPU memory."""
+    if DEVICE != "cuda":
+        length, chunk = 2048, 256
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    prompt = torch.randint(0, VOCAB, (1, length), device=DEVICE)
     t = timed(lambda: generate(model, prompt, max_new_tokens=8, prefill_chunk_size=chunk, cg=True), repeats=1)
-    return {"tokens": length, "chunk": chunk, "seconds": t, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+    return {"tokens": length, "chunk": chunk, "seconds": t, "peak_gib": peak}
 
 
 def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> None:
@@ -123,8 +140,9 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
         r[f"b1_ms_per_token_cg={cg}"] = ms
         print(f"[{name}] b1 cg={cg}: {ms:.3f} ms/token", flush=True)
     if big_batch and time.perf_counter() < deadline:
-        ms, prefill = decode_ms(model, 64, 2048, True, repeats=2)
-        r["b64_after_2048_tok_per_s"] = 64 / ms * 1e3
+        batch, length = (64, 2048) if DEVICE == "cuda" else (4, 64)
+        ms, prefill = decode_ms(model, batch, length, True, repeats=2)
+        r["b64_after_2048_tok_per_s"] = batch / ms * 1e3
         r["prefill_b64x2048_ms"] = prefill * 1e3
         print(f"[{name}] b64: {r['b64_after_2048_tok_per_s']:.0f} tok/s, prefill {prefill * 1e3:.1f} ms", flush=True)
     if name == "mamba2-130m" and time.perf_counter() < deadline:
@@ -133,7 +151,8 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
     r["seconds"] = time.perf_counter() - t0
     clear_graph_cache(model)
     del model
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def table(results: dict) -> str:
@@ -143,7 +162,7 @@ def table(results: dict) -> str:
     for name, r in results.items():
         if not isinstance(r, dict) or "check" not in r:
             continue
-        f = lambda k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+        f = lambda k, fmt: format(r[k], fmt) if k in r else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
         lines.append(f"{name:<13} {f('b1_ms_per_token_cg=True', '12.3f')} {GOALS[name]:>5.2f} {PEER[name]:>6.3f} "
                      f"{f('b1_ms_per_token_cg=False', '9.3f')} {f('b64_after_2048_tok_per_s', '10.0f')} "
                      f"{f('prefill_b64x2048_ms', '10.1f')} {f('kernels_per_layer', '10.1f')} "
@@ -156,13 +175,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="directory (or .json file) for the results")
     p.add_argument("--budget", type=float, default=220.0, help="seconds; later stages are skipped past it")
     p.add_argument("--skip-large", action="store_true", help="do not run the 2.8b shapes")
+    p.add_argument("--smoke", action="store_true", help="dry run on CPU with tiny shapes (checks the script only)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --smoke for a CPU dry run)", file=sys.stderr)
         return 1
     start = time.perf_counter()
     deadline = start + args.budget
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run, tiny shapes)"
+    results = {"device": device_name, "torch": torch.__version__}
     for name in ("mamba1-130m", "mamba2-130m"):
         run_model(name, results, big_batch=True, deadline=deadline)
     for name in ("mamba1-2.8b", "mamba2-2.7b"):

@@ -3,9 +3,7 @@ agrees with mambakit; unsafe or inconsistent files are refused with messages tha
 import fnmatch
 import json
 import os
-import pickle
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +14,14 @@ from mambakit import hub
 from numerics import DEVICE
 
 VOCAB = 100
-KINDS = ["Mamba1", "Mamba2"]
 
 
 def tiny_config(layer="Mamba1", tie=True, vocab=VOCAB, **kw) -> MambaConfig:
     ssm = {"d_state": 8, "d_conv": 4, "expand": 2}
-    if layer == "Mamba2":
+    if layer in ("Mamba2", "hybrid"):
         ssm.update(layer="Mamba2", headdim=8, ngroups=2, chunk_size=16)
+    if layer == "hybrid":  # attention at layer 1 and an MLP after every mixer
+        kw = dict(attn_layer_idx=[1], attn_cfg={"num_heads": 4, "rotary_emb_dim": 8}, d_intermediate=64, **kw)
     return MambaConfig(d_model=32, n_layer=2, vocab_size=vocab, ssm_cfg=ssm, tie_embeddings=tie, **kw)
 
 
@@ -65,8 +64,8 @@ def assert_same_model(a, b, x) -> None:
 
 
 # ---- state-spaces layout -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layer", KINDS)
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("layer, tie", [("Mamba1", True), ("Mamba1", False), ("Mamba2", True), ("Mamba2", False),
+                                        ("hybrid", True)])
 def test_state_spaces_roundtrip(tmp_path, layer, tie):
     model = tiny_model(layer, tie)
     hub.save_pretrained(model, tmp_path)
@@ -83,6 +82,21 @@ def test_state_spaces_roundtrip(tmp_path, layer, tie):
     assert getattr(loaded.backbone.layers[0].mixer.A_log, "_no_weight_decay", False)
 
 
+def test_loading_builds_on_meta(tmp_path, monkeypatch):
+    """No random init on real memory: the model is built on the meta device, then the tensors are assigned."""
+    hub.save_pretrained(tiny_model("Mamba1"), tmp_path)
+    seen = []
+    real = torch.nn.init.normal_
+
+    def spy(tensor, *args, **kwargs):
+        seen.append(tensor.device.type)
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
+    MambaLMHeadModel.from_pretrained(tmp_path)
+    assert seen and set(seen) == {"meta"}
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_official_bin_layout(tmp_path, legacy):
     """mamba_ssm's own files: config.json + pytorch_model.bin holding the tied lm_head too."""
@@ -90,6 +104,18 @@ def test_official_bin_layout(tmp_path, legacy):
     model.config.to_json_file(tmp_path / "config.json")
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
     assert_same_model(model, MambaLMHeadModel.from_pretrained(str(tmp_path)), ids())
+
+
+def test_bin_file_for_mamba_ssm(tmp_path):
+    """safe_serialization=False writes what mamba_ssm's strict loader expects: the tied head's key, stored once."""
+    model = tiny_model("Mamba1")
+    hub.save_pretrained(model, tmp_path, safe_serialization=False)
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert state.keys() == model.state_dict().keys()
+    assert state["lm_head.weight"].data_ptr() == state["backbone.embedding.weight"].data_ptr()
+    fresh = MambaLMHeadModel(model.config)
+    fresh.load_state_dict(state, strict=True)  # what mamba_ssm's from_pretrained does
+    assert_same_model(model, fresh.eval(), ids())
 
 
 @pytest.mark.parametrize("safe", [True, False])
@@ -139,6 +165,22 @@ def test_dtype_and_device(tmp_path):
     torch.testing.assert_close(logits_of(loaded, x.to(DEVICE)).cpu(), logits_of(model, x), rtol=0.1, atol=0.1)
 
 
+def test_convert_keeps_stored_dtypes(tmp_path):
+    """Without --dtype a conversion is lossless, mixed dtypes included (bf16 weights, fp32 A_log and D)."""
+    model = MambaLMHeadModel(tiny_config("Mamba1"), dtype=torch.bfloat16)
+    assert model.backbone.layers[0].mixer.A_log.dtype == torch.float32
+    hub.save_pretrained(model, tmp_path / "src")
+    assert hub.main([str(tmp_path / "src"), str(tmp_path / "hf"), "--to", "transformers"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert hub.main([str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "state-spaces"]) == 0
+    assert load_file(tmp_path / "back" / "model.safetensors").keys() == load_file(tmp_path / "src" /
+                                                                                   "model.safetensors").keys()
+    assert_same_model(model, hub._load_directory(MambaLMHeadModel, tmp_path / "back", {}, None, None, True,
+                                                 keep_file_dtype=True), ids())
+    assert hub.main([str(tmp_path / "src"), str(tmp_path / "f32"), "--to", "state-spaces", "--dtype", "float32"]) == 0
+    assert load_file(tmp_path / "f32" / "model.safetensors")["backbone.embedding.weight"].dtype == torch.float32
+
+
 def test_hf_cache_and_offline(tmp_path, monkeypatch):
     """Hub ids resolve through huggingface_hub's cache: offline works when cached, and says what to do when not."""
     model = tiny_model("Mamba2")
@@ -154,6 +196,10 @@ def test_hf_cache_and_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = MambaLMHeadModel.from_pretrained("org/tiny-mamba", cache_dir=cache, revision=commit)
     torch.testing.assert_close(logits_of(loaded, x), logits_of(model, x), rtol=0, atol=0)
+    (repo / "snapshots" / commit / "model.safetensors").unlink()  # a partial download
+    with pytest.raises(FileNotFoundError, match=r"cached copy of 'org/tiny-mamba' .* has no model.safetensors.*"
+                                                r"hf download org/tiny-mamba"):
+        MambaLMHeadModel.from_pretrained("org/tiny-mamba", cache_dir=cache)
     with pytest.raises(FileNotFoundError, match=r"(?s)not in the Hugging Face cache.*HF_HUB_OFFLINE.*"
                                                 r"hf download org/absent.*directory holding config.json"):
         MambaLMHeadModel.from_pretrained("org/absent", cache_dir=cache)
@@ -332,6 +378,17 @@ def test_load_transformers_checkpoint(tmp_path, kind, transformers):
     # and back: the state-spaces copy gives the same model
     assert hub.main([str(tmp_path), str(tmp_path / "ss"), "--to", "state-spaces"]) == 0
     assert_same_model(ours, MambaLMHeadModel.from_pretrained(tmp_path / "ss"), x)
+
+
+def test_load_bare_transformers_backbone(tmp_path, transformers):
+    """A saved MambaModel (no LM head, keys without 'backbone.') loads with the head tied to the embedding."""
+    ref = transformers.MambaModel(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8,
+                                                           num_hidden_layers=2))
+    ref.save_pretrained(tmp_path)
+    ours = MambaLMHeadModel.from_pretrained(tmp_path)
+    assert torch.equal(ours.backbone.embedding.weight, ref.embeddings.weight)
+    assert torch.equal(ours.backbone.layers[1].mixer.x_proj.weight, ref.layers[1].mixer.x_proj.weight)
+    assert ours.lm_head.weight is ours.backbone.embedding.weight
 
 
 @pytest.mark.parametrize("layer, tie", [("Mamba1", True), ("Mamba2", True), ("Mamba2", False)])

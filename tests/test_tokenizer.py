@@ -95,7 +95,9 @@ def test_special_tokens_from_config_and_save(tok_dir, tmp_path):
         Tokenizer(tok.backend, eos_token="<nope>")
 
 
-def _fake_hub_cache(root, repo_id, files):
+def _fake_hub_cache(root, repo_id, files, known_missing=()):
+    """A Hugging Face cache as huggingface_hub lays it out (refs/main -> snapshots/<commit>/...); names in
+    known_missing are recorded as absent from the repo (.no_exist), as an online visit would leave them."""
     commit = "89abcdef0123456789abcdef0123456789abcdef"
     repo = root / ("models--" + repo_id.replace("/", "--"))
     (repo / "snapshots" / commit).mkdir(parents=True)
@@ -103,6 +105,9 @@ def _fake_hub_cache(root, repo_id, files):
     (repo / "refs" / "main").write_text(commit)
     for name, src in files.items():
         (repo / "snapshots" / commit / name).write_bytes(src.read_bytes())
+    for name in known_missing:
+        (repo / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / ".no_exist" / commit / name).touch()
     return root
 
 
@@ -124,3 +129,21 @@ def test_default_tokenizer(tok_dir, tmp_path, monkeypatch):
     assert load_tokenizer().encode("the dog") == load_tokenizer(tok_dir).encode("the dog")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing" / "dir"))
+
+
+def test_hub_ids_offline(tok_dir, tmp_path, monkeypatch):
+    """A repo with its own tokenizer.json uses it; one known to have none (state-spaces) falls back to GPT-NeoX."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "cache"
+    other = tmp_path / "other.json"
+    tok = train_tokenizer()
+    tok.add_special_tokens(["<extra>"])
+    tok.save(str(other))
+    _fake_hub_cache(cache, GPT_NEOX_20B, {"tokenizer.json": tok_dir / "tokenizer.json"})
+    _fake_hub_cache(cache, "org/with-tokenizer", {"tokenizer.json": other})
+    _fake_hub_cache(cache, "state-spaces/tiny", {"config.json": other}, known_missing=["tokenizer.json"])
+    neox_size = load_tokenizer(tok_dir).vocab_size
+    assert load_tokenizer("org/with-tokenizer", cache_dir=cache).vocab_size == neox_size + 1
+    assert load_tokenizer("state-spaces/tiny", cache_dir=cache).vocab_size == neox_size
+    with pytest.raises(FileNotFoundError, match=r"'org/absent' is not a local path and its tokenizer.json"):
+        load_tokenizer("org/absent", cache_dir=cache)

@@ -68,16 +68,22 @@ def main(argv: list[str] | None = None) -> int:
         return _summary(args.dir) if args.what == "summary" else _plot_dir(args.dir)
     import torch
 
-    from .benchmarks.common import write_json
+    from .benchmarks.common import Record, write_json
 
     module_name, json_name, _ = SUBCOMMANDS[args.what]
     module = importlib.import_module(f"mambakit.benchmarks.{module_name}")
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
+    Record.active = None
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         payload = module.run(args)
+    except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep the measurements made so far
+        if Record.active is None:
+            raise
+        Record.active.notes.append("interrupted (time limit or Ctrl-C): the results so far")
+        payload = Record.active.payload()
     finally:
         torch.set_num_threads(threads)
     name = args.name or json_name

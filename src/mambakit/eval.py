@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device, dtype = _device_dtype(args.device, args.dtype)
         stride = args.stride or max(1, args.context // 2)
+        strided_windows(args.context, args.context, stride)  # checks --context/--stride before loading anything
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
         model, tokenizer = _load(args, device, dtype)

@@ -92,7 +92,7 @@ def resolve_checkpoint(name: str | os.PathLike | None = None, *, revision: str |
         return path
     if path.exists():
         raise ValueError(f"{text} is a file; pass the directory that holds config.json and the weights")
-    if not _is_hub_id(text):
+    if not isinstance(name, str) or not _is_hub_id(text):
         raise FileNotFoundError(f"checkpoint directory {text} does not exist")
     return _hub_snapshot(text, revision, cache_dir, local_files_only)
 
@@ -127,6 +127,10 @@ def _hub_snapshot(repo_id: str, revision, cache_dir, local_files_only: bool) -> 
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"'{repo_id}' is neither a local directory nor a Hub repository you can access "
                                 "(check the spelling, or log in with `hf auth login` for a private repo)") from e
+    if not _has_weights(folder):
+        where = "the cached copy" if offline else "the Hub repository"
+        raise FileNotFoundError(f"{where} of '{repo_id}' ({folder}) has no {SAFE_FILE}, {SAFE_INDEX}, {BIN_FILE} or "
+                                f"{BIN_INDEX}" + (f"; download them with `hf download {repo_id}`" if offline else ""))
     return folder
 
 
@@ -263,13 +267,16 @@ class CheckpointWeights:
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, torch.dtype | None] = {}
         self._loaders: dict[str, Callable[[], torch.Tensor]] = {}
         self.files: list[Path] = []
 
-    def add(self, name: str, shape, loader: Callable[[], torch.Tensor], source: Path) -> None:
+    def add(self, name: str, shape, dtype: torch.dtype | None, loader: Callable[[], torch.Tensor],
+            source: Path) -> None:
         if name in self.shapes:
             raise ValueError(f"tensor {name} appears twice in the checkpoint (again in {source.name})")
         self.shapes[name] = tuple(shape)
+        self.dtypes[name] = dtype
         self._loaders[name] = loader
 
     def __contains__(self, name: str) -> bool:
@@ -280,6 +287,7 @@ class CheckpointWeights:
 
     def rename(self, fn: Callable[[str], str]) -> None:
         self.shapes = {fn(k): v for k, v in self.shapes.items()}
+        self.dtypes = {fn(k): v for k, v in self.dtypes.items()}
         self._loaders = {fn(k): v for k, v in self._loaders.items()}
 
 
@@ -308,12 +316,15 @@ def open_weights(directory: str | os.PathLike) -> CheckpointWeights:
         files = _shard_files(directory, BIN_INDEX) if (directory / BIN_INDEX).is_file() else [directory / BIN_FILE]
         for f in files:
             for name, t in safe_torch_load(f).items():
-                weights.add(name, t.shape, lambda t=t: t, f)
+                weights.add(name, t.shape, t.dtype, lambda t=t: t, f)
     else:
         raise FileNotFoundError(f"no weights in {directory}: expected {SAFE_FILE}, {SAFE_INDEX} with its shards, "
                                 f"{BIN_FILE} or {BIN_INDEX}")
     weights.files = files
     return weights
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _add_safetensors(weights: CheckpointWeights, path: Path) -> None:
@@ -322,8 +333,9 @@ def _add_safetensors(weights: CheckpointWeights, path: Path) -> None:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")  # memory-maps the file; reads on request
         for name in handle.keys():
-            shape = handle.get_slice(name).get_shape()
-            weights.add(name, shape, lambda h=handle, n=name: h.get_tensor(n), path)
+            piece = handle.get_slice(name)
+            weights.add(name, piece.get_shape(), _SAFETENSORS_DTYPES.get(piece.get_dtype()),
+                        lambda h=handle, n=name: h.get_tensor(n), path)
     except Exception as e:  # safetensors raises its own SafetensorError for damaged headers
         if isinstance(e, ValueError) and "appears twice" in str(e):
             raise
@@ -483,16 +495,25 @@ def load_pretrained(cls, name: str | os.PathLike | None = None, device=None, dty
         raise TypeError(f"from_pretrained got unknown arguments {unknown}: it takes device, dtype, "
                         f"{', '.join(_HUB_KWARGS)}, check_finite and MambaConfig fields to override: {sorted(fields)}")
     directory = resolve_checkpoint(name, **hub_kw)
+    return _load_directory(cls, directory, kwargs, device, dtype, check_finite)
+
+
+def _load_directory(cls, directory: Path, overrides: dict, device, dtype, check_finite: bool,
+                    keep_file_dtype: bool = False):
+    """The model of a local checkpoint directory. keep_file_dtype (for conversions, with dtype=None): build the
+    model in the dtype of the stored embedding and cast each tensor straight to its parameter's dtype, so that
+    nothing is rounded on the way."""
     data, layout = read_config(directory)
-    data.update(kwargs)
-    where = f"{directory / CONFIG_FILE}" + (f" with overrides {sorted(kwargs)}" if kwargs else "")
+    data.update(overrides)
+    where = f"{directory / CONFIG_FILE}" + (f" with overrides {sorted(overrides)}" if overrides else "")
     try:
         config = MambaConfig.from_dict(data)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     weights = open_weights(directory)
     _normalise_names(weights, layout)
-    model = _build_empty(cls, config, device, dtype)
+    build_dtype = weights.dtypes.get("backbone.embedding.weight") if keep_file_dtype and dtype is None else dtype
+    model = _build_empty(cls, config, device, build_dtype)
     _check_weights(model, weights, config, where)
     tensors = _read_tensors(model, weights, config, device, dtype, check_finite)
     # load_state_dict(assign=True) swaps in new Parameter objects: keep the markers set on the originals
@@ -530,9 +551,12 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _prepare_directory(directory: Path, overwrite: bool) -> None:
-    """Refuse to write over an existing checkpoint unless asked; with overwrite, drop its stale weight files
-    (a left-over shard would otherwise be mixed into the new checkpoint)."""
+def check_destination(directory: str | os.PathLike, overwrite: bool = False) -> list[str]:
+    """The checkpoint files already in ``directory``; raises FileExistsError if there are any and not overwrite.
+
+    Only checkpoint files count (config.json, weights, indices): other files (notes, a tokenizer) are kept.
+    """
+    directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
     existing = sorted(p.name for p in directory.iterdir() if _CHECKPOINT_FILE.fullmatch(p.name)) \
@@ -541,6 +565,13 @@ def _prepare_directory(directory: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{directory} already holds a checkpoint ({_some(existing, 5)}); saving would "
                               "overwrite it. Pass overwrite=True (mambakit convert: --overwrite) to replace it, or "
                               "choose another directory")
+    return existing
+
+
+def _prepare_directory(directory: Path, overwrite: bool) -> None:
+    """Create the directory; with overwrite, drop the old checkpoint's weight files first (a left-over shard
+    would otherwise be mixed into the new checkpoint)."""
+    existing = check_destination(directory, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     for name in existing:
         (directory / name).unlink()
@@ -564,15 +595,17 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def _state_for_saving(model: torch.nn.Module, layout: str) -> dict[str, torch.Tensor]:
+def _state_for_saving(model: torch.nn.Module, layout: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict in the layout's key names without a tied lm_head, whether the head was tied)."""
     state = dict(model.state_dict())
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     head, emb = state.get("lm_head.weight"), state.get("backbone.embedding.weight")
-    if tied and head is not None and emb is not None and head.data_ptr() == emb.data_ptr():
+    tied = bool(tied and head is not None and emb is not None and head.data_ptr() == emb.data_ptr())
+    if tied:
         del state["lm_head.weight"]  # tied: the embedding is the head (official and transformers loaders re-tie)
     if layout == "transformers":
         state = {to_transformers_key(k): v for k, v in state.items()}
-    return state
+    return state, tied
 
 
 def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -580,8 +613,9 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, s
                     layout: str = "state-spaces") -> Path:
     """Write config.json and the weights (safetensors, or pytorch_model.bin when safe_serialization=False).
 
-    layout: 'state-spaces' (mamba_ssm's config.json; loads with mamba_ssm and mambakit) or 'transformers'
-    (loads with transformers.AutoModelForCausalLM). Weights above max_shard_size are split into shards with an
+    layout: 'state-spaces' (mamba_ssm's config.json and key names; mamba_ssm's own from_pretrained reads only an
+    unsharded pytorch_model.bin, so save with safe_serialization=False for it) or 'transformers' (loads with
+    transformers.AutoModelForCausalLM). Weights above max_shard_size are split into shards with an
     index file. A tied lm_head is not stored twice. An existing checkpoint in the directory is only replaced
     with overwrite=True. Returns the directory.
     """
@@ -590,7 +624,7 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, s
     config = getattr(model, "config", None)
     if not isinstance(config, MambaConfig):
         raise TypeError(f"save_pretrained needs a model with a MambaConfig .config, got {type(model).__name__}")
-    state = _state_for_saving(model, layout)
+    state, tied = _state_for_saving(model, layout)
     first = next(iter(state.values()))
     config_dict = config.to_dict() if layout == "state-spaces" else config_to_transformers(config, first.dtype)
     max_bytes = parse_size(max_shard_size)
@@ -605,6 +639,10 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, s
     for keys, fname in zip(plan, names):
         # One shard at a time on the CPU, so a GPU model is never copied to host memory in full.
         shard = {k: state[k].detach().to("cpu").contiguous() for k in keys}
+        if tied and not safe_serialization and len(plan) == 1:
+            # mamba_ssm's loader is strict and wants the tied head's key; torch.save stores the shared tensor once
+            shard["lm_head.weight"] = shard[to_transformers_key("backbone.embedding.weight")
+                                            if layout == "transformers" else "backbone.embedding.weight"]
         if safe_serialization:
             from safetensors.torch import save_file
 
@@ -639,8 +677,9 @@ def convert(src: str, dst: str, to: str, dtype: torch.dtype | None = None, max_s
     files found next to the source are copied along."""
     from .models.lm import MambaLMHeadModel
 
+    check_destination(dst, overwrite)  # before the (possibly long) load
     source = resolve_checkpoint(src, **hub_kw)
-    model = load_pretrained(MambaLMHeadModel, source, device="cpu", dtype=dtype)
+    model = _load_directory(MambaLMHeadModel, source, {}, "cpu", dtype, check_finite=True, keep_file_dtype=True)
     out = save_pretrained(model, dst, max_shard_size=max_shard_size, overwrite=overwrite, layout=to)
     for name in TOKENIZER_FILES:
         if (source / name).is_file() and (overwrite or not (out / name).exists()):
@@ -658,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="directory to write; must not already hold a checkpoint unless --overwrite")
     parser.add_argument("--to", required=True, choices=LAYOUTS, help="layout to write")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                        help="cast the weights to this dtype (default: keep the source's float32 parameters)")
+                        help="cast the weights to this dtype (default: keep the dtype the source stores)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="split the weights into shards no larger than this (e.g. 2GB, 500MB; default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in dst")

@@ -233,6 +233,15 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, revision: s
     return _hub_tokenizer(text, hub_kw, missing_in=None)
 
 
+def _known_missing(repo_id: str, hub_kw: dict) -> bool:
+    """Whether the Hugging Face cache records that ``repo_id`` has no tokenizer.json (a cached 404)."""
+    import huggingface_hub
+
+    found = huggingface_hub.try_to_load_from_cache(repo_id, TOKENIZER_FILE, cache_dir=hub_kw.get("cache_dir"),
+                                                   revision=hub_kw.get("revision"))
+    return found is huggingface_hub._CACHED_NO_EXIST
+
+
 def _hub_tokenizer(repo_id: str, hub_kw: dict, missing_in: str | None) -> Tokenizer:
     """tokenizer.json of a Hub repo (falling back to GPT-NeoX-20B when the repo has none)."""
     what = f"{missing_in} has no {TOKENIZER_FILE}, so the GPT-NeoX-20B tokenizer of the official models is used"
@@ -243,11 +252,17 @@ def _hub_tokenizer(repo_id: str, hub_kw: dict, missing_in: str | None) -> Tokeni
         raise ImportError(f"{what if missing_in else repr(repo_id) + ' is not a local path'}; fetching it from the "
                           "Hub needs huggingface_hub: pip install huggingface_hub, or put tokenizer.json next to the "
                           "weights") from None
-    offline = hub_kw.get("local_files_only") or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    hub_kw = {**hub_kw, "local_files_only": bool(offline)}
+    from .hub import _env_true
+
+    offline = bool(hub_kw.get("local_files_only")) or _env_true("HF_HUB_OFFLINE")
+    hub_kw = {**hub_kw, "local_files_only": offline}
+    neox_kw = {k: v for k, v in hub_kw.items() if k != "revision"}
     try:
         file = Path(hf_hub_download(repo_id, TOKENIZER_FILE, **hub_kw))
     except LocalEntryNotFoundError as e:
+        if repo_id != GPT_NEOX_20B and _known_missing(repo_id, hub_kw):
+            # an earlier online visit recorded that this repo has no tokenizer.json (official repos)
+            return _hub_tokenizer(GPT_NEOX_20B, neox_kw, missing_in=repo_id)
         lead = f"{what}, but it" if missing_in else f"'{repo_id}' is not a local path and its {TOKENIZER_FILE}"
         raise FileNotFoundError(
             f"{lead} is not in the Hugging Face cache and cannot be downloaded "
@@ -257,7 +272,7 @@ def _hub_tokenizer(repo_id: str, hub_kw: dict, missing_in: str | None) -> Tokeni
     except EntryNotFoundError:
         if repo_id == GPT_NEOX_20B:
             raise
-        return _hub_tokenizer(GPT_NEOX_20B, {k: v for k, v in hub_kw.items() if k != "revision"}, missing_in=repo_id)
+        return _hub_tokenizer(GPT_NEOX_20B, neox_kw, missing_in=repo_id)
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"'{repo_id}' is neither a local path nor a Hub repository you can access") from e
     try:  # special tokens, when the repo has them (GPT-NeoX-20B's are found by name otherwise)

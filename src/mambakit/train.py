@@ -167,26 +167,51 @@ def config_differences(a: MambaConfig, b: MambaConfig) -> list[str]:
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k]]
 
 
+def _flag_conflicts(args, base: MambaConfig) -> list[str]:
+    """The model flags given on the command line whose value differs from the checkpoint's config ``base``."""
+    import inspect
+
+    from .modules.mamba1 import Mamba
+    from .modules.mamba2 import Mamba2
+
+    want: dict = {}
+    if args.preset is not None:
+        name = _PRESET_ALIASES.get(args.preset, args.preset)
+        if name not in PRESETS:
+            raise TrainError(f"--preset {args.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        want["d_model"], want["n_layer"] = PRESETS[name]
+    for flag in ("d_model", "n_layer", "d_state", "expand", "headdim"):
+        if getattr(args, flag) is not None:
+            want[flag] = getattr(args, flag)
+    if args.layer is not None:
+        want["layer"] = _layer_name(args.layer)
+    defaults = {k: v.default for k, v in inspect.signature(Mamba2 if base.layer == "Mamba2" else Mamba).parameters.items()}
+    have = {"d_model": base.d_model, "n_layer": base.n_layer, "layer": base.layer,
+            **{k: base.ssm_cfg.get(k, defaults.get(k)) for k in ("d_state", "expand", "headdim")}}
+    return [f"--{k.replace('_', '-')} {v} vs {have[k]}" for k, v in want.items() if v != have[k]]
+
+
 def resolve_config(args, vocab_size: int, base: MambaConfig | None, base_name: str) -> MambaConfig:
     """The model config: the checkpoint's (``base``: --init-from or the resumed run), --config, or a preset.
 
-    Flags that contradict ``base`` are an error naming the differing fields."""
+    With a checkpoint, --config and the model flags may repeat its values (so the command that started a run
+    resumes it) but an error names every field where they differ."""
     model_flags = [f"--{f.replace('_', '-')}" for f in _MODEL_FLAGS if getattr(args, f) is not None]
+    if args.config and model_flags:
+        raise TrainError(f"--config sets the whole model; drop {', '.join(model_flags)}")
     wanted = None
     if args.config:
-        if model_flags:
-            raise TrainError(f"--config sets the whole model; drop {', '.join(model_flags)}")
         try:
             wanted = MambaConfig.from_json_file(args.config)
         except (OSError, ValueError) as e:
             raise TrainError(f"--config {args.config}: {e}") from None
-    elif model_flags and base is None:
-        wanted = preset_config(args, vocab_size)
-    elif model_flags:
-        raise TrainError(f"{', '.join(model_flags)} cannot change the model of {base_name}; drop them")
     if base is not None:
         if wanted is not None and config_differences(wanted, base):
             raise TrainError(f"--config contradicts {base_name}: " + "; ".join(config_differences(wanted, base)))
+        conflicts = _flag_conflicts(args, base) if model_flags else []
+        if conflicts:
+            raise TrainError(f"the model flags contradict {base_name} (given vs checkpoint): {'; '.join(conflicts)}; "
+                             "drop them or make them match")
         wanted = base
     elif wanted is None:
         wanted = preset_config(args, vocab_size)
@@ -610,6 +635,9 @@ class Trainer:
             load_checkpoint(ckpt, self.model, self.optimizer, dist)
             saved = json.loads((ckpt / "state.json").read_text())
             self.state = RunState(**{k: saved[k] for k in asdict(self.state)})
+            if saved.get("num_tokens") != token_data.num_tokens:
+                log(f"note: the data changed since the checkpoint ({saved.get('num_tokens'):,} -> "
+                    f"{token_data.num_tokens:,} tokens); training continues on the new data")
         self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist.world
         self.val_starts = data_mod.val_window_starts(token_data.train_end, token_data.num_tokens, args.seq_len,
                                                      args.val_tokens)
@@ -620,7 +648,6 @@ class Trainer:
         self.progress = Progress(dist.main)
         self.csv = CsvLog(out / "log.csv", keep_until=self.state.step if ckpt else None) if dist.main else None
         self.stop_signal: int | None = None
-        self.best_state: dict | None = None
         self.last_val: tuple[int, float] | None = None
         self.unigram_loss: float | None = None
 
@@ -638,6 +665,8 @@ class Trainer:
         """planned_steps: the fixed length, or what the time budget allows at the measured step time."""
         planned = self.fixed_steps
         budget = self.args.max_time_minutes
+        if budget is not None and sec_per_step is None and self.state.planned_steps > self.state.step:
+            return  # resumed: keep the checkpoint's plan until this session has measured its step time
         if budget is not None and sec_per_step:
             # 2% margin so that the cosine reaches its end before the clock does
             fit = self.state.step + int(0.98 * (budget * 60 - self.state.elapsed_s) / sec_per_step)
@@ -653,17 +682,22 @@ class Trainer:
             return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _batch(self, starts_or_step, micro: int = 0) -> torch.Tensor:
-        a = self.args
-        if isinstance(starts_or_step, list):
-            arr = np.stack([np.asarray(self.data.tokens[s:s + a.seq_len], dtype=np.int64) for s in starts_or_step])
-        else:
-            arr = data_mod.sample_windows(self.data.tokens, self.data.train_end, a.seq_len, a.batch_size, a.seed,
-                                          starts_or_step, micro, self.dist.rank)
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(arr)
         if self.dist.device.type == "cuda":
             return x.pin_memory().to(self.dist.device, non_blocking=True)
         return x
+
+    def _train_batch(self, step: int, micro: int) -> torch.Tensor:
+        """(batch_size, seq_len) random training windows of this step, micro-step and rank."""
+        a = self.args
+        return self._to_device(data_mod.sample_windows(self.data.tokens, self.data.train_end, a.seq_len, a.batch_size,
+                                                       a.seed, step, micro, self.dist.rank))
+
+    def _val_batch(self, starts: list[int]) -> torch.Tensor:
+        """(len(starts), seq_len) validation windows."""
+        n = self.args.seq_len
+        return self._to_device(np.stack([np.asarray(self.data.tokens[s:s + n], dtype=np.int64) for s in starts]))
 
     def _grad_sync(self, last: bool):
         """Gradients are reduced across processes on the last micro-step only."""
@@ -681,7 +715,7 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.dist.device)
         for micro in range(a.grad_accum):
-            x = self._batch(self.state.step, micro)
+            x = self._train_batch(self.state.step, micro)
             with self._grad_sync(micro == a.grad_accum - 1):
                 with self._autocast():
                     loss = self.model(x, labels=x).loss
@@ -710,8 +744,9 @@ class Trainer:
         for i in range(n_batches):
             starts = mine[i * bs:(i + 1) * bs]
             weight = 1.0 if starts else 0.0
+            x = self._val_batch(starts or self.val_starts[:1])
             with self._autocast():
-                s, n = nll_sum(self.model, *(2 * [self._batch(starts or self.val_starts[:1])]))
+                s, n = nll_sum(self.model, x, x)
             total += weight * s
             count += weight * n
         self.model.train()
@@ -783,13 +818,25 @@ class Trainer:
         if improved:
             st.best_val_loss, st.best_step = loss, st.step
         if improved and self.args.export == "best":
-            self.best_state = full_model_state(self.model, self.config)  # every rank: a collective under FSDP
+            self._save_best()
         base = f", unigram baseline {math.exp(self.unigram_loss):.2f}" if self.unigram_loss is not None else ""
         self.progress.message(f"step {st.step}: validation loss {loss:.4f}, perplexity {math.exp(loss):.3f}{base}")
         if self.csv:
             self.csv.write(step=st.step, tokens=st.tokens, elapsed_s=round(st.elapsed_s, 2), val_loss=f"{loss:.5f}",
                            val_ppl=f"{math.exp(loss):.4f}")
             self._plot()
+
+    def _save_best(self) -> None:
+        """checkpoints/best.safetensors: the weights with the lowest validation loss so far (kept on disk, so
+        --export best survives --resume)."""
+        from safetensors.torch import save_file
+
+        state = full_model_state(self.model, self.config)  # every rank: a collective under FSDP
+        if self.dist.main:
+            path = self.out / CHECKPOINT_DIR / "best.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(path.with_suffix(".tmp")), metadata={"step": str(self.state.step)})
+            os.replace(path.with_suffix(".tmp"), path)
 
     def _plot(self) -> None:
         note = plot_losses(self.csv.rows, self.out / "loss.png", self.unigram_loss,
@@ -856,9 +903,14 @@ class Trainer:
         if last_saved != st.step:
             path = self.save()
             self.progress.message(f"checkpoint: {path}")
-        use_best = self.args.export == "best" and self.best_state is not None
-        state = self.best_state if use_best else full_model_state(self.model, self.config)
+        best = self.out / CHECKPOINT_DIR / "best.safetensors"
+        use_best = self.args.export == "best" and best.is_file()
+        state = None if use_best else full_model_state(self.model, self.config)  # collective under FSDP
         if self.dist.main:
+            if use_best:
+                from safetensors.torch import load_file
+
+                state = load_file(str(best))
             export_model(state, self.config, self.out, getattr(torch, self.args.save_dtype))
             self._write_metrics(reason, use_best)
             if self.csv:

@@ -150,8 +150,9 @@ def test_gradients_match_reference():
 def test_bfloat16_close_to_reference():
     m = make("mha-rotary-conv")
     x = torch.randn(2, 40, 32)
-    ref = ref_mha(m, x)
-    out16 = m.to(torch.bfloat16)(x.bfloat16())
+    with torch.no_grad():
+        ref = ref_mha(m, x)
+        out16 = m.to(torch.bfloat16)(x.bfloat16())
     err = float((out16.double() - ref).norm() / ref.norm())
     assert err < 2e-2
 
@@ -216,12 +217,69 @@ def test_rows_at_different_positions():
     torch.testing.assert_close(step[1, 0], m(x[1:, :4])[0, 3], rtol=1e-4, atol=1e-5)
 
 
+def _padded_prefill(run, x, lens, chunks, params):
+    """Feed left-padded rows the way generate does: seq_idx marks padding (0) vs prompt (1), rows whose prompt
+    starts exactly at a chunk get their state zeroed, lengths_per_sample counts each row's real tokens.
+    run(chunk, seq_idx) -> output (b, chunk_len, ...); x: (b, L, ...) padded. Returns the outputs (b, L, ...)."""
+    b, L = x.shape[:2]
+    starts = [L - n for n in lens]
+    mask = torch.zeros(b, L, dtype=torch.int32)
+    for r, st in enumerate(starts):
+        mask[r, st:] = 1
+    outs, s = [], 0
+    for n in chunks:
+        e = s + n
+        if s > 0:
+            fresh = torch.tensor([st >= s for st in starts])
+            for t in params.key_value_memory_dict.values():
+                for state in t:
+                    state.masked_fill_(fresh.view(-1, *[1] * (state.dim() - 1)), 0)
+        outs.append(run(x[:, s:e], mask[:, s:e]))
+        params.lengths_per_sample += mask[:, s:e].sum(1).int()
+        params.seqlen_offset += n
+        s = e
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("name", ["mha-rotary-conv", "gqa-interleaved-mlp"])
+@pytest.mark.parametrize("chunks", [[8], [3, 3, 2]])
+def test_left_padded_rows_equal_unpadded_rows(name, chunks):
+    """Padding never reaches the cache: each row prefills and decodes as it would alone."""
+    m = make(name)
+    lens, n_dec, L = [8, 2, 5], 3, 8
+    rows = [torch.randn(1, n + n_dec, 32) for n in lens]
+    x = torch.randn(3, L, 32)  # random padding: it must not leak
+    for r, n in enumerate(lens):
+        x[r, L - n:] = rows[r][0, :n]
+    params = InferenceParams(max_seqlen=L + n_dec, max_batch_size=3,
+                             lengths_per_sample=torch.zeros(3, dtype=torch.int32))
+    pre = _padded_prefill(lambda xc, sc: m(xc, inference_params=params, seq_idx=sc), x, lens, chunks, params)
+    dec = []
+    for t in range(n_dec):
+        step_in = torch.stack([rows[r][0, n + t] for r, n in enumerate(lens)]).unsqueeze(1)
+        dec.append(m(step_in, inference_params=params))
+        params.lengths_per_sample += 1
+        params.seqlen_offset += 1
+    dec = torch.cat(dec, 1)
+    for r, n in enumerate(lens):
+        alone = m(rows[r])[0]
+        torch.testing.assert_close(pre[r, L - n:], alone[:n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dec[r], alone[n:], rtol=1e-4, atol=1e-5)
+
+
+def test_padding_with_cache_needs_lengths_per_sample():
+    m = make("plain")
+    params = InferenceParams(max_seqlen=8, max_batch_size=1)
+    with pytest.raises(ValueError, match="lengths_per_sample"):
+        m(torch.randn(1, 3, 32), inference_params=params, seq_idx=torch.tensor([[0, 1, 1]], dtype=torch.int32))
+
+
 def test_cache_errors_are_clear():
     m = make("plain")
     params = InferenceParams(max_seqlen=4, max_batch_size=1)
     with pytest.raises(ValueError, match="max_seqlen=4"):
         m(torch.randn(1, 5, 32), inference_params=params)
-    with pytest.raises(ValueError, match="packed sequences"):
+    with pytest.raises(ValueError, match="cu_seqlens"):
         m(torch.randn(1, 3, 32), inference_params=params, cu_seqlens=torch.tensor([0, 1, 3]))
 
 
@@ -283,3 +341,28 @@ def test_mamba2attn_checkpoint_layout():
                         "mixer.out_proj.weight"}
         assert sd[prefix + "mixer.in_proj.weight"].shape == (11520, 2560)
     assert "backbone.layers.8.mixer.A_log" in sd and "backbone.layers.9.mixer.A_log" not in sd
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_hybrid_left_padded_batch_equals_rows_alone(layer):
+    """generate's protocol for ragged prompts (seq_idx + lengths_per_sample) on a hybrid model."""
+    m = hybrid(layer)
+    lens, n_dec, L = [9, 4], 3, 9
+    rows = [torch.randint(0, 61, (1, n + n_dec)) for n in lens]
+    ids = torch.randint(0, 61, (2, L))
+    for r, n in enumerate(lens):
+        ids[r, L - n:] = rows[r][0, :n]
+    params = InferenceParams(max_seqlen=L + n_dec, max_batch_size=2,
+                             lengths_per_sample=torch.zeros(2, dtype=torch.int32))
+    pre = _padded_prefill(lambda ic, sc: m(ic, inference_params=params, seq_idx=sc).logits, ids, lens, [4, 5],
+                          params)
+    dec = []
+    for t in range(n_dec):
+        dec.append(m.decode_step(torch.tensor([[rows[r][0, n + t]] for r, n in enumerate(lens)]), params))
+        params.lengths_per_sample += 1
+        params.seqlen_offset += 1
+    dec = torch.stack(dec, 1)
+    for r, n in enumerate(lens):
+        alone = m(rows[r]).logits[0]
+        torch.testing.assert_close(pre[r, L - n:], alone[:n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dec[r], alone[n:], rtol=1e-4, atol=1e-4)

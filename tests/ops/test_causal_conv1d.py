@@ -34,12 +34,13 @@ def _packed_seq_idx(batch, lengths, device="cpu"):
 
 def _grads(fn, tensors, seed_out):
     """Run fn, backprop a fixed random cotangent through every output, return outputs and input grads."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    leaves = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t
+              for t in tensors]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
     loss = sum((o.double() * s).sum() for o, s in zip(outs, seed_out))
     loss.backward()
-    return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
+    return [o.detach() for o in outs], [t.grad if t is not None and t.is_floating_point() else None for t in leaves]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,3 +201,104 @@ def test_bad_inputs_name_the_argument():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU: tiny shapes; MAMBAKIT_TEST_DEVICE=cuda: bigger ones)
+# ----------------------------------------------------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(not triton_ok, reason="triton not installed")
+# (batch, dim, seqlen): dim and seqlen not multiples of the tiles, seqlen > 8 so the split layout crosses groups
+SHAPE = (2, 40, 300) if DEVICE == "cuda" else (2, 6, 21)
+# Triton's interpreter truncates fp32 -> bf16 instead of rounding, which doubles the kernels' rounding error
+# on CPU; the atol of the bf16 rule absorbs that there.
+BF16_ATOL = 2e-3 if DEVICE == "cpu" else 1e-4
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty in the call comes back NaN-filled, so an element a kernel forgets to write shows up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return poison_(t) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _conv_case(dtype, channels_last, width, seq, init):
+    batch, dim, seqlen = SHAPE
+    x, w, b, h = _inputs(batch, dim, seqlen, width, dtype=dtype, device=DEVICE, channels_last=channels_last,
+                         init=init)
+    s = _packed_seq_idx(batch, [5, 1, seqlen - 6], DEVICE) if seq else None
+    seeds = [torch.randn(batch, dim, seqlen, dtype=F64, device=DEVICE),
+             torch.randn(batch, dim, width - 1, dtype=F64, device=DEVICE)]
+    return [x, w, b, s, h], seeds
+
+
+def _conv_run(inputs, seeds, activation, be=None):
+    def fn(x, w, b, s, h):
+        return causal_conv1d_fn(x, w, b, s, h, return_final_states=True, activation=activation)
+    if be is None:  # the float64 reference
+        return _grads(lambda x, w, b, s, h: causal_conv1d_ref(x, w, b, s, h, return_final_states=True,
+                                                               activation=activation),
+                      [t.double() if t is not None and t.is_floating_point() else t for t in inputs], seeds)
+    with backend(be):
+        return _grads(fn, inputs, seeds)
+
+
+@needs_triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["seqlen-contiguous", "channels-last"])
+@pytest.mark.parametrize("width,activation,seq,init", [(4, "silu", True, True), (3, None, False, True),
+                                                        (2, "silu", True, False)])
+def test_triton_matches_reference_fp32(poisoned_empty, channels_last, width, activation, seq, init):
+    inputs, seeds = _conv_case(torch.float32, channels_last, width, seq, init)
+    (out, fin), grads = _conv_run(inputs, seeds, activation, "triton")
+    (out_r, fin_r), grads_r = _conv_run(inputs, seeds, activation)
+    assert rel_err(out, out_r) < 1e-5 and rel_err(fin, fin_r) == 0
+    assert out.stride(1 if channels_last else 2) == 1  # the output keeps the input's fast layout
+    for name, g, gr in zip("x weight bias seq_idx initial_states".split(), grads, grads_r):
+        if gr is not None:
+            assert rel_err(g, gr) < 1e-5, name
+
+
+@needs_triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["seqlen-contiguous", "channels-last"])
+def test_triton_bf16_within_rule(channels_last):
+    """bf16 kernel error <= 2x the error of the PyTorch path in bf16 (both against float64)."""
+    inputs, seeds = _conv_case(torch.bfloat16, channels_last, 4, True, False)
+    (out, fin), grads = _conv_run(inputs, seeds, "silu", "triton")
+    (out_t, fin_t), grads_t = _conv_run(inputs, seeds, "silu", "torch")
+    (out_r, fin_r), grads_r = _conv_run(inputs, seeds, "silu")
+    assert_rule("out", out, out_t, out_r, atol=BF16_ATOL)
+    for name, g, gt, gr in zip("x weight bias".split(), grads, grads_t, grads_r):
+        assert_rule(name, g, gt, gr, atol=BF16_ATOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("circular", [False, True])
+def test_triton_update_matches_reference(poisoned_empty, circular):
+    batch, dim, width, state_len = 3, 10, 4, 5
+    x = torch.randn(batch, dim, 2, device=DEVICE)
+    w, b = torch.randn(dim, width, device=DEVICE), torch.randn(dim, device=DEVICE)
+    cache = torch.randn(6, dim, state_len, device=DEVICE)
+    idx = torch.tensor([4, 0, 2], device=DEVICE, dtype=torch.int32)
+    seqlens = torch.tensor([0, 3, 9], dtype=torch.int32, device=DEVICE) if circular else None
+    cache_ref = cache.double()
+    with backend("triton"):
+        out = causal_conv1d_update(x, cache, w, b, "silu", cache_seqlens=seqlens, conv_state_indices=idx)
+        out1 = causal_conv1d_update(x[:, :, 0], cache, w, b, None, cache_seqlens=seqlens, conv_state_indices=idx)
+    ref = causal_conv1d_update_ref(x.double(), cache_ref, w.double(), b.double(), "silu", cache_seqlens=seqlens,
+                                   conv_state_indices=idx)
+    ref1 = causal_conv1d_update_ref(x[:, :, 0].double(), cache_ref, w.double(), b.double(), None,
+                                    cache_seqlens=seqlens, conv_state_indices=idx)
+    assert rel_err(out, ref) < 1e-5 and rel_err(out1, ref1) < 1e-5
+    assert rel_err(cache, cache_ref) < 1e-6
+
+
+@needs_triton
+def test_triton_width_above_4_is_refused_when_forced():
+    x, w, _, _ = _inputs(1, 4, 8, 5, dtype=torch.float32, device=DEVICE)
+    with backend("triton"), pytest.raises(ValueError, match="width"):
+        causal_conv1d_fn(x, w)

@@ -145,3 +145,111 @@ def test_bad_inputs_name_the_argument():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU: tiny shapes; MAMBAKIT_TEST_DEVICE=cuda: bigger ones)
+# ----------------------------------------------------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(not triton_ok, reason="triton not installed")
+ROWS, HIDDEN = ((64, 768) if DEVICE == "cuda" else (6, 40))
+# Triton's interpreter truncates fp32 -> bf16 instead of rounding, which doubles the kernels' rounding error
+# on CPU; the atol of the bf16 rule absorbs that there.
+BF16_ATOL = 2e-3 if DEVICE == "cpu" else 1e-4
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty in the call comes back NaN-filled, so an element a kernel forgets to write shows up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return poison_(t) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _rms_case(dtype, has_bias, has_res, res_dtype):
+    x = torch.randn(2, ROWS // 2, HIDDEN, device=DEVICE, dtype=dtype)
+    w = (1 + 0.3 * torch.randn(HIDDEN, device=DEVICE))
+    b = torch.randn(HIDDEN, device=DEVICE) if has_bias else None
+    r = torch.randn(2, ROWS // 2, HIDDEN, device=DEVICE, dtype=res_dtype) if has_res else None
+    seeds = [torch.randn(2, ROWS // 2, HIDDEN, device=DEVICE, dtype=F64) for _ in range(2)]
+    return [x, w, b, r], seeds
+
+
+@needs_triton
+@pytest.mark.parametrize("has_bias,has_res,prenorm,res_fp32", [(False, True, True, True), (True, False, False, False),
+                                                               (False, False, True, True), (True, True, False, False)])
+def test_triton_rms_norm_fp32(poisoned_empty, has_bias, has_res, prenorm, res_fp32):
+    inputs, seeds = _rms_case(torch.float32, has_bias, has_res, torch.float32)
+
+    def fn(x, w, b, r):
+        return rms_norm_fn(x, w, b, residual=r, prenorm=prenorm, residual_in_fp32=res_fp32, eps=1e-5)
+
+    def ref(x, w, b, r):
+        return rms_norm_ref(x, w, b, residual=r, prenorm=prenorm, residual_in_fp32=res_fp32, eps=1e-5)
+
+    with backend("triton"):
+        outs, grads = _run(fn, inputs, seeds)
+    outs_r, grads_r = _run(ref, [t.double() if t is not None else None for t in inputs], seeds)
+    for o, o_r in zip(outs, outs_r):
+        assert o.dtype == torch.float32 and rel_err(o, o_r) < 1e-5
+    for name, g, g_r in zip(["x", "weight", "bias", "residual"], grads, grads_r):
+        assert (g is None) == (g_r is None), name
+        if g is not None:
+            assert rel_err(g, g_r) < 1e-5, name
+
+
+@needs_triton
+def test_triton_rms_norm_bf16_block_case():
+    """The Block's fused add + norm: bf16 x, fp32 residual, prenorm; kernel within 2x the bf16 torch error."""
+    inputs, seeds = _rms_case(torch.bfloat16, False, True, torch.float32)
+
+    def fn(x, w, b, r):
+        return rms_norm_fn(x, w, b, residual=r, prenorm=True, residual_in_fp32=True, eps=1e-5)
+
+    with backend("triton"):
+        outs, grads = _run(fn, inputs, seeds)
+    with backend("torch"):
+        outs_t, grads_t = _run(fn, inputs, seeds)
+    outs_r, grads_r = _run(lambda x, w, b, r: rms_norm_ref(x, w, b, residual=r, prenorm=True, eps=1e-5),
+                           [t.double() if t is not None else None for t in inputs], seeds)
+    assert [o.dtype for o in outs] == [o.dtype for o in outs_t] == [torch.bfloat16, torch.float32]
+    for name, k, t, r in zip(["y", "residual_out", "dx", "dweight", "bias", "dresidual"], outs + grads,
+                             outs_t + grads_t, outs_r + grads_r):
+        if r is not None:
+            assert_rule(name, k, t, r, atol=BF16_ATOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("norm_before_gate,group_size,has_z,has_bias,dtype",
+                         [(False, 8, True, False, torch.float32), (True, None, True, True, torch.float32),
+                          (False, None, False, True, torch.float32), (False, 10, True, False, torch.bfloat16)])
+def test_triton_gated(poisoned_empty, norm_before_gate, group_size, has_z, has_bias, dtype):
+    x = torch.randn(ROWS, HIDDEN, device=DEVICE, dtype=dtype)
+    z = torch.randn(ROWS, HIDDEN, device=DEVICE, dtype=dtype) if has_z else None
+    w = 1 + 0.3 * torch.randn(HIDDEN, device=DEVICE)
+    b = torch.randn(HIDDEN, device=DEVICE) if has_bias else None
+    seeds = [torch.randn(ROWS, HIDDEN, device=DEVICE, dtype=F64)]
+    kw = dict(eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+
+    def fn(x, w, b, z):
+        return rmsnorm_fn(x, w, b, z=z, **kw)
+
+    with backend("triton"):
+        outs, grads = _run(fn, [x, w, b, z], seeds)
+    outs_r, grads_r = _run(lambda x, w, b, z: rmsnorm_gated_ref(x, w, b, z=z, **kw),
+                           [t.double() if t is not None else None for t in (x, w, b, z)], seeds)
+    if dtype == torch.float32:
+        for name, k, r in zip(["y", "x", "weight", "bias", "z"], outs + grads, outs_r + grads_r):
+            if r is not None:
+                assert rel_err(k, r) < 1e-5, name
+    else:
+        with backend("torch"):
+            outs_t, grads_t = _run(fn, [x, w, b, z], seeds)
+        for name, k, t, r in zip(["y", "x", "weight", "bias", "z"], outs + grads, outs_t + grads_t,
+                                 outs_r + grads_r):
+            if r is not None:
+                assert_rule(name, k, t, r, atol=BF16_ATOL)

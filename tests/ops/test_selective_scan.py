@@ -141,12 +141,12 @@ def test_torch_seq_idx_packed_equals_separate(small_chunks, bc):
     assert_close_all(got, outputs_and_grads(selective_scan_ref, x, seq_idx), 1e-12, "seq_idx grads")
 
 
-def check_prefix_continuation(fn, tol):
-    x = make_inputs(2, 8, 50, 4, "group")
+def check_prefix_continuation(fn, tol, l=50, cut=22, device="cpu"):
+    x = make_inputs(2, 8, l, 4, "group", device=device)
     out, last = run(fn, x)
-    first = split_time(x, 0, 22)
+    first = split_time(x, 0, cut)
     o1, h1 = run(fn, first)
-    second = split_time(x, 22, 50)
+    second = split_time(x, cut, l)
     second["initial_state"] = h1
     o2, h2 = run(fn, second)
     assert rel_err(torch.cat([o1, o2], -1), out) <= tol
@@ -204,3 +204,91 @@ def test_bad_inputs_raise(bad, msg):
     x.update(bad)
     with pytest.raises(ValueError, match=msg):
         selective_scan_fn(**x)
+
+
+# ---------------------------------------------------------------------------------------------- Triton kernels
+# On CPU they run in Triton's interpreter, whose generic scan is a Python loop per element: tiny shapes only.
+
+needs_triton = pytest.mark.skipif(not triton_ok, reason="triton not installed")
+ON_GPU = DEVICE == "cuda"
+TRITON_SHAPE = dict(b=2, d=64, l=300, n=16) if ON_GPU else dict(b=2, d=8, l=28, n=4)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Small blocks (several chunks and channel blocks at the test sizes) and NaN-filled kernel outputs."""
+    from mambakit.ops import _triton_selective_scan as k
+    from numerics import poison_
+
+    monkeypatch.setitem(k.FWD_CONFIG, "chunk", 8)
+    monkeypatch.setitem(k.FWD_CONFIG, "seg", 16)
+    monkeypatch.setitem(k.FWD_CONFIG, "block_d", 4)
+    monkeypatch.setitem(k.BWD_CONFIG, "chunk", 4)
+    monkeypatch.setitem(k.BWD_CONFIG, "block_d", 4)
+    monkeypatch.setattr(k, "_empty", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
+    monkeypatch.setattr(k, "_empty_like", lambda *a, **kw: poison_(torch.empty_like(*a, **kw)))
+
+
+def cast_inputs(x64, dtype, channels_last=False):
+    """Leaf copies: u, delta, z, B, C in dtype (optionally (b, l, d) memory), the parameters in float32."""
+    out = {}
+    for k, v in x64.items():
+        v = v.detach().to(dtype if k in ("u", "delta", "z", "B", "C") else torch.float32)
+        if channels_last and v.dim() == 3 and k != "initial_state":
+            v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
+        out[k] = v.requires_grad_()
+    return out
+
+
+def check_kernel_rule(bc, dtype, seq_idx=None, channels_last=False, atol=1e-5, **shape):
+    """Triton output, last state and every gradient obey the tolerance rule against the float64 reference."""
+    shape = shape or TRITON_SHAPE
+    x64 = make_inputs(shape["b"], shape["d"], shape["l"], shape["n"], bc, device=DEVICE)
+    ref = outputs_and_grads(selective_scan_ref, x64, seq_idx)
+    with backend("torch"):
+        base = outputs_and_grads(selective_scan_fn, cast_inputs(x64, dtype), seq_idx)
+    with backend("triton"):
+        got = outputs_and_grads(selective_scan_fn, cast_inputs(x64, dtype, channels_last), seq_idx)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert_rule("out", got[0], base[0], ref[0], atol=atol)
+    assert_rule("last_state", got[1], base[1], ref[1], atol=atol)
+    for k in ref[2]:
+        assert got[2][k].dtype == base[2][k].dtype, k
+        assert_rule(f"d{k}", got[2][k], base[2][k], ref[2][k], atol=atol)
+
+
+def seq_idx_for(b, l):
+    """Row 0: three packed sequences; row 1: one."""
+    s = torch.zeros(b, l, dtype=torch.int64)
+    s[0, l // 4:] = 1
+    s[0, l // 2 + 3:] = 2
+    return s.to(DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("bc", ["const", "step", "group"])
+def test_triton_fp32_all_options(poisoned, bc):
+    check_kernel_rule(bc, torch.float32, seq_idx=seq_idx_for(TRITON_SHAPE["b"], TRITON_SHAPE["l"]))
+
+
+@needs_triton
+def test_triton_bf16_channels_last(poisoned):
+    shape = dict(TRITON_SHAPE, l=TRITON_SHAPE["l"] if ON_GPU else 20)
+    check_kernel_rule("step", torch.bfloat16, channels_last=True, atol=1e-3, **shape)
+
+
+@needs_triton
+def test_triton_length_one_and_no_options(poisoned):
+    x64 = make_inputs(2, 8, 1, 4, "step", device=DEVICE)
+    check_kernel_rule("group", torch.float32, b=1, d=8, l=1, n=4)
+    x = cast_inputs({k: x64[k] for k in ("u", "delta", "A", "B", "C")}, torch.float32)
+    with backend("triton"):
+        got = outputs_and_grads(selective_scan_fn, x, softplus=False)
+    ref = outputs_and_grads(selective_scan_ref, {k: x64[k] for k in x}, softplus=False)
+    assert_close_all(got, ref, 1e-5, "triton without options")
+
+
+@needs_triton
+def test_triton_prefix_continuation(poisoned):
+    with backend("triton"):
+        check_prefix_continuation(selective_scan_fn, 1e-5, l=24, cut=9, device=DEVICE)

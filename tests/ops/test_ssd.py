@@ -181,6 +181,8 @@ needs_triton = pytest.mark.skipif(not triton_ok or (DEVICE == "cpu" and not inte
 # interpreter runs are slow: tiny shapes on CPU (several chunks, a partial last one), real ones on a GPU
 SHAPE = dict(b=2, l=40, h=4, p=8, n=8) if DEVICE == "cpu" else dict(b=2, l=1000, h=8, p=64, n=128)
 CHUNK = 16 if DEVICE == "cpu" else 64
+# Triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (fp16 is fine), so CPU CI checks fp16
+LOW = torch.float16 if DEVICE == "cpu" else torch.bfloat16
 
 
 @contextlib.contextmanager
@@ -224,7 +226,7 @@ def on_device(t):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
 def test_triton_matches_reference(dtype):
     t = on_device(make_inputs(**SHAPE, g=2, D_hdim=dtype == torch.float32))
     check_kernel(t, dtype, dt_softplus=True, dt_limit=(0.01, 2.0))

@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -181,6 +181,11 @@ class Record:
     rows: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    # The record being filled, so that an interrupted run (time limit, Ctrl-C) can still save what it has.
+    active: ClassVar["Record | None"] = None
+
+    def __post_init__(self) -> None:
+        Record.active = self
 
     def attempt(self, label: str, fn: Callable[[], object]):
         """Run one measurement; an exception is recorded (OOM as 'OOM') and None returned, so the rest goes on."""

@@ -86,8 +86,7 @@ def run(args) -> dict:
                 rec.attempt(f"{kind} {size} forward", lambda: rec.rows.append(_forward_row(model, kind, info, s, device)))
             for batch in s["batches"]:
                 for prompt in s["prompts"]:
-                    rec.attempt(f"{kind} {size} b{batch} prompt {prompt}",
-                                lambda: rec.rows.append(_decode_row(model, kind, info, batch, prompt, s, device)))
+                    _decode_with_fallback(rec, model, kind, info, batch, prompt, s, device)
             del model
             free_memory(device)
     if is_h100(device):
@@ -113,15 +112,27 @@ def _forward_row(model, kind, info, s, device) -> dict:
     return {**info, "measure": f"forward {b}x{l}", "forward_ms": ms, "times_ms": times}
 
 
-def _decode_row(model, kind, info, batch, prompt, s, device) -> dict:
+def _decode_with_fallback(rec: Record, model, kind, info, batch, prompt, s, device) -> None:
+    """Time decoding; if mambakit's CUDA-graph decoding fails, record why and time it without graphs."""
+    label = f"{kind} {info['size']} b{batch} prompt {prompt}"
+    cg = s["cg"] and kind != "Transformer" and device.type == "cuda"
+    row = rec.attempt(label, lambda: _decode_row(model, kind, info, batch, prompt, s, device, cg))
+    if row is None and cg:
+        row = rec.attempt(f"{label} without CUDA graphs",
+                          lambda: _decode_row(model, kind, info, batch, prompt, s, device, False))
+    if row is not None:
+        rec.rows.append(row)
+
+
+def _decode_row(model, kind, info, batch, prompt, s, device, cg: bool) -> dict:
     ids = torch.randint(0, _vocab(model), (batch, prompt), device=device)
     if kind == "Transformer":
         maker = lambda n: hf_generate_fn(model, ids, n)  # noqa: E731
     else:
-        maker = lambda n: mambakit_generate_fn(model, ids, n, cg=s["cg"])  # noqa: E731
+        maker = lambda n: mambakit_generate_fn(model, ids, n, cg=cg)  # noqa: E731
     stats = time_decode({kind: maker}, prompt, s["new_tokens"], batch, device, s["repeats"])[kind]
     stats.pop("sequences")
-    row = {**info, "measure": "decode", "batch": batch, "prompt": prompt, **stats}
+    row = {**info, "measure": "decode", "batch": batch, "prompt": prompt, "cuda_graphs": cg, **stats}
     log(f"[generate] {kind} {info['size']} b{batch} prompt {prompt}: {row['decode_ms_per_token']:.3f} ms/token, "
         f"prefill {row['prefill_ms']:.1f} ms")
     return row

@@ -134,7 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default="selective_scan,ssd,causal_conv1d,torch_conv1d_silu",
                    help="ops to run (comma list of selective_scan, ssd, causal_conv1d, torch_conv1d_silu)")
     p.add_argument("--no-backward", action="store_true", help="forward passes only")
-    p.add_argument("--repeats", type=int, default=10, help="CPU only: timed calls per measurement (median)")
+    p.add_argument("--repeats", type=int, default=10, help="CPU only: timed calls per measurement (median; 3 with --small)")
 
 
 def run(args) -> dict:
@@ -145,9 +145,10 @@ def run(args) -> dict:
     settings = {"cases": [f"{op} {dims}" for op, dims in cases], "backward": not args.no_backward,
                 "ssd_chunk": SSD_CHUNK_SMALL if args.small else SSD_CHUNK, "dtype": "bf16 (A, D, dt bias fp32)",
                 "timer": "triton.testing.do_bench median" if device.type == "cuda" else
-                f"perf_counter median of {args.repeats}", "small": bool(args.small), "quick": bool(args.quick)}
+                f"perf_counter median of {3 if args.small else args.repeats}", "small": bool(args.small), "quick": bool(args.quick)}
     rec = Record("kernels", device, settings)
-    copy = rec.attempt("copy bandwidth", lambda: copy_bandwidth_gbs(device))
+    copy = rec.attempt("copy bandwidth", lambda: copy_bandwidth_gbs(device, 2**23 if args.small else None))
+    repeats = 3 if args.small else args.repeats
     settings["copy_gbs"] = copy
     official = is_h100(device)
     for op, dims in cases:
@@ -156,7 +157,7 @@ def run(args) -> dict:
             continue
         passes = ["fwd"] + (["fwd+bwd"] if op in BACKWARD_OPS and not args.no_backward else [])
         for kind in passes:
-            row = rec.attempt(f"{op} {case.shape} {kind}", lambda: _measure(case, kind, device, args.repeats))
+            row = rec.attempt(f"{op} {case.shape} {kind}", lambda: _measure(case, kind, device, repeats))
             if row is not None:
                 _add_ratios(row, case, kind, copy, official)
                 rec.rows.append(row)
@@ -210,7 +211,11 @@ def plots(payload: dict, out_dir: str, name: str) -> list[str]:
     if not rows:
         return []
     copy = payload["settings"].get("copy_gbs") or 1.0
+    groups = {"mambakit": [r["gbs"] / copy for r in rows]}
+    if any(r.get("official_ms") for r in rows):  # the official kernels' GB/s over the copy bandwidth measured here
+        groups["official (ANCHORS.md)"] = [r["min_bytes"] / (r["official_ms"] * 1e-3) / 1e9 / copy
+                                           if r.get("official_ms") else None for r in rows]
     path = report.bar_plot(os.path.join(out_dir, f"{name}.png"), [f"{r['op']}\n{r['shape']}" for r in rows],
-                           {"fraction of copy bandwidth (fwd)": [r["gbs"] / copy for r in rows]},
-                           "fraction of measured copy bandwidth", f"kernels, forward: {payload['env']['device']}")
+                           groups, "fraction of measured copy bandwidth (fwd)",
+                           f"kernels, forward: {payload['env']['device']}")
     return [path] if path else []

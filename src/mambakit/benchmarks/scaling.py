@@ -16,11 +16,12 @@ import os
 
 import torch
 
-from . import report
-from .common import (Record, dtype_of, free_memory, is_oom, log, median, parse_list, peak_gb, pick_device,
-                     reset_peak, wall_ms)
-from .models import MAMBA_VOCAB, PYTHIA_SIZES, PYTHIA_VOCAB, build_mamba, layer_name, mamba_sized, pythia
 from ..cache import InferenceParams
+from . import report
+from .common import (Record, dtype_of, free_memory, log, median, parse_list, peak_gb, pick_device, reset_peak,
+                     wall_ms)
+from .models import (MAMBA_VOCAB, PYTHIA_SIZES, PYTHIA_VOCAB, build_mamba, layer_name, mamba_sized, pythia,
+                     weight_bytes)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,86 +85,91 @@ def kv_bytes(size: str, context: int, elem_bytes: int) -> int:
     return 2 * layers * hidden * context * elem_bytes
 
 
-def _timed(fn, device, repeats) -> dict:
+def _timed(fn, device, repeats: int, own_bytes: int) -> dict:
+    """Median time after a warm-up, and the peak memory this model alone needs: the peak minus what was
+    allocated before the call (other models' weights included), plus this model's weights."""
     fn()  # warm-up: kernel compilation and autotuning at this length
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     reset_peak(device)
     times = [wall_ms(fn, device) for _ in range(repeats)]
-    return {"ms": median(times), "times_ms": times, "peak_gb": peak_gb(device)}
+    peak = peak_gb(device)
+    return {"ms": median(times), "times_ms": times,
+            "peak_gb": None if peak is None else peak - before / 1e9 + own_bytes / 1e9}
+
+
+def build_models(rec: Record, s: dict, device, dtype, seed: int) -> dict:
+    """name -> model: the Mamba models, then the Transformer; all small enough (130m) to stay resident."""
+    models = {}
+    for layer in s["layers"]:
+        torch.manual_seed(seed)
+        config = mamba_sized(layer, s["size"], vocab_size=s["vocab_size"] or MAMBA_VOCAB)
+        model = rec.attempt(f"{layer} build", lambda: build_mamba(config, device, dtype))
+        if model is not None:
+            models[layer] = model
+            rec.rows.append({"model": layer, "measure": "decode_state", "state_bytes": state_bytes(model)})
+    if s["transformer"]:
+        model = rec.attempt("Transformer build", lambda: pythia(
+            s["size"], device, dtype, max_positions=s["transformer_max_len"] + 8,
+            vocab_size=s["vocab_size"] or PYTHIA_VOCAB))
+        if model is not None:
+            models["Transformer"] = model
+        elem = torch.empty((), dtype=dtype).element_size()
+        rec.rows += [{"model": "Transformer", "measure": "kv_cache", "context": n,
+                      "kv_bytes": kv_bytes(s["size"], n, elem)} for n in s["lengths"]]
+    return models
 
 
 def run(args) -> dict:
     device = pick_device(args.device)
     s = settings_of(args, device)
     rec = Record("scaling", device, s)
-    dtype = dtype_of(s["dtype"])
-    for layer in s["layers"]:
-        torch.manual_seed(args.seed)
-        model = rec.attempt(f"{layer} build", lambda: build_mamba(mamba_sized(layer, s["size"], vocab_size=s["vocab_size"] or MAMBA_VOCAB),
-                                                                  device, dtype))
-        if model is not None:
-            _mamba_lengths(rec, model, layer, s, device)
-            rec.rows.append({"model": layer, "measure": "decode_state", "state_bytes": state_bytes(model)})
-            del model
-            free_memory(device)
-    if s["transformer"]:
-        model = rec.attempt("Transformer build",
-                            lambda: pythia(s["size"], device, dtype, max_positions=s["transformer_max_len"] + 8,
-                                           vocab_size=s["vocab_size"] or PYTHIA_VOCAB))
-        if model is not None:
-            _transformer_lengths(rec, model, s, device)
-            del model
-            free_memory(device)
-        elem = torch.empty((), dtype=dtype).element_size()
-        rec.rows += [{"model": "Transformer", "measure": "kv_cache", "context": n,
-                      "kv_bytes": kv_bytes(s["size"], n, elem)} for n in s["lengths"]]
+    models = build_models(rec, s, device, dtype_of(s["dtype"]), args.seed)
+    # Length by length, every model in turn, so that a run cut short by a time limit is still a comparison.
+    for n in s["lengths"]:
+        for name in list(models):
+            ok = _measure(rec, models[name], name, n, s, device)
+            if not ok and name == "Transformer":  # out of memory: longer sequences will not fit either
+                del models[name]
+                free_memory(device)
     rec.notes.append("Transformer KV bytes are computed (2 x layers x hidden x context x element size); Mamba's "
                      "state bytes are the tensors its cache allocates, the same at every context length")
+    rec.notes.append("peak GB = the peak while this model ran, less the other resident models, plus its weights")
     return rec.payload()
 
 
-def _mamba_lengths(rec: Record, model, layer: str, s: dict, device) -> None:
-    vocab = model.config.vocab_size
-    for n in s["lengths"]:
-        ids = torch.randint(0, vocab, (s["batch"], n), device=device)
-        chunk = s["prefill_chunk"]
-        with torch.inference_mode():
-            res = rec.attempt(f"{layer} forward {n}", lambda: _timed(lambda: mamba_prefill(model, ids, chunk),
-                                                                      device, s["repeats"]))
-            if res is None:
-                continue
-            row = {"model": layer, "measure": "forward", "length": n, "chunked": n > chunk, **res}
+def _measure(rec: Record, model, name: str, n: int, s: dict, device) -> bool:
+    """One forward at length n (False when it failed, e.g. out of memory)."""
+    transformer = name == "Transformer"
+    if transformer and n > s["transformer_max_len"]:
+        return True
+    ids = torch.randint(0, model.config.vocab_size, (s["batch"], n), device=device)
+    chunk = s["prefill_chunk"]
+    if transformer:
+        fn = lambda: model(ids, use_cache=False, logits_to_keep=1).logits  # noqa: E731
+    else:
+        fn = lambda: mamba_prefill(model, ids, chunk)  # noqa: E731
+    with torch.inference_mode():
+        res = rec.attempt(f"{name} forward {n}", lambda: _timed(fn, device, s["repeats"], weight_bytes(model)))
+        if res is None:
+            rec.rows.append({"model": name, "measure": "forward", "length": n, "ms": None,
+                             "error": rec.errors[-1]["error"][:300]})
+            return False
+        row = {"model": name, "measure": "forward", "length": n, **res}
+        if not transformer:
+            row["chunked"] = n > chunk
             if chunk < n <= s["single_pass_max"]:
-                rec.attempt(f"{layer} single pass {n}", lambda: row.update(_single_pass(model, ids, chunk, device)))
-        rec.rows.append(row)
-        log(f"[scaling] {layer} {n}: {row['ms']:.1f} ms, peak {report.fmt(row['peak_gb'], '.2f')} GB")
+                rec.attempt(f"{name} single pass {n}", lambda: row.update(_single_pass(model, ids, chunk, device)))
+    rec.rows.append(row)
+    log(f"[scaling] {name} {n}: {row['ms']:.1f} ms, peak {report.fmt(row['peak_gb'], '.2f')} GB")
+    return True
 
 
 def _single_pass(model, ids, chunk, device) -> dict:
     """One-pass time and the relative difference of its last logits from the chunked run's."""
     chunked = mamba_prefill(model, ids, chunk).float()
-    reset_peak(device)
+    one = mamba_prefill(model, ids, ids.shape[1]).float()  # also the warm-up
     ms = wall_ms(lambda: mamba_prefill(model, ids, ids.shape[1]), device)
-    one = mamba_prefill(model, ids, ids.shape[1]).float()
-    return {"single_pass_ms": ms, "single_pass_peak_gb": peak_gb(device),
-            "chunked_vs_single_rel_err": float((chunked - one).norm() / one.norm())}
-
-
-def _transformer_lengths(rec: Record, model, s: dict, device) -> None:
-    vocab = model.config.vocab_size
-    for n in [n for n in s["lengths"] if n <= s["transformer_max_len"]]:
-        ids = torch.randint(0, vocab, (s["batch"], n), device=device)
-        try:
-            with torch.inference_mode():
-                res = _timed(lambda: model(ids, use_cache=False, logits_to_keep=1).logits, device, s["repeats"])
-        except Exception as err:  # OOM ends the Transformer's series; anything else is recorded the same way
-            oom = is_oom(err)
-            rec.rows.append({"model": "Transformer", "measure": "forward", "length": n, "ms": None,
-                             "error": "OOM" if oom else f"{type(err).__name__}: {err}"[:500]})
-            log(f"[scaling] Transformer {n}: {'OOM' if oom else 'FAILED'}")
-            free_memory(device)
-            break
-        rec.rows.append({"model": "Transformer", "measure": "forward", "length": n, **res})
-        log(f"[scaling] Transformer {n}: {res['ms']:.1f} ms, peak {report.fmt(res['peak_gb'], '.2f')} GB")
+    return {"single_pass_ms": ms, "chunked_vs_single_rel_err": float((chunked - one).norm() / one.norm())}
 
 
 def text(payload: dict) -> str:

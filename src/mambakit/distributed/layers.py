@@ -69,9 +69,13 @@ def set_sharded_param(module: nn.Module, name: str, full: torch.Tensor, spec: Sh
         module._tp_specs[name] = spec
 
 
-def _meta_linear(cls, linear: nn.Linear, in_features: int, out_features: int):
+def _empty_linear(cls, in_features: int, out_features: int, group):
+    """A ``cls`` (an nn.Linear subclass) without parameters yet: running nn.Linear.__init__ would draw a random
+    init only to overwrite it (and on the meta device it drags in torch._dynamo, seconds of import)."""
     layer = cls.__new__(cls)
-    nn.Linear.__init__(layer, in_features, out_features, bias=linear.bias is not None, device="meta")
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features, layer.process_group = in_features, out_features, group
+    layer.register_parameter("bias", None)
     return layer
 
 
@@ -85,8 +89,7 @@ class ColumnParallelLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group) -> "ColumnParallelLinear":
         world = dist.get_world_size(group)
-        layer = _meta_linear(cls, linear, linear.in_features, linear.out_features // world)
-        layer.process_group = group
+        layer = _empty_linear(cls, linear.in_features, linear.out_features // world, group)
         set_sharded_param(layer, "weight", linear.weight, spec, group)
         if linear.bias is not None:
             set_sharded_param(layer, "bias", linear.bias, spec, group)
@@ -107,8 +110,7 @@ class RowParallelLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: ShardSpec, group) -> "RowParallelLinear":
         world = dist.get_world_size(group)
-        layer = _meta_linear(cls, linear, linear.in_features // world, linear.out_features)
-        layer.process_group = group
+        layer = _empty_linear(cls, linear.in_features // world, linear.out_features, group)
         set_sharded_param(layer, "weight", linear.weight, spec, group)
         if linear.bias is not None:
             set_sharded_param(layer, "bias", linear.bias, None, group)
@@ -133,8 +135,13 @@ class VocabParallelEmbedding(nn.Embedding):
         n = emb.num_embeddings
         spec = ShardSpec(0, (n,))
         spec.check(world, "embedding rows (padded vocabulary)")
-        layer = cls.__new__(cls)
-        nn.Embedding.__init__(layer, n // world, emb.embedding_dim, device="meta")
+        if emb.padding_idx is not None or emb.max_norm is not None or emb.sparse:
+            raise ValueError("VocabParallelEmbedding: padding_idx, max_norm and sparse embeddings are not supported")
+        layer = cls.__new__(cls)  # no nn.Embedding.__init__: it would draw a random init only to overwrite it
+        nn.Module.__init__(layer)
+        layer.num_embeddings, layer.embedding_dim = n // world, emb.embedding_dim
+        layer.padding_idx, layer.max_norm, layer.norm_type = None, None, emb.norm_type
+        layer.scale_grad_by_freq, layer.sparse = emb.scale_grad_by_freq, False
         layer.process_group = group
         layer.vocab_start, layer.vocab_end = rank * (n // world), (rank + 1) * (n // world)
         set_sharded_param(layer, "weight", emb.weight, spec, group)
@@ -162,8 +169,7 @@ class ParallelLMHead(nn.Linear):
         world = dist.get_world_size(group)
         spec = ShardSpec(0, (linear.out_features,))
         spec.check(world, "lm_head rows (padded vocabulary)")
-        layer = _meta_linear(cls, linear, linear.in_features, linear.out_features // world)
-        layer.process_group = group
+        layer = _empty_linear(cls, linear.in_features, linear.out_features // world, group)
         if tied_weight is not None:
             layer.weight = tied_weight  # shares the embedding's shard (same rows, same spec)
             layer._tp_specs = {"weight": spec}

@@ -61,7 +61,7 @@ def _shard_conv(conv: nn.Conv1d, spec: ShardSpec, group) -> nn.Conv1d:
     """Depthwise conv keeping this rank's channels."""
     channels = conv.out_channels // dist.get_world_size(group)
     new = nn.Conv1d(channels, channels, kernel_size=conv.kernel_size, groups=channels, padding=conv.padding,
-                    bias=conv.bias is not None, device="meta")
+                    bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)  # tiny
     set_sharded_param(new, "weight", conv.weight, spec, group)
     if conv.bias is not None:
         set_sharded_param(new, "bias", conv.bias, spec, group)
@@ -87,7 +87,8 @@ class TPMamba2(Mamba2):
             set_sharded_param(new, name, p, ShardSpec(0, (p.shape[0],)), group)
         if full.rmsnorm:
             norm = RMSNormGated(new.d_ssm, eps=full.norm.eps, group_size=full.norm.group_size,
-                                norm_before_gate=full.norm.norm_before_gate, device="meta")
+                                norm_before_gate=full.norm.norm_before_gate, device=full.norm.weight.device,
+                                dtype=full.norm.weight.dtype)
             set_sharded_param(norm, "weight", full.norm.weight, ShardSpec(0, (full.d_ssm,)), group)
             new.norm = norm
         new.out_proj = RowParallelLinear.from_linear(full.out_proj, ShardSpec(1, (d_mlp, full.d_ssm)), group)

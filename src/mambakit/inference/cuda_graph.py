@@ -31,7 +31,7 @@ class CUDAGraphDecoder:
     next call: copy it to keep it).
     """
 
-    def __init__(self, model, batch_size: int, n_warmups: int = 2, pool=None):
+    def __init__(self, model, batch_size: int, n_warmups: int = 2):
         param = next(model.parameters())
         if param.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, got {param.device}")
@@ -51,7 +51,7 @@ class CUDAGraphDecoder:
                 model.decode_step(self.input_ids, self.inference_params)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph):  # a private memory pool: graphs never write into each other's outputs
             self.logits = model.decode_step(self.input_ids, self.inference_params)  # (batch, padded_vocab)
         self.inference_params.seqlen_offset = 0
 
@@ -71,18 +71,17 @@ def _model_key(model) -> tuple:
 def get_graph_decoder(model, batch_size: int) -> CUDAGraphDecoder:
     """The model's captured decoder for ``batch_size``, capturing it on first use.
 
-    All graphs of a model share one memory pool; they are dropped together when the model changes
-    (``model.to(...)``, new parameters).
+    The graphs are dropped together when the model changes (``model.to(...)``, new parameters).
     """
     key = _model_key(model)
     cache = getattr(model, _CACHE_ATTR, None)
     if cache is None or cache["key"] != key:
-        cache = {"key": key, "pool": torch.cuda.graph_pool_handle(), "graphs": {}}
+        cache = {"key": key, "graphs": {}}
         # Stored outside nn.Module's registries: a plain attribute, not a submodule or buffer.
         object.__setattr__(model, _CACHE_ATTR, cache)
     decoder = cache["graphs"].get(batch_size)
     if decoder is None:
-        decoder = CUDAGraphDecoder(model, batch_size, pool=cache["pool"])
+        decoder = CUDAGraphDecoder(model, batch_size)
         cache["graphs"][batch_size] = decoder
     return decoder
 

@@ -31,7 +31,7 @@ import torch
 from ..cache import InferenceParams
 from .sampling import apply_repetition_penalty, sample, validate_sampling_args
 
-__all__ = ["generate", "stream_generate", "DecodeOutput", "GreedySearchDecoderOnlyOutput",
+__all__ = ["generate", "stream_generate", "decode", "DecodeOutput", "GreedySearchDecoderOnlyOutput",
            "SampleDecoderOnlyOutput"]
 
 # Prefill chunk used when prefill_chunk_size is None: about this many tokens per chunk over the batch.
@@ -97,6 +97,7 @@ def _as_ids(input_ids, attention_mask, device):
     ids = input_ids.to(device=device, dtype=torch.long)
     if attention_mask is None:
         return ids, None
+    attention_mask = torch.as_tensor(attention_mask)
     if tuple(attention_mask.shape) != tuple(ids.shape):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected input_ids' "
                          f"{tuple(ids.shape)}")
@@ -132,6 +133,27 @@ def _eos_list(eos_token_id) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return ids
+
+
+def _special_ids(eos_token_id, pad_token_id, padded_vocab: int) -> tuple[list[int], int]:
+    """(EOS ids, pad id); the pad defaults to the first EOS id (transformers' habit), else 0."""
+    eos = _eos_list(eos_token_id)
+    pad = (eos[0] if eos else 0) if pad_token_id is None else pad_token_id
+    for name, tok in [("eos_token_id", t) for t in eos] + [("pad_token_id", pad)]:
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < padded_vocab:
+            raise ValueError(f"{name}={tok!r} is not a token id in [0, {padded_vocab})")
+    return eos, pad
+
+
+def _check_options(prefill_chunk_size, generator, streamer) -> None:
+    if prefill_chunk_size is not None and (isinstance(prefill_chunk_size, bool)
+                                           or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 0):
+        raise ValueError(f"prefill_chunk_size must be None (automatic), 0 (one pass) or a positive integer, "
+                         f"got {prefill_chunk_size!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
+        raise ValueError("streamer must have put(token_ids) and end() methods (transformers' protocol)")
 
 
 def _num_new_tokens(prompt_len: int, max_length, max_new_tokens) -> int:
@@ -274,6 +296,10 @@ def _copy_states(src: InferenceParams, dst: InferenceParams) -> None:
     dst.seqlen_offset = src.seqlen_offset
 
 
+def _cuda_graphs_available(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 def _cache_batch(params: InferenceParams) -> int | None:
     for t in _state_tensors(params):
         return t.shape[0]
@@ -302,20 +328,8 @@ class _Generation:
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) \
                 or not 0 < self.vocab_size <= padded_vocab:
             raise ValueError(f"vocab_size must be an integer in [1, {padded_vocab}], got {vocab_size!r}")
-        eos = _eos_list(eos_token_id)
-        pad = (eos[0] if eos else 0) if pad_token_id is None else pad_token_id
-        for name, tok in [("eos_token_id", t) for t in eos] + [("pad_token_id", pad)]:
-            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < padded_vocab:
-                raise ValueError(f"{name}={tok!r} is not a token id in [0, {padded_vocab})")
-        if prefill_chunk_size is not None and (isinstance(prefill_chunk_size, bool)
-                                               or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 0):
-            raise ValueError(f"prefill_chunk_size must be None (automatic), 0 (one pass) or a positive integer, "
-                             f"got {prefill_chunk_size!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if streamer is not None and not (hasattr(streamer, "put") and hasattr(streamer, "end")):
-            raise ValueError("streamer must have put(token_ids) and end() methods (transformers' protocol)")
-
+        eos, pad = _special_ids(eos_token_id, pad_token_id, padded_vocab)
+        _check_options(prefill_chunk_size, generator, streamer)
         ids, mask = _as_ids(input_ids, attention_mask, self.device)
         self.starts = None
         if mask is not None:
@@ -331,6 +345,7 @@ class _Generation:
         self.teacher = None if teacher_outputs is None else teacher_outputs.to(self.device)
         self.scores = [] if output_scores else None
         self.user_cache = inference_params
+        self.return_cache = return_cache
         self.expose_cache = return_cache or inference_params is not None
         self.freeze = self.expose_cache and bool(eos)
         if check_every is None:
@@ -360,7 +375,7 @@ class _Generation:
                 raise ValueError(f"inference_params holds {rows} rows but input_ids has {self.batch}; "
                                  f"select the rows you continue with inference_params.select(...)")
         self.continuing = user is not None and user.seqlen_offset > 0
-        if cg and self.device.type != "cuda":
+        if cg and not _cuda_graphs_available(self.device):
             warnings.warn(f"cg=True needs a CUDA device; the model is on {self.device}, so decoding runs eagerly",
                           stacklevel=4)
             cg = False
@@ -439,10 +454,10 @@ class _Generation:
             self.streamer.end()
         sequences = torch.cat([self.ids, generated], dim=1)  # (b, prompt_len + n_keep)
         if not return_dict:
-            return sequences if cache is None else (sequences, cache)
+            return (sequences, cache) if self.return_cache else sequences
         cls = GreedySearchDecoderOnlyOutput if self.greedy else SampleDecoderOnlyOutput
         scores = None if self.scores is None else tuple(self.scores[:n_keep])
-        return cls(sequences=sequences, scores=scores, inference_params=cache)
+        return cls(sequences=sequences, scores=scores, inference_params=cache if self.return_cache else None)
 
     def _settle_cache(self) -> InferenceParams:
         """The cache to hand back: the user's (updated in place) or a new one; never the graph's buffers."""
@@ -515,6 +530,12 @@ def generate(model, input_ids, max_length: int | None = None, max_new_tokens: in
         print(f"Prompt processing: {(t1 - t0) * 1e3:.1f} ms; decoding {run.n_done} tokens: "
               f"{(t2 - t1) * 1e3:.1f} ms; total {(t2 - t0) * 1e3:.1f} ms")
     return out
+
+
+def decode(input_ids, model, max_length: int, **kwargs) -> DecodeOutput:
+    """The official ``mamba_ssm.utils.generation.decode`` call: returns the output object with scores."""
+    kwargs.setdefault("output_scores", True)
+    return generate(model, input_ids, max_length=max_length, return_dict_in_generate=True, **kwargs)
 
 
 @torch.inference_mode()

@@ -73,6 +73,18 @@ def positions_in_segments(seq_idx: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
+def _last_sequence_start(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx (batch, seqlen), non-decreasing -> (batch,) index where each row's last sequence starts."""
+    return (seq_idx != seq_idx[:, -1:]).sum(dim=1)
+
+
+def _real_tokens_first(kv: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """Rotate each row of kv (b, l, ...) left so that its last sequence (the real tokens) comes first."""
+    b, l = seq_idx.shape
+    index = (torch.arange(l, device=kv.device) + _last_sequence_start(seq_idx).unsqueeze(1)) % l  # (b, l)
+    return kv.gather(1, index.view(b, l, *([1] * (kv.dim() - 2))).expand_as(kv))
+
+
 class MHA(nn.Module):
     """Multi-head self-attention (MHA/GQA/MQA) for hybrid models. Input and output: (batch, seqlen, embed_dim).
 
@@ -120,8 +132,9 @@ class MHA(nn.Module):
                 seq_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x: (batch, seqlen, embed_dim) -> (batch, seqlen, embed_dim).
 
-        seq_idx (batch, seqlen) / cu_seqlens (num_seqs + 1,) for packed sequences: tokens attend only within
-        their own sequence, rotary positions restart at each sequence (no inference cache then).
+        seq_idx (batch, seqlen), non-decreasing per row / cu_seqlens (num_seqs + 1,) for packed sequences:
+        tokens attend only within their own sequence and rotary positions restart at each sequence. With an
+        inference cache, seq_idx marks left padding (see ``_attend_cached``); cu_seqlens takes no cache.
         """
         check_hidden("MHA", x, self.embed_dim, self.in_proj.weight)
         qkv = self.in_proj(x)  # (b, l, qkv_dim + mlp_dim)
@@ -133,14 +146,14 @@ class MHA(nn.Module):
         if cu_seqlens is not None:
             if x.shape[0] != 1:
                 raise ValueError(f"MHA: cu_seqlens packs sequences into batch 1, got batch {x.shape[0]}")
+            if inference_params is not None:
+                raise ValueError("MHA: packed sequences (cu_seqlens) cannot use an inference cache; give each "
+                                 "sequence its own batch row")
             seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
         if inference_params is None:
             context = self._attend_sequence(qkv, seq_idx)
-        elif seq_idx is not None:
-            raise ValueError("MHA: packed sequences (seq_idx / cu_seqlens) cannot use an inference cache; "
-                             "run them without inference_params or as separate batch rows")
         else:
-            context = self._attend_cached(qkv, inference_params)
+            context = self._attend_cached(qkv, inference_params, seq_idx)
         context = context.flatten(-2)  # (b, l, num_heads * head_dim)
         if x_mlp is not None:
             context = torch.cat([context, x_mlp], dim=-1)
@@ -148,61 +161,91 @@ class MHA(nn.Module):
 
     def _attend_sequence(self, qkv: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """Whole sequences, no cache. qkv: (b, l, qkv_dim) -> context (b, l, num_heads, head_dim)."""
-        b, l, _ = qkv.shape
         if self.d_conv > 0:
             qkv = self._conv(qkv, seq_idx=seq_idx)
         q, k, v = self._split_heads(qkv)
-        positions = torch.arange(l, device=qkv.device) if seq_idx is None else positions_in_segments(seq_idx)
-        q, k = self._rotate(q, k, positions)
-        mask = None
-        if seq_idx is not None:
-            mask = seq_idx.unsqueeze(-1) == seq_idx.unsqueeze(-2)  # (b, l, l): same packed sequence
-            if self.causal:
-                mask = mask & torch.ones(l, l, dtype=torch.bool, device=qkv.device).tril()
-        return self._sdpa(q, k, v, mask, is_causal=self.causal and mask is None)
-
-    def _attend_cached(self, qkv: torch.Tensor, params: InferenceParams) -> torch.Tensor:
-        """Prefill (seqlen_offset == 0) or continue (decode step / chunked prefill) from the cache."""
-        b, l, _ = qkv.shape
-        states = cache_slot(params, self.layer_idx,
-                            lambda: self.allocate_inference_cache(b, params.max_seqlen, dtype=qkv.dtype))
-        kv_cache, conv_state = states[0], (states[1] if len(states) > 1 else None)
-        if b > kv_cache.shape[0]:
-            raise ValueError(f"MHA layer {self.layer_idx}: batch {b} exceeds the KV cache's batch {kv_cache.shape[0]}")
-        kv_cache = kv_cache[:b]
-        offset = params.seqlen_offset
-        lengths = params.lengths_per_sample
-        if offset == 0 or lengths is None:
-            # Host-side positions (fixed for all rows): write the slice and read only the filled prefix.
-            if offset + l > kv_cache.shape[1]:
-                raise ValueError(f"MHA layer {self.layer_idx}: {offset} cached + {l} new tokens exceed the "
-                                 f"KV cache's max_seqlen={kv_cache.shape[1]}; allocate a longer cache")
-            positions = offset + torch.arange(l, device=qkv.device)  # (l,)
-        else:
-            positions = lengths[:b].long().unsqueeze(1) + torch.arange(l, device=qkv.device)  # (b, l)
-        if self.d_conv > 0:
-            qkv = self._conv_cached(qkv, conv_state, continuing=offset > 0)
-        q, k, v = self._split_heads(qkv)
-        q, k = self._rotate(q, k, positions)
-        kv = torch.stack([k, v], dim=2)  # (b, l, 2, num_heads_kv, head_dim)
-        if offset == 0:
-            kv_cache[:, :l] = kv
+        if seq_idx is None:
+            q, k = self._rotate(q, k, torch.arange(qkv.shape[1], device=qkv.device))
             return self._sdpa(q, k, v, None, is_causal=self.causal)
-        if positions.dim() == 1:
-            kv_cache[:, offset:offset + l] = kv
+        q, k = self._rotate(q, k, positions_in_segments(seq_idx))
+        return self._sdpa(q, k, v, self._segment_mask(seq_idx), is_causal=False)
+
+    def _attend_cached(self, qkv: torch.Tensor, params: InferenceParams, seq_idx) -> torch.Tensor:
+        """Prefill (seqlen_offset == 0) or continue (decode step / chunk of a chunked prefill) from the cache.
+
+        Where row b's new tokens go: positions ``base_b + 0, 1, ...`` with base_b = 0 for a prefill, else
+        ``lengths_per_sample[b]`` (device tensor, no host sync) or ``seqlen_offset`` (host int, all rows).
+        Left padding (seq_idx: the row's last sequence is its real tokens, earlier ones padding): only the real
+        tokens enter the cache, left-aligned, so that rotary positions and the cache match the unpadded row;
+        this needs ``lengths_per_sample``, which the caller advances by each row's real token count.
+        """
+        b, l, _ = qkv.shape
+        kv_cache, conv_state = self._cache_entry(params, b, qkv.dtype)
+        offset, lengths = params.seqlen_offset, params.lengths_per_sample
+        if seq_idx is not None and lengths is None:
+            raise ValueError("MHA: left-padded rows (seq_idx) with an inference cache need "
+                             "inference_params.lengths_per_sample: a (batch,) int32 tensor of zeros before the "
+                             "prefill, advanced by each row's number of real tokens after every forward")
+        if (offset == 0 or lengths is None) and offset + l > kv_cache.shape[1]:
+            raise ValueError(f"MHA layer {self.layer_idx}: {offset} cached + {l} new tokens exceed the KV "
+                             f"cache's max_seqlen={kv_cache.shape[1]}; allocate a longer cache")
+        if self.d_conv > 0:
+            qkv = self._conv_cached(qkv, conv_state, offset > 0, seq_idx)
+        q, k, v = self._split_heads(qkv)
+        arange = torch.arange(l, device=qkv.device)
+        if offset == 0:
+            positions = arange if seq_idx is None else positions_in_segments(seq_idx)
+            q, k = self._rotate(q, k, positions)
+            kv = torch.stack([k, v], dim=2)  # (b, l, 2, num_heads_kv, head_dim)
+            kv_cache[:, :l] = kv if seq_idx is None else _real_tokens_first(kv, seq_idx)
+            mask = None if seq_idx is None else self._segment_mask(seq_idx)
+            return self._sdpa(q, k, v, mask, is_causal=self.causal and mask is None)
+        if lengths is None:  # host positions, the same for every row: write the slice, read the filled prefix
+            q, k = self._rotate(q, k, offset + arange)
+            kv_cache[:, offset:offset + l] = torch.stack([k, v], dim=2)
             kv_cache = kv_cache[:, :offset + l]
-        else:
-            # Per-row write index from a device tensor: no host sync, CUDA-graph safe.
-            index = positions.view(b, l, 1, 1, 1).expand_as(kv)
-            kv_cache.scatter_(1, index, kv)
-        # Key j is visible to query i when j <= position_i (causal) or j <= the last new position.
-        keys = torch.arange(kv_cache.shape[1], device=qkv.device)
+            return self._attend_prefix(q, kv_cache, offset + arange, None)
+        base = lengths[:b].long().unsqueeze(1)  # (b, 1)
+        first = torch.zeros_like(base) if seq_idx is None else _last_sequence_start(seq_idx).unsqueeze(1)
+        q, k = self._rotate(q, k, base + arange - first)
+        kv = torch.stack([k, v], dim=2)
+        if seq_idx is not None:
+            kv = _real_tokens_first(kv, seq_idx)
+        # Per-row write index from a device tensor: no host sync, CUDA-graph safe. Padding (moved behind the
+        # real tokens) lands past them, in slots that later tokens overwrite.
+        kv_cache.scatter_(1, (base + arange).view(b, l, 1, 1, 1).expand_as(kv), kv)
+        return self._attend_prefix(q, kv_cache, base + arange - first, arange < first)
+
+    def _attend_prefix(self, q, kv_cache, positions, padding) -> torch.Tensor:
+        """q (b, l, h, d) at ``positions`` ((l,) or (b, l)) against the cache (b, S, 2, h_kv, d): key j is
+        visible when j <= the query's position (causal) or j <= the last new position. Padding queries (b, l)
+        see every key: their outputs are discarded, and a fully masked row would be NaN."""
+        keys = torch.arange(kv_cache.shape[1], device=q.device)
         limit = positions if self.causal else positions[..., -1:].expand_as(positions)
         mask = keys <= limit.unsqueeze(-1)  # (l, S) or (b, l, S)
+        if padding is not None:
+            mask = mask | padding.unsqueeze(-1)
         if mask.dim() == 3:
             mask = mask.unsqueeze(1)  # (b, 1, l, S): broadcast over heads
-        k_all, v_all = kv_cache.unbind(dim=2)  # each (b, S, num_heads_kv, head_dim)
-        return self._sdpa(q, k_all, v_all, mask, is_causal=False)
+        k, v = kv_cache.unbind(dim=2)  # each (b, S, num_heads_kv, head_dim)
+        return self._sdpa(q, k, v, mask, is_causal=False)
+
+    def _cache_entry(self, params: InferenceParams, batch: int, dtype):
+        """(kv_cache[:batch], conv_state[:batch] or None), allocated on first use with params.max_seqlen."""
+        states = cache_slot(params, self.layer_idx,
+                            lambda: self.allocate_inference_cache(batch, params.max_seqlen, dtype=dtype))
+        kv_cache, conv_state = states[0], (states[1] if len(states) > 1 else None)
+        if batch > kv_cache.shape[0]:
+            raise ValueError(f"MHA layer {self.layer_idx}: batch {batch} exceeds the KV cache's batch "
+                             f"{kv_cache.shape[0]}")
+        return kv_cache[:batch], None if conv_state is None else conv_state[:batch]
+
+    def _segment_mask(self, seq_idx: torch.Tensor) -> torch.Tensor:
+        """(b, 1, l, l) bool: same packed sequence (and causal)."""
+        mask = seq_idx.unsqueeze(-1) == seq_idx.unsqueeze(-2)
+        if self.causal:
+            mask = mask & torch.ones_like(mask[0]).tril()
+        return mask.unsqueeze(1)
 
     # ---- pieces -------------------------------------------------------------------------------------------
     def _split_heads(self, qkv: torch.Tensor):
@@ -238,18 +281,19 @@ class MHA(nn.Module):
                                seq_idx=seq_idx, initial_states=initial_states)
         return out.transpose(1, 2)
 
-    def _conv_cached(self, qkv: torch.Tensor, conv_state: torch.Tensor, continuing: bool) -> torch.Tensor:
+    def _conv_cached(self, qkv: torch.Tensor, conv_state: torch.Tensor, continuing: bool, seq_idx) -> torch.Tensor:
         """Conv that keeps the last d_conv *inputs* in conv_state (b, qkv_dim, d_conv), updated in place.
 
         (The official layer stores the conv outputs after a prefill, so its decoding drifts from its own
         forward pass; the inputs are what the next token's convolution reads.)
         """
-        if continuing and qkv.shape[1] == 1:
+        if continuing and qkv.shape[1] == 1 and seq_idx is None:
             out = causal_conv1d_update(qkv[:, 0], conv_state, conv_weight(self.conv1d), self.conv1d.bias)
             return out.unsqueeze(1)
         qkv_t = qkv.transpose(1, 2)  # (b, qkv_dim, l)
-        window = new_conv_window(conv_state if continuing else None, qkv_t, self.d_conv, None)
-        out = self._conv(qkv, initial_states=conv_state[:, :, 1:].to(qkv.dtype) if continuing else None)
+        window = new_conv_window(conv_state if continuing else None, qkv_t, self.d_conv, seq_idx)
+        out = self._conv(qkv, seq_idx=seq_idx,
+                         initial_states=conv_state[:, :, 1:].to(qkv.dtype) if continuing else None)
         conv_state.copy_(window)
         return out
 

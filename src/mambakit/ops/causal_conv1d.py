@@ -210,7 +210,8 @@ def _conv_torch(x, weight, bias, seq_idx, initial_states, activation):
     w = weight.to(cdt)
     b = bias.to(cdt) if bias is not None else None
     if seq_idx is None:
-        out = F.conv1d(ext, w.unsqueeze(1), b, groups=dim)  # depthwise: (batch, dim, seqlen)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run conv1d in bf16/fp16
+            out = F.conv1d(ext, w.unsqueeze(1), b, groups=dim)  # depthwise: (batch, dim, seqlen)
     else:
         # width <= 4 in practice: sum the shifted copies, each masked where its source position belongs to
         # another sequence. The padding positions belong to the sequence of position 0.
@@ -254,7 +255,8 @@ def _update_torch(x3, conv_state, weight, bias, activation, cache_seqlens, conv_
         ext = torch.cat([history.to(cdt), x3.to(cdt)], dim=-1)
         write_idx = (start + torch.arange(seqlen, device=x3.device)) % state_len  # (batch, seqlen)
         new_rows = rows.scatter(2, write_idx[:, None, :].expand(batch, dim, seqlen), x3.to(conv_state.dtype))
-    out = F.conv1d(ext, weight.to(cdt).unsqueeze(1), bias.to(cdt) if bias is not None else None, groups=dim)
+    with torch.autocast(x3.device.type, enabled=False):  # autocast would run conv1d in bf16/fp16
+        out = F.conv1d(ext, weight.to(cdt).unsqueeze(1), bias.to(cdt) if bias is not None else None, groups=dim)
     if conv_state_indices is None:
         conv_state.copy_(new_rows)
     else:
@@ -317,9 +319,8 @@ def _load_ext(x_base, init_base, d_loc, d_mask, pos, seqlen, sx_d, sx_l, si_d, s
 @_jit
 def _load_seq(seq_base, pos, seqlen, ss_l, seq0):
     """Sequence ids at positions pos (1-D) as (1, len(pos)); positions < 0 belong to the first sequence."""
-    p = pos[None, :]
-    s = tl.load(seq_base + p * ss_l, mask=(p >= 0) & (p < seqlen), other=-1)
-    return tl.where(p < 0, seq0, s)
+    s = tl.load(seq_base + pos * ss_l, mask=(pos >= 0) & (pos < seqlen), other=-1)
+    return tl.where(pos < 0, seq0, s)[None, :]
 
 
 @_jit
@@ -639,20 +640,22 @@ def _like_layout(t, split):
     return t if t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _empty_like_layout(x, split, dtype=None):
+def _empty_like_layout(x, split):
+    """An uninitialised (batch, dim, seqlen) tensor: seqlen contiguous when split, else channels contiguous."""
     batch, dim, seqlen = x.shape
-    dtype = dtype or x.dtype
     if split:
-        return torch.empty(batch, dim, seqlen, device=x.device, dtype=dtype)
-    return torch.empty(batch, seqlen, dim, device=x.device, dtype=dtype).transpose(1, 2)
+        return torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
+    return torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
 
 
-def _conv_blocks(split, dim, seqlen, elems):
-    """(BLOCK_D, BLOCK_L) of about ``elems`` elements, long along the contiguous dimension."""
+def _conv_blocks(split, dim, seqlen, backward):
+    """(BLOCK_D, BLOCK_L): 2K-element tiles forward, 1K backward (more live tiles), long along the
+    contiguous dimension (a full 128-byte line per row at least)."""
+    elems = 1024 if backward else 2048
     if split:
-        block_l = min(256, max(8, _next_pow2(seqlen)))
+        block_l = min(128 if backward else 256, max(8, _next_pow2(seqlen)))
         return max(1, min(_next_pow2(dim), elems // block_l)), block_l
-    block_d = min(128, _next_pow2(dim))
+    block_d = min(64 if backward else 128, _next_pow2(dim))
     return block_d, max(1, min(_next_pow2(seqlen), elems // block_d))
 
 
@@ -661,14 +664,15 @@ def _opt(t, x, ndim):
     return (t, t.stride()) if t is not None else (x, (0,) * ndim)
 
 
-def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, out=None, blocks=None, num_warps=4):
-    """Launch the forward kernel; out: (batch, dim, seqlen) in x's layout (allocated when None)."""
+def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, blocks=None, num_warps=4):
+    """Launch the forward kernel. Returns out: (batch, dim, seqlen) in x's layout and dtype.
+    blocks: (BLOCK_D, BLOCK_L) to override the heuristic (the GPU check script sweeps them)."""
     batch, dim, seqlen = x.shape
     x, split = _layout(x)
-    out = _empty_like_layout(x, split) if out is None else out
-    block_d, block_l = blocks or _conv_blocks(split, dim, seqlen, 2048)
+    out = _empty_like_layout(x, split)
+    block_d, block_l = blocks or _conv_blocks(split, dim, seqlen, False)
     seq, ss = _opt(seq_idx, x, 2)
-    init, si = _opt(initial_states, x, 3)
+    init, si = _opt(_like_layout(initial_states, split) if initial_states is not None else None, x, 3)
     grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else x, seq, init, out, dim, seqlen,
@@ -679,20 +683,19 @@ def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, out=N
     return out
 
 
-def _conv_bwd_triton(x, weight, bias, seq_idx, initial_states, dout, activation, dx=None, blocks=None,
-                     num_warps=4):
+def _conv_bwd_triton(x, weight, bias, seq_idx, initial_states, dout, activation, blocks=None, num_warps=4):
     """Launch the backward kernel. Returns dx (x's layout and dtype), dweight, dbias (fp32, or None)."""
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     x, split = _layout(x)
     dout = _like_layout(dout, split)
-    dx = _empty_like_layout(x, split) if dx is None else dx
-    block_d, block_l = blocks or _conv_blocks(split, dim, seqlen, 1024)
+    dx = _empty_like_layout(x, split)
+    block_d, block_l = blocks or _conv_blocks(split, dim, seqlen, True)
     n_l = triton.cdiv(seqlen, block_l)
     dw_part = torch.empty(batch * n_l, dim, 4, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch * n_l, dim, device=x.device, dtype=torch.float32)
     seq, ss = _opt(seq_idx, x, 2)
-    init, si = _opt(initial_states, x, 3)
+    init, si = _opt(_like_layout(initial_states, split) if initial_states is not None else None, x, 3)
     _conv_bwd_kernel[(n_l, triton.cdiv(dim, block_d), batch)](
         x, weight, bias if bias is not None else x, seq, init, dout, dx, dw_part, db_part, dim, seqlen,
         *x.stride(), *weight.stride(), *ss, *si, *dout.stride(), *dx.stride(),
@@ -703,11 +706,11 @@ def _conv_bwd_triton(x, weight, bias, seq_idx, initial_states, dout, activation,
     return dx, dweight, db_part.sum(0) if bias is not None else None
 
 
-def _update_triton(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices, out=None):
+def _update_triton(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices):
     """Launch the decode kernel; x3: (batch, dim, seqlen). Returns out: (batch, dim, seqlen), x's dtype."""
     batch, dim, seqlen = x3.shape
     state_len = conv_state.shape[2]
-    out = torch.empty_like(x3, memory_format=torch.contiguous_format) if out is None else out
+    out = torch.empty(batch, dim, seqlen, device=x3.device, dtype=x3.dtype)
     block_d = min(_next_pow2(dim), max(16, 2048 // max(_next_pow2(seqlen), _next_pow2(state_len))))
     _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
         x3, conv_state, weight, bias if bias is not None else x3,
@@ -747,6 +750,8 @@ def _add_final_states_grad(dx, dinit, dfinal, width):
 
 
 class _CausalConv1dFn(torch.autograd.Function):
+    """causal_conv1d_fn on the kernels; returns (out, final_states) and takes the gradient of both."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, initial_states, activation):
         out = _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation)

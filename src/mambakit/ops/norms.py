@@ -143,6 +143,252 @@ def _rmsnorm_gated_torch(x, weight, bias, z, eps, group_size, norm_before_gate):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Triton kernels: one forward and one backward serve both norms. A program normalises a tile of BLOCK_M rows
+# by one group of channels (the whole row for rms_norm_fn); constexpr flags switch the residual add, the
+# stored residual output and the silu gate on and off.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _silu_parts(z):
+    """(silu(z), silu'(z)) with silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)."""
+    s = tl.sigmoid(z)
+    return z * s, s * (1.0 + z * (1.0 - s))
+
+
+@_jit
+def _rms_fwd_kernel(
+    x_ptr, r_ptr, z_ptr, w_ptr, b_ptr, y_ptr, res_ptr, rstd_ptr, n_rows, group_size, eps,
+    sx, sr, sz, sy, sres,
+    HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (row tiles, groups). s = x (+ residual, stored when STORE_RES) (* silu(z) before the norm);
+    y = s * rstd * w (+ b) (* silu(z) after the norm); rstd: (n_rows, groups) fp32 for the backward."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = tl.program_id(1)
+    c = tl.arange(0, BLOCK_N)
+    cols = group * group_size + c
+    r64 = rows.to(tl.int64)[:, None]
+    mask = (rows < n_rows)[:, None] & (c < group_size)[None, :]
+    v = tl.load(x_ptr + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        v += tl.load(r_ptr + r64 * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STORE_RES:
+        tl.store(res_ptr + r64 * sres + cols[None, :], v.to(res_ptr.dtype.element_ty), mask=mask)
+    if HAS_Z:
+        gate, _ = _silu_parts(tl.load(z_ptr + r64 * sz + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        if not NORM_BEFORE_GATE:
+            v = v * gate
+    rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / group_size + eps)
+    tl.store(rstd_ptr + rows * tl.num_programs(1) + group, rstd, mask=rows < n_rows)
+    w = tl.load(w_ptr + cols, mask=c < group_size, other=0.0).to(tl.float32)
+    y = v * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=c < group_size, other=0.0).to(tl.float32)[None, :]
+    if HAS_Z and NORM_BEFORE_GATE:
+        y = y * gate
+    tl.store(y_ptr + r64 * sy + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _rms_bwd_kernel(
+    s_ptr, z_ptr, w_ptr, b_ptr, dy_ptr, dres_ptr, rstd_ptr, dx_ptr, dr_ptr, dz_ptr, dw_ptr, db_ptr,
+    n_rows, group_size, rows_per_program, ss, sz, sdy, sdres, sdx, sdr, sdz,
+    HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr,
+    STORE_DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (row partitions, groups); each program walks its rows_per_program rows in tiles of BLOCK_M.
+
+    s: the saved normalised input (x, or x + residual). With xhat = s' * rstd (s' = s * silu(z) when gating
+    before the norm) and u = dy * w (dy * silu(z) first when gating after the norm):
+    ds' = rstd * (u - xhat * mean(u * xhat)), plus dres (the grad of the prenorm residual output).
+    Writes dx (and a copy dr in the residual's dtype when STORE_DR), dz, and per-program partial sums of
+    dw, db to dw_ptr, db_ptr: (programs, hidden).
+    """
+    group = tl.program_id(1)
+    c = tl.arange(0, BLOCK_N)
+    cmask = c < group_size
+    cols = group * group_size + c
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.zeros_like(w)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), tl.float32)
+    start = tl.program_id(0) * rows_per_program
+    end = tl.minimum(start + rows_per_program, n_rows)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        r64 = rows.to(tl.int64)[:, None]
+        mask = (rows < end)[:, None] & cmask[None, :]
+        s = tl.load(s_ptr + r64 * ss + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r64 * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows * tl.num_programs(1) + group, mask=rows < end, other=0.0)[:, None]
+        if HAS_Z:
+            z = tl.load(z_ptr + r64 * sz + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            gate, dgate = _silu_parts(z)
+            if NORM_BEFORE_GATE:
+                xhat = s * rstd
+                tl.store(dz_ptr + r64 * sdz + cols[None, :],
+                         (dy * (xhat * w[None, :] + bias[None, :]) * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+                dy = dy * gate
+            else:
+                xhat = s * gate * rstd
+        else:
+            xhat = s * rstd
+        dw_acc += tl.sum(dy * xhat, axis=0)
+        db_acc += tl.sum(dy, axis=0)
+        u = dy * w[None, :]
+        ds = (u - xhat * (tl.sum(u * xhat, axis=1) / group_size)[:, None]) * rstd
+        if HAS_Z and not NORM_BEFORE_GATE:
+            tl.store(dz_ptr + r64 * sdz + cols[None, :], (ds * s * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+            ds = ds * gate
+        if HAS_DRES:
+            ds += tl.load(dres_ptr + r64 * sdres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + r64 * sdx + cols[None, :], ds.to(dx_ptr.dtype.element_ty), mask=mask)
+        if STORE_DR:
+            tl.store(dr_ptr + r64 * sdr + cols[None, :], ds.to(dr_ptr.dtype.element_ty), mask=mask)
+    part = tl.program_id(0).to(tl.int64) * tl.num_programs(1) * group_size
+    tl.store(dw_ptr + part + cols, dw_acc, mask=cmask)
+    tl.store(db_ptr + part + cols, db_acc, mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers and autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rows(t, hidden):
+    """(..., hidden) -> (rows, hidden) with unit stride along hidden (a copy only when needed)."""
+    t2 = t.reshape(-1, hidden)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _or(t, fallback):
+    """A real pointer for an absent optional tensor (the kernel never touches it)."""
+    return t if t is not None else fallback
+
+
+def _row_stride(t):
+    return t.stride(0) if t is not None else 0
+
+
+def _tile(group_size, n_rows):
+    """(BLOCK_M, BLOCK_N, num_warps): a group per row of the tile, about 4K elements per program."""
+    block_n = triton.next_power_of_2(group_size)
+    block_m = max(1, min(4096 // block_n, triton.next_power_of_2(n_rows)))
+    return block_m, block_n, 4 if block_m * block_n <= 2048 else 8
+
+
+def _rms_fwd(x2, r2, z2, weight, bias, eps, group_size, norm_before_gate, y_dtype, res_dtype):
+    """x2, r2, z2: (rows, hidden). Returns y: (rows, hidden), the residual output (None when res_dtype is
+    None) and rstd: (rows, groups) fp32."""
+    n_rows, hidden = x2.shape
+    ngroups = hidden // group_size
+    y = torch.empty(n_rows, hidden, device=x2.device, dtype=y_dtype)
+    res = torch.empty(n_rows, hidden, device=x2.device, dtype=res_dtype) if res_dtype is not None else None
+    rstd = torch.empty(n_rows, ngroups, device=x2.device, dtype=torch.float32)
+    block_m, block_n, num_warps = _tile(group_size, n_rows)
+    _rms_fwd_kernel[(triton.cdiv(n_rows, block_m), ngroups)](
+        x2, _or(r2, x2), _or(z2, x2), weight, _or(bias, weight), y, _or(res, y), rstd, n_rows, group_size, eps,
+        x2.stride(0), _row_stride(r2), _row_stride(z2), y.stride(0), _row_stride(res),
+        HAS_RES=r2 is not None, STORE_RES=res is not None, HAS_Z=z2 is not None,
+        NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y, res, rstd
+
+
+def _rms_bwd(s2, z2, weight, bias, dy2, dres2, rstd, group_size, norm_before_gate, dx_dtype, dr_dtype):
+    """Grads of _rms_fwd. s2: the saved input (x, or x + residual): (rows, hidden); dres2: grad of the residual
+    output or None; dr_dtype: dtype of a separate residual grad (None: the residual grad is dx).
+    Returns dx, dr (or None), dz (or None, z's dtype), dweight, dbias (fp32)."""
+    n_rows, hidden = s2.shape
+    ngroups = hidden // group_size
+    dx = torch.empty(n_rows, hidden, device=s2.device, dtype=dx_dtype)
+    dr = torch.empty(n_rows, hidden, device=s2.device, dtype=dr_dtype) if dr_dtype is not None else None
+    dz = torch.empty_like(z2) if z2 is not None else None
+    block_m, block_n, num_warps = _tile(group_size, n_rows)
+    sms = torch.cuda.get_device_properties(s2.device).multi_processor_count if s2.is_cuda else 2
+    n_parts = min(triton.cdiv(n_rows, block_m), max(1, 4 * sms // ngroups))
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_parts), block_m) * block_m
+    n_parts = triton.cdiv(n_rows, rows_per_program)
+    dw_part = torch.empty(n_parts, hidden, device=s2.device, dtype=torch.float32)
+    db_part = torch.empty(n_parts, hidden, device=s2.device, dtype=torch.float32)
+    _rms_bwd_kernel[(n_parts, ngroups)](
+        s2, _or(z2, s2), weight, _or(bias, weight), dy2, _or(dres2, dy2), rstd, dx, _or(dr, dx), _or(dz, dx),
+        dw_part, db_part, n_rows, group_size, rows_per_program,
+        s2.stride(0), _row_stride(z2), dy2.stride(0), _row_stride(dres2), dx.stride(0), _row_stride(dr),
+        _row_stride(dz),
+        HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
+        HAS_DRES=dres2 is not None, STORE_DR=dr is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps)
+    return dx, dr, dz, dw_part.sum(0), db_part.sum(0) if bias is not None else None
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """rms_norm_fn on the kernels: saves x + residual (or x) and rstd, like the official."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, prenorm, residual_in_fp32, eps):
+        hidden = x.shape[-1]
+        x2 = _rows(x, hidden)
+        r2 = _rows(residual, hidden) if residual is not None else None
+        res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+        # the official stores x + residual only when there is a residual or its dtype differs from x's
+        store = residual is not None or res_dtype != x.dtype
+        y, res, rstd = _rms_fwd(x2, r2, None, weight, bias, eps, hidden, True, _out_dtype(x),
+                                res_dtype if store else None)
+        ctx.save_for_backward(res if store else x2, weight, bias, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        ctx.prenorm = prenorm
+        y = y.view(x.shape)
+        if not prenorm:
+            return y
+        return y, (res.view(x.shape) if store else x.view(x.shape))
+
+    @staticmethod
+    def backward(ctx, dy, *rest):
+        s2, weight, bias, rstd = ctx.saved_tensors
+        hidden = s2.shape[1]
+        x_dtype, r_dtype = ctx.dtypes
+        dres = rest[0] if ctx.prenorm else None
+        dx, dr, _, dw, db = _rms_bwd(
+            s2, None, weight, bias, _rows(dy, hidden), _rows(dres, hidden) if dres is not None else None, rstd,
+            hidden, True, x_dtype, r_dtype if r_dtype is not None and r_dtype != x_dtype else None)
+        shape = dy.shape
+        dresidual = None
+        if r_dtype is not None:
+            dresidual = (dr if dr is not None else dx).view(shape)
+        return (dx.view(shape), dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None, dresidual,
+                None, None, None)
+
+
+class _GatedRMSNormFn(torch.autograd.Function):
+    """rmsnorm_fn on the kernels: saves x, z and rstd per group."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, eps, group_size, norm_before_gate):
+        hidden = x.shape[-1]
+        x2 = _rows(x, hidden)
+        z2 = _rows(z, hidden) if z is not None else None
+        y, _, rstd = _rms_fwd(x2, None, z2, weight, bias, eps, group_size, norm_before_gate, x.dtype, None)
+        ctx.save_for_backward(x2, z2, weight, bias, rstd)
+        ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, z2, weight, bias, rstd = ctx.saved_tensors
+        hidden = x2.shape[1]
+        dx, _, dz, dw, db = _rms_bwd(x2, z2, weight, bias, _rows(dy, hidden), None, rstd, ctx.group_size,
+                                     ctx.norm_before_gate, x2.dtype, None)
+        shape = dy.shape
+        return (dx.view(shape), dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None,
+                dz.view(shape) if dz is not None else None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public functions and modules
 # ----------------------------------------------------------------------------------------------------------
 

@@ -366,6 +366,42 @@ class _TorchScanFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Triton path (kernels and launchers in _triton_selective_scan.py, imported on first use)
+# ----------------------------------------------------------------------------------------------------------
+
+class _TritonScanFn(torch.autograd.Function):
+    """Triton forward (saving the state at every chunk start when a gradient is needed) and backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+        from . import _triton_selective_scan as k
+
+        store = any(ctx.needs_input_grad[:9])
+        out, last, states, seg = k.scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                                            delta_softplus, store_states=store)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, states)
+        ctx.seg, ctx.delta_softplus = seg, delta_softplus
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        from . import _triton_selective_scan as k
+
+        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, states = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        du, ddt, dA, dB, dC, dD, dz, dbias, dh0 = k.scan_bwd(
+            u, delta, A, B, C, D, z, delta_bias, seq_idx, states, ctx.seg, dout, dlast, ctx.delta_softplus)
+
+        def cast(grad, like):
+            return None if like is None else grad.to(like.dtype)
+
+        return (du, ddt, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),
+                cast(dh0, h0), None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------------------
 
@@ -382,9 +418,6 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         (float64 for float64 inputs). All internal math is in float32 (float64 for float64 inputs).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    if use_triton(u):
-        from ._triton_selective_scan import TritonScanFn as fn
-    else:
-        fn = _TorchScanFn
+    fn = _TritonScanFn if use_triton(u) else _TorchScanFn
     out, last = fn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus))
     return (out, last) if return_last_state else out

@@ -5,9 +5,9 @@ Forward, per (batch, chunk, block of heads):
     dA_cs[t] = sum_{s <= t in the chunk} dt_p[s] * A
 Outputs are laid out (b, h, c, Q) in fp32: every later stage reads one chunk of one head as a contiguous row.
 
-Backward: given d(dA_cs)-style terms from the other stages (see triton_path.py for the derivation),
-    da[t] = dyy[t] - dt_p[t] * ddt_direct[t] + [t == Q-1] * sp[c]
-    ddA[t] = sum_{t' >= t} da[t']              (the transpose of the cumsum)
+Backward: ddA[t] = dLoss/d(dt_p[t] A), assembled from the pieces the other stages write (triton_path.py
+derives them):
+    ddA[t] = sum_{v < t} (colsum[v] - rowsum[v] + f[v]) + sum_{v >= t} e[v] + sp[c]
     d dt_p = ddt_direct + A * ddA,  dA = sum dt_p * ddA
 then back through the limit (zero where clamped), softplus (sigmoid) and the bias (a sum).
 """
@@ -58,12 +58,12 @@ def _chunk_cumsum_fwd_kernel(
 
 @triton.jit
 def _chunk_cumsum_bwd_kernel(
-    ddt_dir_ptr, dyy_ptr, sp_ptr, dt_p_ptr, dt_ptr, A_ptr, bias_ptr,
+    ddt_dir_ptr, f_ptr, e_ptr, rows_ptr, cols_ptr, sp_ptr, dt_p_ptr, dt_ptr, A_ptr, bias_ptr,
     ddt_ptr, dA_part_ptr, dbias_part_ptr,
     seqlen, nheads, nchunks, dt_min, dt_max,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_ddt_b, stride_ddt_l, stride_ddt_h,
-    Q: tl.constexpr, BLOCK_H: tl.constexpr,
+    Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -76,11 +76,18 @@ def _chunk_cumsum_bwd_kernel(
     row = (pid_b * nheads + offs_h) * nchunks + pid_c  # (BLOCK_H,) index of (b, h, c)
     off = row[None, :] * Q + offs_q[:, None]
     ddt_dir = tl.load(ddt_dir_ptr + off, mask=mask_h[None, :], other=0.0)
-    dyy = tl.load(dyy_ptr + off, mask=mask_h[None, :], other=0.0)
     dt_p = tl.load(dt_p_ptr + off, mask=mask_h[None, :], other=0.0)
+    # column sums of M: row block m wrote the columns up to its diagonal block
+    cols = tl.zeros((Q, BLOCK_H), dtype=tl.float32)
+    for m in tl.static_range(Q // BLOCK_M):
+        written = mask & (offs_q[:, None] // BLOCK_M <= m)
+        cols += tl.load(cols_ptr + (row[None, :] * (Q // BLOCK_M) + m) * Q + offs_q[:, None], mask=written, other=0.0)
+    inc = (cols - tl.load(rows_ptr + off, mask=mask_h[None, :], other=0.0)
+           + tl.load(f_ptr + off, mask=mask_h[None, :], other=0.0))
+    e = tl.load(e_ptr + off, mask=mask_h[None, :], other=0.0)
     sp = tl.load(sp_ptr + row, mask=mask_h, other=0.0)
-    da = dyy - dt_p * ddt_dir + tl.where(offs_q[:, None] == Q - 1, sp[None, :], 0.0)
-    ddA = tl.sum(da, axis=0)[None, :] - tl.cumsum(da, axis=0) + da  # reverse cumsum
+    # each piece as a prefix / suffix sum of its own: their difference form would cancel catastrophically
+    ddA = (tl.cumsum(inc, axis=0) - inc) + (tl.sum(e, axis=0)[None, :] - tl.cumsum(e, axis=0) + e) + sp[None, :]
     A = tl.load(A_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
     ddt = ddt_dir + A[None, :] * ddA
     part = pid_b * nchunks * nheads + pid_c * nheads + offs_h  # (b, c, h) partial sums
@@ -121,10 +128,12 @@ def chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus: bool, dt_limit, limited: bool,
     return dt_p, dA_cs
 
 
-def chunk_cumsum_bwd(ddt_dir, dyy, sp, dt_p, dt, A, dt_bias, dt_softplus: bool, dt_limit, limited: bool, Q: int):
+def chunk_cumsum_bwd(ddt_dir, f, e, rows, cols, sp, dt_p, dt, A, dt_bias, dt_softplus: bool, dt_limit,
+                     limited: bool, Q: int):
     """Gradients of dt (b, l, h) in dt's dtype, A (h,) fp32 and dt_bias (h,) fp32 (None without a bias).
 
-    ddt_dir, dyy: (b, h, c, Q) fp32, sp: (b, h, c) fp32 (see the module docstring).
+    ddt_dir, f, e, rows: (b, h, c, Q) fp32, cols: (b, h, c, Q // BLOCK_M, Q), sp: (b, h, c) fp32
+    (see the module docstring).
     """
     b, l, h = dt.shape
     nchunks = dt_p.shape[2]
@@ -134,11 +143,12 @@ def chunk_cumsum_bwd(ddt_dir, dyy, sp, dt_p, dt, A, dt_bias, dt_softplus: bool, 
     BH = _block_h(h)
     grid = (nchunks, b, triton.cdiv(h, BH))
     _chunk_cumsum_bwd_kernel[grid](
-        ddt_dir, dyy, sp, dt_p, dt, A, dt_bias if dt_bias is not None else A,
+        ddt_dir, f, e, rows, cols, sp, dt_p, dt, A, dt_bias if dt_bias is not None else A,
         ddt, dA_part, dbias_part,
         l, h, nchunks, float(dt_limit[0]), float(dt_limit[1]),
         dt.stride(0), dt.stride(1), dt.stride(2), ddt.stride(0), ddt.stride(1), ddt.stride(2),
-        Q=Q, BLOCK_H=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, LIMIT=limited,
+        Q=Q, BLOCK_H=BH, BLOCK_M=Q // cols.shape[3], HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        LIMIT=limited,
     )
     dbias = dbias_part.sum((0, 1)) if dt_bias is not None else None
     return ddt, dA_part.sum((0, 1)), dbias

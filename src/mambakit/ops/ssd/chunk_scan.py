@@ -9,10 +9,11 @@ Positions of other packed sequences (seq_idx) are masked out of both terms.
 
 Backward, G = dLoss/dS_{c+1} (the gradient of the chunk's state contribution) from state_passing.py:
     w[s] = exp(a_end - a[s]) G B[s]  +  sum_{t >= s} (C[t] . B[s]) exp(a[t] - a[s]) dy[t]
-    dx[s] = dt[s] w[s] + D dy[s],   ddt_direct[s] = x[s] . w[s],   dyy[t] = dy[t] . (y[t] - D x[t])
+    dx[s] = dt[s] w[s] + D dy[s],   ddt_direct[s] = x[s] . w[s]
     dC[t] = sum_h exp(a[t]) S_c^T dy[t]      + sum_{s <= t} exp(a[t] - a[s]) dt[s] (dy[t] . x[s]) B[s]
     dB[s] = sum_h exp(a_end - a[s]) dt[s] G^T x[s] + sum_{t >= s} exp(a[t] - a[s]) dt[s] (x[s] . dy[t]) C[t]
 dB/dC sum over the heads of a group inside one program (optionally split over programs and summed after).
+The same kernels write the pieces of d(dA_cs) (triton_path.py explains why they are kept apart).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _chunk_scan_fwd_kernel(
     Cm = tl.load(C_base + pos_m[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_N)
     # the state entering the chunk, read transposed: (BLOCK_N, BLOCK_P)
-    S_ptrs = (states_ptr + ((pid_b * (nchunks + 1) + pid_c) * nheads + pid_h) * headdim * dstate
+    S_ptrs = (states_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
               + offs_n[:, None] + offs_p[None, :] * dstate)
     S = tl.load(S_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(dtype)
     scale_m = tl.exp(a_m)
@@ -107,8 +108,8 @@ def _chunk_scan_fwd_kernel(
 
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
-    x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, dstates_ptr, dy_ptr, y_ptr, D_ptr, seq_ptr,
-    dx_ptr, ddt_ptr, dyy_ptr, dD_ptr,
+    x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, dstates_ptr, dy_ptr, D_ptr, seq_ptr,
+    dx_ptr, ddt_ptr, f_ptr, dD_ptr,
     seqlen, nheads, nchunks, heads_per_group, headdim, dstate,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -131,27 +132,32 @@ def _chunk_scan_bwd_dx_kernel(
     mask_m = offs_m < chunk_len
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
+    mask_mp = mask_m[:, None] & mask_p[None, :]
     pos_m = (start + offs_m).to(tl.int64)
     row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q
     B_base = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
     C_base = C_ptr + pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
     seq_base = seq_ptr + pid_b * stride_seq_b
-    # dy, y, dx are contiguous (b, l, h, p)
+    # dy and dx are contiguous (b, l, h, p)
     tok_m = ((pid_b * seqlen + pos_m[:, None]) * nheads + pid_h) * headdim + offs_p[None, :]
 
     a_m = tl.load(dA_cs_ptr + row + offs_m)
-    a_end = tl.load(dA_cs_ptr + row + Q - 1)
+    dt_m = tl.load(dt_ptr + row + offs_m)
+    xm = tl.load(x_ptr + pid_b * stride_x_b + pos_m[:, None] * stride_x_l + pid_h * stride_x_h
+                 + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0).to(tl.float32)
     Bm = tl.load(B_base + pos_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_N)
     G_ptrs = (dstates_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
               + offs_n[:, None] + offs_p[None, :] * dstate)
     G = tl.load(G_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_P)
-    scale_m = tl.exp(a_end - a_m)
+    scale_m = tl.exp(tl.load(dA_cs_ptr + row + Q - 1) - a_m)
     if HAS_SEQ:
         seq_m = tl.load(seq_base + pos_m * stride_seq_l, mask=mask_m, other=-1)
         seq_end = tl.load(seq_base + (start + chunk_len - 1).to(tl.int64) * stride_seq_l)
         scale_m = tl.where(seq_m == seq_end, scale_m, 0.0)
     acc = tl.dot(Bm, G, input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
+    # f[s] = dt[s] x[s] . (the chunk-state part of w[s]): the chunk's own inputs' share of d(decay)
+    tl.store(f_ptr + row + offs_m, dt_m * tl.sum(xm * acc, axis=1))
 
     for k0 in range(pid_m * BLOCK_M, chunk_len, BLOCK_K):  # targets t >= s
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -170,37 +176,33 @@ def _chunk_scan_bwd_dx_kernel(
         dyk = tl.load(dy_ptr + tok_k, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         acc += tl.dot((cbT * decay).to(dtype), dyk.to(dtype), input_precision=DOT_PREC)
 
-    mask_mp = mask_m[:, None] & mask_p[None, :]
-    dt_m = tl.load(dt_ptr + row + offs_m)
-    xm = tl.load(x_ptr + pid_b * stride_x_b + pos_m[:, None] * stride_x_l + pid_h * stride_x_h
-                 + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0).to(tl.float32)
-    dym = tl.load(dy_ptr + tok_m, mask=mask_mp, other=0.0).to(tl.float32)
-    ym = tl.load(y_ptr + tok_m, mask=mask_mp, other=0.0).to(tl.float32)
     dx = acc * dt_m[:, None]
     if HAS_D:
+        dym = tl.load(dy_ptr + tok_m, mask=mask_mp, other=0.0).to(tl.float32)
         Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
         dx += dym * Dv[None, :]
-        ym -= xm * Dv[None, :]
         tl.store(dD_ptr + ((pid_bc * tl.num_programs(1) + pid_m) * nheads + pid_h) * headdim + offs_p,
                  tl.sum(dym * xm, axis=0), mask=mask_p)
     tl.store(dx_ptr + tok_m, dx.to(dx_ptr.dtype.element_ty), mask=mask_mp)
     tl.store(ddt_ptr + row + offs_m, tl.sum(xm * acc, axis=1))  # 0 past seqlen: xm is 0 there
-    tl.store(dyy_ptr + row + offs_m, tl.sum(dym * ym, axis=1))
 
 
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
-    u_ptr, v_ptr, K_ptr, S_ptr, dt_ptr, dA_cs_ptr, seq_ptr, out_ptr,
-    seqlen, nheads, nchunks, S_nchunks, heads_per_group, heads_per_split, headdim, dstate,
+    u_ptr, v_ptr, K_ptr, R_ptr, S_ptr, dt_ptr, dA_cs_ptr, seq_ptr, out_ptr, e_ptr, rows_ptr, cols_ptr,
+    seqlen, nheads, nchunks, heads_per_group, heads_per_split, headdim, dstate,
     stride_u_b, stride_u_l, stride_u_h, stride_u_p,
     stride_v_b, stride_v_l, stride_v_h, stride_v_p,
     stride_K_b, stride_K_l, stride_K_g, stride_K_n,
+    stride_R_b, stride_R_l, stride_R_g, stride_R_n,
     stride_seq_b, stride_seq_l,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_DB: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dC (IS_DB=False: u = dy, v = x, K = B, S = states entering the chunk, sources s <= t)
-    or dB (IS_DB=True: u = x, v = dy, K = C, S = dstates, targets t >= s), summed over a split of heads."""
+    """dB (IS_DB: u = x, v = dy, K = C, S = dstates, targets t >= s) or dC (u = dy, v = x, K = B, R = C,
+    S = states entering the chunk, sources s <= t), summed over a split of heads. The dC pass also writes,
+    per head, the terms of d(dA_cs) that must stay accurate (see triton_path.py): e[t] and the row and
+    column sums of M[t, s] = (C[t] . B[s]) exp(a[t] - a[s]) dt[s] (dy[t] . x[s]) in fp32."""
     pid_bc = tl.program_id(0)
     pid_m = tl.program_id(1)
     nsplit = heads_per_group // heads_per_split
@@ -233,13 +235,15 @@ def _chunk_scan_bwd_dbc_kernel(
     else:
         k_lo = 0
         k_hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_len)
+        Rm = tl.load(R_ptr + pid_b * stride_R_b + pos_m[:, None] * stride_R_l + pid_g * stride_R_g
+                     + offs_n[None, :] * stride_R_n, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(heads_per_split):
         h = pid_g * heads_per_group + pid_split * heads_per_split + i
         row = ((pid_b * nheads + h) * nchunks + pid_c) * Q
         a_m = tl.load(dA_cs_ptr + row + offs_m)
         um = tl.load(u_ptr + pid_b * stride_u_b + pos_m[:, None] * stride_u_l + h * stride_u_h
-                     + offs_p[None, :] * stride_u_p, mask=mask_mp, other=0.0).to(tl.float32)
+                     + offs_p[None, :] * stride_u_p, mask=mask_mp, other=0.0).to(dtype)
         if IS_DB:
             dt_m = tl.load(dt_ptr + row + offs_m)
             scale_m = tl.exp(tl.load(dA_cs_ptr + row + Q - 1) - a_m) * dt_m
@@ -247,11 +251,14 @@ def _chunk_scan_bwd_dbc_kernel(
             scale_m = tl.exp(a_m)
         if HAS_SEQ:
             scale_m = tl.where(seq_m == seq_ref, scale_m, 0.0)
-        S = tl.load(S_ptr + ((pid_b * S_nchunks + pid_c) * nheads + h) * headdim * dstate
+        S = tl.load(S_ptr + ((pid_b * nchunks + pid_c) * nheads + h) * headdim * dstate
                     + offs_p[:, None] * dstate + offs_n[None, :],
                     mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_P, BLOCK_N)
-        acc += tl.dot((um * scale_m[:, None]).to(dtype), S, input_precision=DOT_PREC)
-        um = um.to(dtype)
+        T = tl.dot((um.to(tl.float32) * scale_m[:, None]).to(dtype), S, input_precision=DOT_PREC)
+        acc += T
+        if not IS_DB:  # e[t] = exp(a[t]) dy[t] . (S C[t]): a[t]'s share through the entering state
+            tl.store(e_ptr + row + offs_m, tl.sum(T * Rm.to(tl.float32), axis=1))
+            rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < chunk_len
@@ -272,8 +279,16 @@ def _chunk_scan_bwd_dbc_kernel(
                 seq_k = tl.load(seq_base + pos_k * stride_seq_l, mask=mask_k, other=-2)
                 keep &= seq_m[:, None] == seq_k[None, :]
             P = P * tl.exp(tl.where(keep, diff, float("-inf"))) * dt_factor
-            Kk = tl.load(K_base + pos_k[:, None] * stride_K_l, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc += tl.dot(P.to(dtype), Kk.to(dtype), input_precision=DOT_PREC)
+            Kk = tl.load(K_base + pos_k[:, None] * stride_K_l, mask=mask_k[:, None] & mask_n[None, :],
+                         other=0.0).to(dtype)  # (BLOCK_K, BLOCK_N)
+            if not IS_DB:
+                M = P * tl.dot(Rm, tl.trans(Kk), input_precision=DOT_PREC)  # (C[t] . B[s]) in fp32
+                rowsum += tl.sum(M, axis=1)
+                # column sums of this row block; chunk_cumsum's backward adds the row blocks up
+                tl.store(cols_ptr + (row * (Q // BLOCK_M) + pid_m * Q) + offs_k, tl.sum(M, axis=0))
+            acc += tl.dot(P.to(dtype), Kk, input_precision=DOT_PREC)
+        if not IS_DB:
+            tl.store(rows_ptr + row + offs_m, rowsum)
     nbatch = tl.num_programs(0) // nchunks
     ngroups = nheads // heads_per_group
     # out: (nsplit, b, l, g, n) fp32 partial sums, added up by the launcher
@@ -294,7 +309,7 @@ def _launch_opts(blocks: dict):
 
 
 def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=None):
-    """x: (b, l, h, p), B, C: (b, l, g, n), dt_p, dA_cs: (b, h, c, Q) fp32, states: (b, c + 1, h, p, n),
+    """x: (b, l, h, p), B, C: (b, l, g, n), dt_p, dA_cs: (b, h, c, Q) fp32, states: (b, c, h, p, n),
     D: (h, p) / (h,) / None, z: (b, l, h, p) / None.
 
     Returns out (b, l, h, p) contiguous in x's dtype, and y = out before the gate (only when z is given).
@@ -320,10 +335,10 @@ def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=N
     return out, (y if z is not None else None)
 
 
-def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, y, D, seq_idx, Q: int, blocks=None):
-    """dy, y: (b, l, h, p) contiguous (y = output before the gate), dstates: (b, c, h, p, n).
+def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, D, seq_idx, Q: int, blocks=None):
+    """dy: (b, l, h, p) contiguous, dstates: (b, c, h, p, n).
 
-    Returns dx (b, l, h, p) in x's dtype, ddt_direct and dyy (b, h, c, Q) fp32, dD (like D, fp32) or None.
+    Returns dx (b, l, h, p) in x's dtype, ddt_direct and f (b, h, c, Q) fp32, dD (like D, fp32) or None.
     """
     blocks = blocks or {}
     b, l, h, p = x.shape
@@ -332,13 +347,13 @@ def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, y, D, seq_idx, Q: int, 
     BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks)
     dx = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
     ddt_dir = torch.empty_like(dt_p)
-    dyy = torch.empty_like(dt_p)
+    f = torch.empty_like(dt_p)
     dD_part = torch.empty(b * nchunks * (Q // BM), h, p, device=x.device, dtype=torch.float32)
     Dv = D if D is not None else dt_p
     D_strides = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
     seq = seq_idx if seq_idx is not None else dt_p
     _chunk_scan_bwd_dx_kernel[(b * nchunks, Q // BM, h)](
-        x, B, C, dt_p, dA_cs, dstates, dy, y, Dv, seq, dx, ddt_dir, dyy, dD_part,
+        x, B, C, dt_p, dA_cs, dstates, dy, Dv, seq, dx, ddt_dir, f, dD_part,
         l, h, nchunks, h // g, p, n,
         *x.stride(), *B.stride(), *C.stride(), seq.stride(0), seq.stride(1), *D_strides,
         Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, HAS_D=D is not None,
@@ -347,7 +362,7 @@ def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, y, D, seq_idx, Q: int, 
     dD = None
     if D is not None:
         dD = dD_part.sum(0) if D.dim() == 2 else dD_part.sum((0, 2))
-    return dx, ddt_dir, dyy, dD
+    return dx, ddt_dir, f, dD
 
 
 def _head_split(batch: int, nchunks: int, mblocks: int, ngroups: int, heads_per_group: int, blocks: dict) -> int:
@@ -362,7 +377,8 @@ def _head_split(batch: int, nchunks: int, mblocks: int, ngroups: int, heads_per_
 
 
 def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: int, blocks=None):
-    """Returns dB, dC: (b, l, g, n) in B's / C's dtype (fp32 sums over the heads of each group)."""
+    """dB, dC: (b, l, g, n) in B's / C's dtype (fp32 sums over the heads of each group), and for the
+    d(dA_cs) terms: e, rowsum (b, h, c, Q) and colsum partials (b, h, c, Q // BLOCK_M, Q), all fp32."""
     blocks = blocks or {}
     b, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -371,15 +387,18 @@ def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: in
     hpg = h // g
     split = _head_split(b, nchunks, Q // BM, g, hpg, blocks)
     seq = seq_idx if seq_idx is not None else dt_p
+    e = torch.empty_like(dt_p)
+    rows = torch.empty_like(dt_p)
+    cols = torch.empty(b, h, nchunks, Q // BM, Q, device=x.device, dtype=torch.float32)
     grads = []
-    for is_db, u, v, K, S, S_chunks in ((True, x, dy, C, dstates, nchunks), (False, dy, x, B, states, nchunks + 1)):
+    for is_db, u, v, K, R, S in ((True, x, dy, C, C, dstates), (False, dy, x, B, C, states)):
         part = torch.empty(split, b, l, g, n, device=x.device, dtype=torch.float32)
         _chunk_scan_bwd_dbc_kernel[(b * nchunks, Q // BM, g * split)](
-            u, v, K, S, dt_p, dA_cs, seq, part,
-            l, h, nchunks, S_chunks, hpg, hpg // split, p, n,
-            *u.stride(), *v.stride(), *K.stride(), seq.stride(0), seq.stride(1),
+            u, v, K, R, S, dt_p, dA_cs, seq, part, e, rows, cols,
+            l, h, nchunks, hpg, hpg // split, p, n,
+            *u.stride(), *v.stride(), *K.stride(), *R.stride(), seq.stride(0), seq.stride(1),
             Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, IS_DB=is_db, HAS_SEQ=seq_idx is not None,
             DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks),
         )
         grads.append(part[0] if split == 1 else part.sum(0))
-    return grads[0].to(B.dtype), grads[1].to(C.dtype)
+    return grads[0].to(B.dtype), grads[1].to(C.dtype), e, rows, cols

@@ -9,15 +9,15 @@ reads them back in a separate state-passing kernel):
 
 carry_c is 0 where packed sequences (seq_idx) change between the previous chunk's end and this chunk's end,
 and inside the sum only the positions of the sequence running at the chunk's end count. The kernel stores
-S_0 .. S_C (states entering every chunk, then the final state) in the input's dtype for the chunk-scan
-dots, and the final state again in fp32.
+S_0 .. S_{C-1} (the state entering every chunk) in the input's dtype for the chunk-scan dots, and the final
+state S_C in fp32.
 
 Backward (reverse order over chunks), with G_{c+1} = dLoss/dS_{c+1}:
     G_C = d final_states;   G_c = local_c + carry_c * exp(dA_cs[c, Q-1]) * G_{c+1}
     local_c = sum_t exp(dA_cs[c, t]) [seq_t == seq entering chunk c] dy[c, t] C[c, t]^T   (from y_t = C_t . S_c ...)
 It stores G_{c+1} for every chunk (the chunk-scan backward needs it for dx, dB, ddt), G_0 (= d initial_states)
-and sp_c = <G_{c+1}, S_{c+1}>, the derivative with respect to the chunk's total decay (every term of S_{c+1}
-carries the factor exp(dA_cs[c, Q-1])).
+and sp_c = carry_c exp(dA_cs[c, Q-1]) <G_{c+1}, S_c>, the derivative with respect to the chunk's total decay
+through the carried state (the chunk's own inputs add their part in chunk_scan's backward).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _state_fwd_kernel(
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_init_b, stride_init_h, stride_init_p, stride_init_n,
     stride_seq_b, stride_seq_l,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -53,7 +53,7 @@ def _state_fwd_kernel(
     nblk_n = tl.cdiv(dstate, BLOCK_N)
     offs_p = (pid_pn // nblk_n) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn % nblk_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_q = tl.arange(0, Q)
+    offs_kb = tl.arange(0, BLOCK_K)
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     mask_pn = mask_p[:, None] & mask_n[None, :]
@@ -62,8 +62,8 @@ def _state_fwd_kernel(
     x_base = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p[:, None] * stride_x_p  # (BLOCK_P, 1)
     B_base = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g + offs_n[None, :] * stride_B_n
     row = (pid_b * nheads + pid_h) * nchunks  # row of (b, h, c=0) in the (b, h, c, Q) stage-1 outputs
-    chunk_stride = nheads * headdim * dstate  # states: (b, c + 1, h, p, n)
-    st_ptrs = (states_ptr + pid_b * (nchunks + 1) * chunk_stride + pid_h * headdim * dstate
+    chunk_stride = nheads * headdim * dstate  # states: (b, c, h, p, n)
+    st_ptrs = (states_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
                + offs_p[:, None] * dstate + offs_n[None, :])
     if HAS_INIT:
         state = tl.load(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs_p[:, None] * stride_init_p
@@ -73,23 +73,27 @@ def _state_fwd_kernel(
     seq_base = seq_ptr + pid_b * stride_seq_b
     for c in range(nchunks):
         tl.store(st_ptrs, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
-        pos = (c * Q + offs_q).to(tl.int64)
-        mask_q = pos < seqlen
-        a = tl.load(dA_cs_ptr + (row + c) * Q + offs_q)
         a_end = tl.load(dA_cs_ptr + (row + c) * Q + Q - 1)
-        w = tl.exp(a_end - a) * tl.load(dt_ptr + (row + c) * Q + offs_q)  # (Q,)
         decay = tl.exp(a_end)
         if HAS_SEQ:
             seq_prev, seq_end = _seq_ends(seq_base, stride_seq_l, c, seqlen, Q)
-            seq = tl.load(seq_base + pos * stride_seq_l, mask=mask_q, other=0)
-            w = tl.where(seq == seq_end, w, 0.0)
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
-        xT = tl.load(x_base + pos[None, :] * stride_x_l, mask=mask_p[:, None] & mask_q[None, :], other=0.0)
-        Bq = tl.load(B_base + pos[:, None] * stride_B_l, mask=mask_q[:, None] & mask_n[None, :], other=0.0)
-        Bw = (Bq.to(tl.float32) * w[:, None]).to(dtype)
-        state = state * decay + tl.dot(xT.to(dtype), Bw, input_precision=DOT_PREC)
+        state = state * decay
+        # the chunk's contribution in BLOCK_K slices: small tiles keep shared memory low and occupancy up
+        for k0 in range(0, Q, BLOCK_K):
+            offs_k = k0 + offs_kb
+            pos = (c * Q + offs_k).to(tl.int64)
+            mask_k = pos < seqlen
+            a = tl.load(dA_cs_ptr + (row + c) * Q + offs_k)
+            w = tl.exp(a_end - a) * tl.load(dt_ptr + (row + c) * Q + offs_k)  # (BLOCK_K,)
+            if HAS_SEQ:
+                seq = tl.load(seq_base + pos * stride_seq_l, mask=mask_k, other=0)
+                w = tl.where(seq == seq_end, w, 0.0)
+            xT = tl.load(x_base + pos[None, :] * stride_x_l, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            Bk = tl.load(B_base + pos[:, None] * stride_B_l, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            Bw = (Bk.to(tl.float32) * w[:, None]).to(dtype)
+            state = tl.dot(xT.to(dtype), Bw, state, input_precision=DOT_PREC)
         st_ptrs += chunk_stride
-    tl.store(st_ptrs, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
     tl.store(final_ptr + (pid_b * nheads + pid_h) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
              state, mask=mask_pn)
 
@@ -102,7 +106,7 @@ def _state_bwd_kernel(
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_seq_b, stride_seq_l,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -113,7 +117,7 @@ def _state_bwd_kernel(
     nblk = tl.cdiv(headdim, BLOCK_P) * nblk_n
     offs_p = (pid_pn // nblk_n) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = (pid_pn % nblk_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_q = tl.arange(0, Q)
+    offs_kb = tl.arange(0, BLOCK_K)
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     mask_pn = mask_p[:, None] & mask_n[None, :]
@@ -124,7 +128,7 @@ def _state_bwd_kernel(
     row = (pid_b * nheads + pid_h) * nchunks
     chunk_stride = nheads * headdim * dstate
     tile = pid_h * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
-    st_base = states_ptr + pid_b * (nchunks + 1) * chunk_stride + tile
+    st_base = states_ptr + pid_b * nchunks * chunk_stride + tile
     dst_base = dstates_ptr + pid_b * nchunks * chunk_stride + tile
     final_off = (pid_b * nheads + pid_h) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
     if HAS_DFINAL:
@@ -135,27 +139,31 @@ def _state_bwd_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         c64 = tl.cast(c, tl.int64)  # 1M tokens x 80 heads overflow int32 offsets here
-        S_next = tl.load(st_base + (c64 + 1) * chunk_stride, mask=mask_pn, other=0.0).to(tl.float32)
-        tl.store(sp_ptr + (row + c) * nblk + pid_pn, tl.sum(G * S_next))
         tl.store(dst_base + c64 * chunk_stride, G.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
-        pos = (c * Q + offs_q).to(tl.int64)
-        mask_q = pos < seqlen
-        a = tl.load(dA_cs_ptr + (row + c) * Q + offs_q)
-        scale = tl.exp(a)
         decay = tl.exp(tl.load(dA_cs_ptr + (row + c) * Q + Q - 1))
         if HAS_SEQ:
             seq_prev, seq_end = _seq_ends(seq_base, stride_seq_l, c, seqlen, Q)
-            seq = tl.load(seq_base + pos * stride_seq_l, mask=mask_q, other=0)
-            scale = tl.where(seq == seq_prev, scale, 0.0)
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
-        dyT = tl.load(dy_base + pos[None, :] * stride_dy_l, mask=mask_p[:, None] & mask_q[None, :], other=0.0)
-        Cq = tl.load(C_base + pos[:, None] * stride_C_l, mask=mask_q[:, None] & mask_n[None, :], other=0.0)
-        Cs = (Cq.to(tl.float32) * scale[:, None]).to(dtype)
-        G = tl.dot(dyT.to(dtype), Cs, input_precision=DOT_PREC) + decay * G
+        S_c = tl.load(st_base + c64 * chunk_stride, mask=mask_pn, other=0.0).to(tl.float32)
+        tl.store(sp_ptr + (row + c) * nblk + pid_pn, decay * tl.sum(G * S_c))
+        G = G * decay
+        for k0 in range(0, Q, BLOCK_K):
+            offs_k = k0 + offs_kb
+            pos = (c * Q + offs_k).to(tl.int64)
+            mask_k = pos < seqlen
+            scale = tl.exp(tl.load(dA_cs_ptr + (row + c) * Q + offs_k))
+            if HAS_SEQ:
+                seq = tl.load(seq_base + pos * stride_seq_l, mask=mask_k, other=0)
+                scale = tl.where(seq == seq_prev, scale, 0.0)
+            dyT = tl.load(dy_base + pos[None, :] * stride_dy_l, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            Ck = tl.load(C_base + pos[:, None] * stride_C_l, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            Cs = (Ck.to(tl.float32) * scale[:, None]).to(dtype)
+            G = tl.dot(dyT.to(dtype), Cs, G, input_precision=DOT_PREC)
     tl.store(dinit_ptr + final_off, G, mask=mask_pn)
 
 
-def _state_blocks(batch, nheads, headdim, dstate, blocks):
+def _state_blocks(Q, batch, nheads, headdim, dstate, blocks):
+    BK = min(Q, blocks.get("BLOCK_K") or 64)
     BP = blocks.get("BLOCK_P") or max(16, min(64, triton.next_power_of_2(headdim)))
     BN = blocks.get("BLOCK_N")
     if BN is None:
@@ -163,27 +171,27 @@ def _state_blocks(batch, nheads, headdim, dstate, blocks):
         BN = max(16, min(64, triton.next_power_of_2(dstate)))
         while BN > 32 and batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) < 264:
             BN //= 2
-    return BP, BN
+    return BP, BN, BK
 
 
-def dot_precision(dtype) -> str:
-    """fp32 inputs keep fp32 dots (tf32 would be ~1e-3 off); 16-bit inputs use tensor cores anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype):
+    """fp32 inputs keep fp32 dots (tf32 would be ~1e-3 off); 16-bit inputs take Triton's default."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q: int, state_dtype, blocks=None):
     """x: (b, l, h, p), B: (b, l, g, n), dt_p, dA_cs: (b, h, c, Q) fp32, initial_states: (b, h, p, n) or None.
 
-    Returns states (b, c + 1, h, p, n) in ``state_dtype`` (entering every chunk, then the final state) and
-    final_states (b, h, p, n) fp32.
+    Returns states (b, c, h, p, n) in ``state_dtype`` (the state entering every chunk) and the final state
+    (b, h, p, n) in fp32.
     """
     blocks = blocks or {}
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks = dt_p.shape[2]
-    states = torch.empty(b, nchunks + 1, h, p, n, device=x.device, dtype=state_dtype)
+    states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=state_dtype)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    BP, BN = _state_blocks(b, h, p, n, blocks)
+    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks)
     init = initial_states if initial_states is not None else final
     seq = seq_idx if seq_idx is not None else dt_p
     grid = (b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))
@@ -191,7 +199,7 @@ def state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q: int, state_dtype, b
         x, B, dt_p, dA_cs, init, seq, states, final,
         l, h, nchunks, h // g, p, n,
         *x.stride(), *B.stride(), *init.stride(), seq.stride(0), seq.stride(1),
-        Q=Q, BLOCK_P=BP, BLOCK_N=BN, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
+        Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
         DOT_PREC=dot_precision(x.dtype), num_warps=blocks.get("num_warps", 4),
         num_stages=blocks.get("num_stages", 2),
     )
@@ -199,17 +207,17 @@ def state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q: int, state_dtype, b
 
 
 def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
-    """Reverse pass over chunks. dy: (b, l, h, p), C: (b, l, g, n), states: (b, c + 1, h, p, n),
+    """Reverse pass over chunks. dy: (b, l, h, p), C: (b, l, g, n), states: (b, c, h, p, n),
     dfinal: (b, h, p, n) or None.
 
     Returns dstates (b, c, h, p, n) = dLoss/dS_{c+1} in states' dtype, dinit (b, h, p, n) fp32 and
-    sp (b, h, c) fp32 = <G_{c+1}, S_{c+1}>.
+    sp (b, h, c) fp32 = carry_c exp(dA_cs[c, Q-1]) <G_{c+1}, S_c>.
     """
     blocks = blocks or {}
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks = dA_cs.shape[2]
-    BP, BN = _state_blocks(b, h, p, n, blocks)
+    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks)
     nblk = triton.cdiv(p, BP) * triton.cdiv(n, BN)
     dstates = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=states.dtype)
     dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32)
@@ -222,7 +230,7 @@ def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
         dstates, dinit, sp,
         l, h, nchunks, h // g, p, n,
         *dy.stride(), *C.stride(), seq.stride(0), seq.stride(1),
-        Q=Q, BLOCK_P=BP, BLOCK_N=BN, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None,
+        Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None,
         DOT_PREC=dot_precision(dy.dtype), num_warps=blocks.get("num_warps", 4),
         num_stages=blocks.get("num_stages", 2),
     )

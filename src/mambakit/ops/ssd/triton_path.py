@@ -1,14 +1,20 @@
 """The SSD scan on Triton kernels: the autograd Function that chains the stages, and its entry point.
 
 Forward: chunk_cumsum (dt processing, cumsum of dt*A) -> state_passing (chunk states + recurrence over chunks,
-fused) -> chunk_scan (outputs). Backward, by the chain rule through the same stages:
+fused) -> chunk_scan (outputs). Backward through the same stages:
     dy = dout * silu(z)                                      (dz from the saved pre-gate output)
-    state_passing backward: G_{c+1} = dLoss/dS_{c+1}, d initial_states, sp_c = <G_{c+1}, S_{c+1}>
-    chunk_scan backward: dx, dB, dC, dD, ddt_direct = x . w, dyy = dy . (y - D x)
-    chunk_cumsum backward: d a[t] (the gradient of dA_cs) = dyy[t] - dt[t] ddt_direct[t] + [t = Q-1] sp_c.
-The last identity: a[t] enters y[t] through every term as +a[t], so its row part is dy[t] . y_scan[t]; it enters
-the sources as -a[s] in exactly the terms whose dt-derivative is ddt_direct[s] / dt[s]; and the chunk's end
-value scales the whole next state (sp_c). It avoids the separate ddA kernels of the official implementation.
+    state_passing backward: G_{c+1} = dLoss/dS_{c+1}, d initial_states, sp_c
+    chunk_scan backward: dx, dB, dC, dD, ddt_direct (dt as the input's weight), and pieces of ddA
+    chunk_cumsum backward: ddt, dA, ddt_bias.
+ddA[t], the gradient of the step decay dt[t]*A, is the sum over every a[j] = dA_cs[j] with j >= t (cumsum's
+transpose) of dLoss/da[j]. Per source, term by term:
+  - intra-chunk, M[t', s] = (C[t'] . B[s]) exp(a[t'] - a[s]) dt[s] (dy[t'] . x[s]): a term with s < t <= t'
+    depends on ddA[t], so the intra part of ddA[t] = sum_{v < t} (colsum[v] - rowsum[v]) of M;
+  - the entering state, e[t'] = exp(a[t']) dy[t'] . (S_c C[t']): ddA[t] gets sum_{t' >= t} e[t'];
+  - the chunk state, f[s] = dt[s] exp(a_end - a[s]) x[s] . (G B[s]): ddA[t] gets sum_{s < t} f[s];
+  - the carried state, sp_c = carry exp(a_end) <G, S_c>: every ddA[t] of the chunk gets it.
+Each piece is computed in fp32 from the inputs and summed on its own: adding up the per-position totals
+first (the short route through dy . y) loses the result to cancellation in bf16.
 """
 
 from __future__ import annotations
@@ -42,8 +48,7 @@ class _SSDFn(torch.autograd.Function):
         dt_p, dA_cs = chunk_cumsum_fwd(dt, A, dt_bias, dt_softplus, dt_limit, limited, Q)
         states, final = state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q, state_dtype, BLOCKS["state_fwd"])
         out, y = chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q, BLOCKS["scan_fwd"])
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_p, dA_cs, states,
-                              out if z is None else y)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_p, dA_cs, states, y)
         ctx.opts = (Q, dt_softplus, dt_limit, limited, initial_states is not None)
         ctx.mark_non_differentiable(states, dA_cs, dt_p)
         ctx.set_materialize_grads(False)  # dfinal stays None when the final states are not used
@@ -64,10 +69,12 @@ class _SSDFn(torch.autograd.Function):
         else:
             dy = dout.to(x.dtype).contiguous()
         dstates, dinit, sp = state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q, BLOCKS["state_bwd"])
-        dx, ddt_dir, dyy, dD = chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, y, D, seq_idx, Q,
-                                                 BLOCKS["scan_bwd_dx"])
-        dB, dC = chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q, BLOCKS["scan_bwd_dbc"])
-        ddt, dA, dbias = chunk_cumsum_bwd(ddt_dir, dyy, sp, dt_p, dt, A, dt_bias, dt_softplus, dt_limit, limited, Q)
+        dx, ddt_dir, f, dD = chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, D, seq_idx, Q,
+                                               BLOCKS["scan_bwd_dx"])
+        dB, dC, e, rows, cols = chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q,
+                                                   BLOCKS["scan_bwd_dbc"])
+        ddt, dA, dbias = chunk_cumsum_bwd(ddt_dir, f, e, rows, cols, sp, dt_p, dt, A, dt_bias, dt_softplus,
+                                          dt_limit, limited, Q)
         return (dx, ddt, dA.to(A.dtype), dB, dC, None if dD is None else dD.to(D.dtype), dz,
                 None if dbias is None else dbias.to(dt_bias.dtype), dinit if has_init else None,
                 None, None, None, None)
@@ -102,5 +109,5 @@ def ssd_chunked_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
         with torch.no_grad():
             result.append(varlen_states_from_chunks(
                 a.cu_seqlens, x[0], dt_p[0].permute(1, 2, 0).reshape(nchunks * Q, h), B[0],
-                dA_cs[0].permute(1, 2, 0).reshape(nchunks * Q, h), states[0, :nchunks].float(), Q))
+                dA_cs[0].permute(1, 2, 0).reshape(nchunks * Q, h), states[0].float(), Q))
     return result[0] if len(result) == 1 else tuple(result)

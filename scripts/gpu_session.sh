@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call, several parts: bash scripts/gpu_session.sh PART[:SECONDS] ...
+# Parts: env, mamba1, ssd, conv, generate, tp, train, bench, pytest. Each part runs under its own time limit,
+# its full log and JSON go under $OUT/<part>/, and the last lines of every part are printed at the end
+# (the device reply carries only the tail). Everything is also packed into $OUT/all.tar.gz.
+set -u
+OUT=${OUT:-/tmp/mambakit_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" MAMBAKIT_TEST_DEVICE=cuda
+summary=()
+run_part() {
+  local part=$1 limit=$2; shift 2
+  mkdir -p "$OUT/$part"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$part/log.txt" 2>&1
+  local rc=$?
+  summary+=("== $part (rc=$rc, $((SECONDS - t0)) s) ==")
+  echo "== $part rc=$rc $((SECONDS - t0))s"
+}
+for spec in "$@"; do
+  part=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
+  case $part in
+    env) run_part env "$limit" bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import mambakit, mambakit.ops; print(\"import ok\")"' ;;
+    mamba1) run_part mamba1 "$limit" python3 scripts/gpu_check_mamba1.py --out "$OUT/mamba1" ;;
+    ssd) run_part ssd "$limit" python3 scripts/gpu_check_ssd.py --out "$OUT/ssd" ;;
+    conv) run_part conv "$limit" python3 scripts/gpu_check_conv_norm.py --out "$OUT/conv" ;;
+    generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" ;;
+    tp) run_part tp "$limit" python3 -m torch.distributed.run --nproc-per-node 2 scripts/gpu_check_tp.py --out "$OUT/tp" ;;
+    train) run_part train "$limit" bash scripts/train_default_model.sh "$OUT/train" ;;
+    bench) run_part bench "$limit" bash scripts/gpu_bench_all.sh "$OUT/bench" ;;
+    pytest) run_part pytest "$limit" python3 -m pytest -q -x tests/ops -p no:cacheprovider ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+echo
+echo "################ tails ################"
+for spec in "$@"; do
+  part=${spec%%:*}
+  echo "==== $part ===="
+  tail -n 25 "$OUT/$part/log.txt" 2>/dev/null | cut -c1-220
+done
+printf '%s\n' "${summary[@]}"
+# only 8 files come back from a device call: keep one archive
+(cd "$OUT" && tar czf /tmp/all.tar.gz . && find . -mindepth 1 -delete && mv /tmp/all.tar.gz "$OUT/all.tar.gz")

@@ -1,0 +1,407 @@
+"""Triton kernels and launchers of the Mamba-1 selective scan (imported lazily: needs Triton).
+
+Forward: one program per (block of BLOCK_D channels, batch row) walks the sequence in chunks of CHUNK steps.
+Per chunk it loads (CHUNK, BLOCK_D) tiles of u/delta/z and (CHUNK, dstate) tiles of B/C, builds
+dA = exp(dt A) and dBu = dt u B as (CHUNK, BLOCK_D, dstate) and runs ``tl.associative_scan`` along the chunk
+with the first-order-recurrence combine, folding the carried state into the first step.
+Time is the *first* axis on purpose: Triton's default layout spreads lanes and warps over the last axes, so with
+BLOCK_D * dstate = 32 * num_warps every thread owns one (channel, state) pair and scans its CHUNK steps in
+registers (no shuffles); putting time last would spread one chunk over 32 lanes and cost a shuffle per level.
+
+Checkpoints: the state at every SEG-th step (SEG = a multiple of CHUNK, 128 by default) is saved in fp32,
+(b, nseg, d, n): 1/SEG of the full states. The backward walks the segments in reverse; per segment it first
+re-runs the forward over its sub-chunks writing each sub-chunk's start state to a small per-program scratch
+buffer (L2-resident), then walks the sub-chunks in reverse: recompute the states, then a reverse scan for
+g_t = dL/dh_t = dy_t C_t + dA_{t+1} g_{t+1}. That recurrence reads the *next* step's dA, so the reverse scan
+carries a triple (dA of the segment's first step, product of the other steps' dA, value) instead of a shifted
+copy of dA. Per-step dB/dC are reduced over the program's channels and added atomically in fp32; dA, dD,
+delta_bias (and constant B/C) go to per-batch partial buffers that the launcher sums.
+
+All offsets that scale with batch, channels or time are int64 (1M tokens x 5120 channels > 2^31).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softplus(x):
+    # torch's threshold (linear above 20); exp(x) below -15 where log(1 + exp(x)) rounds to 0 in fp32
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@triton.jit
+def _recurrence_combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _reverse_combine(f1, q1, v1, f2, q2, v2):
+    # Reverse scan: (f1, q1, v1) aggregates the later segment, (f2, q2, v2) the earlier one (Triton passes the
+    # running aggregate first, as its test_scan2d reference for reverse=True shows). A segment holds f = dA of
+    # its first step, q = product of its other steps' dA, v = g at its first step without gradient from after
+    # the segment; g_t = c_t + dA_{t+1} g_{t+1} composes as below.
+    return f2, q2 * f1 * q1, v2 + q2 * f1 * v1
+
+
+@triton.jit
+def _chunk_terms(u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, t0, L, offs_t, mask_d, mask_n,
+                 s_ul, s_dtl, s_Bl, s_Cl, s_sl,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr):
+    """Loads one chunk starting at step t0. Returns t (CHUNK,) int64, the (CHUNK, BLOCK_D) mask, u, dt (after bias
+    and softplus, 0 past the end so that the state passes through), the pre-softplus x, dA and dBu
+    (CHUNK, BLOCK_D, BLOCK_N), and B, C broadcastable to that shape."""
+    t = t0 + offs_t.to(tl.int64)
+    mask_t = t < L
+    m2 = mask_t[:, None] & mask_d[None, :]
+    u = tl.load(u_base + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
+    x = tl.load(dt_base + t[:, None] * s_dtl, mask=m2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = x + bias[None, :]
+    dt = x
+    if SOFTPLUS:
+        dt = _softplus(x)
+    dt = tl.where(m2, dt, 0.0)
+    dA = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
+        cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
+        prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
+        reset = (cur != prev) & (t > 0) & mask_t
+        dA = tl.where(reset[:, None, None], 0.0, dA)
+    if CONST_BC:
+        Bt = Bk[None, :, :]
+        Ct = Ck[None, :, :]
+    else:
+        mnt = mask_t[:, None] & mask_n[None, :]
+        Bt = tl.load(B_base + t[:, None] * s_Bl, mask=mnt, other=0.0).to(tl.float32)[:, None, :]
+        Ct = tl.load(C_base + t[:, None] * s_Cl, mask=mnt, other=0.0).to(tl.float32)[:, None, :]
+    dBu = (dt * u)[:, :, None] * Bt
+    return t, m2, u, dt, x, dA, dBu, Bt, Ct
+
+
+@triton.jit
+def _states(dA, dBu, h, first):
+    """States of one chunk (CHUNK, BLOCK_D, BLOCK_N) given the state h (BLOCK_D, BLOCK_N) before it."""
+    _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[None, :, :], dBu)), 0, _recurrence_combine)
+    return hs
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, out_ptr, last_ptr, states_ptr,
+    L, DIM, NSTATE, DIM_PER_GROUP,
+    s_ub, s_ud, s_ul, s_dtb, s_dtd, s_dtl, s_Ad, s_An,
+    s_Bb, s_Bx, s_Bn, s_Bl, s_Cb, s_Cx, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl, s_ob, s_od, s_ol, s_hb, s_hd, s_hn, s_sb, s_sl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, CHUNK)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < NSTATE
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    d64 = offs_d.to(tl.int64)
+    A2 = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    Bk = A2  # placeholders when B and C vary per step
+    Ck = A2
+    B_base = B_ptr
+    C_base = C_ptr
+    if CONST_BC:  # B, C: (d, n), s_Bx the channel stride
+        Bk = tl.load(B_ptr + d64[:, None] * s_Bx + offs_n[None, :] * s_Bn, mask=mask_dn, other=0.0).to(tl.float32)
+        Ck = tl.load(C_ptr + d64[:, None] * s_Cx + offs_n[None, :] * s_Cn, mask=mask_dn, other=0.0).to(tl.float32)
+    else:  # B, C: (b, g, n, l), s_Bx the group stride (0 for (b, n, l)); a program never straddles two groups
+        group = ((pid_d * BLOCK_D) // DIM_PER_GROUP).to(tl.int64)
+        B_base = B_ptr + pid_b * s_Bb + group * s_Bx + offs_n[None, :] * s_Bn
+        C_base = C_ptr + pid_b * s_Cb + group * s_Cx + offs_n[None, :] * s_Cn
+    u_base = u_ptr + pid_b * s_ub + d64[None, :] * s_ud
+    dt_base = dt_ptr + pid_b * s_dtb + d64[None, :] * s_dtd
+    z_base = z_ptr + pid_b * s_zb + d64[None, :] * s_zd
+    o_base = out_ptr + pid_b * s_ob + d64[None, :] * s_od
+    seq_base = seq_ptr + pid_b * s_sb
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * s_hb + d64[:, None] * s_hd + offs_n[None, :] * s_hn, mask=mask_dn,
+                    other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == CHUNK - 1)[:, None, None]
+    dn_off = d64[:, None] * NSTATE + offs_n[None, :]
+    nseg = tl.cdiv(L, SEG)
+    st_ptr = states_ptr + pid_b * nseg * DIM * NSTATE + dn_off  # moves one checkpoint per segment
+    for s in range(nseg):
+        if STORE_STATES:
+            tl.store(st_ptr, h, mask=mask_dn)
+            st_ptr += DIM * NSTATE
+        nsub = tl.minimum(SEG // CHUNK, tl.cdiv(L - s * SEG, CHUNK))
+        for j in range(nsub):
+            t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
+                u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
+                mask_d, mask_n, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
+            hs = _states(dA, dBu, h, first)
+            h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+            y = tl.sum(hs * Ct, axis=2)  # (CHUNK, BLOCK_D)
+            if HAS_D:
+                y += Dv[None, :] * u
+            if HAS_Z:
+                zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
+                y *= zv * tl.sigmoid(zv)
+            tl.store(o_base + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + pid_b * DIM * NSTATE + dn_off, h, mask=mask_dn)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, states_ptr, dout_ptr, dlast_ptr,
+    scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    L, DIM, NSTATE, DIM_PER_GROUP, NGROUPS,
+    s_ub, s_ud, s_ul, s_dtb, s_dtd, s_dtl, s_Ad, s_An,
+    s_Bb, s_Bx, s_Bn, s_Bl, s_Cb, s_Cx, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_sb, s_sl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
+):
+    """Gradients. du, ddt, dz: contiguous (b, d, l); dB, dC: fp32 (b, g, n, l) zeroed (atomics) or, when
+    constant, (b, d, n) partials; dA: (b, d, n) partials; dD, dbias: (b, d) partials; dh0: (b, d, n);
+    scratch: (b, cdiv(d, BLOCK_D), SEG // CHUNK, BLOCK_D, BLOCK_N) fp32."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, CHUNK)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < NSTATE
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    d64 = offs_d.to(tl.int64)
+    A = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    Bk = A
+    Ck = A
+    B_base = B_ptr
+    C_base = C_ptr
+    dBC_off = pid_b
+    if CONST_BC:
+        Bk = tl.load(B_ptr + d64[:, None] * s_Bx + offs_n[None, :] * s_Bn, mask=mask_dn, other=0.0).to(tl.float32)
+        Ck = tl.load(C_ptr + d64[:, None] * s_Cx + offs_n[None, :] * s_Cn, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        group = ((pid_d * BLOCK_D) // DIM_PER_GROUP).to(tl.int64)
+        B_base = B_ptr + pid_b * s_Bb + group * s_Bx + offs_n[None, :] * s_Bn
+        C_base = C_ptr + pid_b * s_Cb + group * s_Cx + offs_n[None, :] * s_Cn
+        dBC_off = ((pid_b * NGROUPS + group) * NSTATE + offs_n[None, :]) * L  # (1, BLOCK_N) in (b, g, n, l)
+    dB_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dC_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    u_base = u_ptr + pid_b * s_ub + d64[None, :] * s_ud
+    dt_base = dt_ptr + pid_b * s_dtb + d64[None, :] * s_dtd
+    z_base = z_ptr + pid_b * s_zb + d64[None, :] * s_zd
+    g_base = dout_ptr + pid_b * s_gb + d64[None, :] * s_gd
+    bdl = (pid_b * DIM + d64[None, :]) * L  # (1, BLOCK_D) in contiguous (b, d, l)
+    seq_base = seq_ptr + pid_b * s_sb
+    dn_off = d64[:, None] * NSTATE + offs_n[None, :]
+    scr_ptr = (scratch_ptr + (pid_b * tl.num_programs(0) + pid_d) * ((SEG // CHUNK) * BLOCK_D * BLOCK_N)
+               + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
+    nseg = tl.cdiv(L, SEG)
+    st_ptr = states_ptr + ((pid_b + 1) * nseg - 1) * DIM * NSTATE + dn_off  # the last checkpoint, walked back
+    if HAS_DLAST:
+        Gc = tl.load(dlast_ptr + pid_b * DIM * NSTATE + dn_off, mask=mask_dn, other=0.0)
+    else:
+        Gc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == CHUNK - 1)[:, None, None]
+    for i in range(nseg):
+        s = nseg - 1 - i
+        h = tl.load(st_ptr, mask=mask_dn, other=0.0)
+        st_ptr -= DIM * NSTATE
+        nsub = tl.minimum(SEG // CHUNK, tl.cdiv(L - s * SEG, CHUNK))
+        for j in range(nsub):  # forward over the segment: the start state of every sub-chunk to scratch
+            tl.store(scr_ptr + j * (BLOCK_D * BLOCK_N), h)
+            t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
+                u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
+                mask_d, mask_n, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
+            h = tl.sum(tl.where(last, _states(dA, dBu, h, first), 0.0), axis=0)
+        tl.debug_barrier()  # scratch written above is read below, possibly by other threads
+        for jj in range(nsub):
+            j = nsub - 1 - jj
+            h_in = tl.load(scr_ptr + j * (BLOCK_D * BLOCK_N))
+            t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
+                u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
+                mask_d, mask_n, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
+            hs = _states(dA, dBu, h_in, first)
+            dy = tl.load(g_base + t[:, None] * s_gl, mask=m2, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(zv)
+                y = tl.sum(hs * Ct, axis=2)
+                if HAS_D:
+                    y += Dv[None, :] * u
+                dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
+                tl.store(dz_ptr + bdl + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                dy = dy * zv * sz
+            dyC = dy[:, :, None] * Ct
+            dyC = tl.where(last, dyC + Gc[None, :, :], dyC)  # gradient arriving from the next chunk
+            _, _, g = tl.associative_scan((dA, tl.full(dA.shape, 1.0, tl.float32), dyC), 0, _reverse_combine,
+                                          reverse=True)  # g_t = dL/dh_t
+            Gc = tl.sum(tl.where(first, g * dA, 0.0), axis=0)  # into the state before this chunk
+            w = g * (hs - dBu)  # g_t dA_t h_{t-1} = dL/d(dt_t A)
+            gB = tl.sum(g * Bt, axis=2)  # (CHUNK, BLOCK_D)
+            ddt = tl.sum(w * A[None, :, :], axis=2) + gB * u
+            du = gB * dt
+            if HAS_D:
+                du += Dv[None, :] * dy
+                dD_acc += tl.sum(dy * u, axis=0)
+            dA_acc += tl.sum(w * dt[:, :, None], axis=0)
+            if SOFTPLUS:
+                ddt = tl.where(x > 20.0, ddt, ddt * tl.sigmoid(x))
+            ddt = tl.where(m2, ddt, 0.0)
+            dbias_acc += tl.sum(ddt, axis=0)
+            tl.store(du_ptr + bdl + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddt_ptr + bdl + t[:, None], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+            dtu = (dt * u)[:, :, None]
+            if CONST_BC:
+                dB_acc += tl.sum(g * dtu, axis=0)
+                dC_acc += tl.sum(hs * dy[:, :, None], axis=0)
+            else:
+                mnt = (t < L)[:, None] & mask_n[None, :]
+                tl.atomic_add(dB_ptr + dBC_off + t[:, None], tl.sum(g * dtu, axis=1), mask=mnt, sem="relaxed")
+                tl.atomic_add(dC_ptr + dBC_off + t[:, None], tl.sum(hs * dy[:, :, None], axis=1), mask=mnt,
+                              sem="relaxed")
+        tl.debug_barrier()  # the next segment overwrites the scratch read above
+    bdn = pid_b * DIM * NSTATE + dn_off
+    tl.store(dh0_ptr + bdn, Gc, mask=mask_dn)
+    tl.store(dA_ptr + bdn, dA_acc, mask=mask_dn)
+    if CONST_BC:
+        tl.store(dB_ptr + bdn, dB_acc, mask=mask_dn)
+        tl.store(dC_ptr + bdn, dC_acc, mask=mask_dn)
+    tl.store(dD_ptr + pid_b * DIM + d64, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_b * DIM + d64, dbias_acc, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+# chunk: steps per loop iteration (registers per thread grow with it); seg: steps between saved states.
+# num_warps None: BLOCK_D * BLOCK_N / 32, so that each thread owns one (channel, state) pair.
+# The GPU script (scripts/gpu_check_mamba1.py) times variants of these.
+FWD_CONFIG = dict(block_d=8, chunk=16, seg=128, num_warps=None)
+BWD_CONFIG = dict(block_d=8, chunk=16, num_warps=None)
+
+# Every buffer a kernel fills is allocated through these two, so that tests can poison them with NaN.
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _bc_strides(M: torch.Tensor):
+    """(s_b, s_x, s_n, s_l) of B/C: s_x is the channel stride when constant (d, n), else the group stride."""
+    if M.dim() == 2:
+        return 0, M.stride(0), M.stride(1), 0
+    if M.dim() == 3:
+        return M.stride(0), 0, M.stride(1), M.stride(2)
+    return M.stride()
+
+
+def _blocks(u, A, B, block_d, chunk, num_warps):
+    """(BLOCK_D, BLOCK_N, CHUNK, num_warps). A program never straddles two groups of B/C."""
+    d, l = u.shape[1], u.shape[2]
+    g = B.shape[1] if B.dim() == 4 else 1
+    block_d = min(block_d, triton.next_power_of_2(d))
+    while g > 1 and (d // g) % block_d:
+        block_d //= 2
+    BN = max(2, triton.next_power_of_2(A.shape[1]))
+    chunk = max(2, min(chunk, triton.next_power_of_2(max(l, 1))))
+    if num_warps is None:
+        num_warps = max(1, min(8, block_d * BN // 32))
+    return block_d, BN, chunk, num_warps
+
+
+def _config(defaults: dict, **overrides) -> dict:
+    cfg = dict(defaults)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def _opt(t, fallback):
+    return t if t is not None else fallback
+
+
+def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_states, **overrides):
+    """Returns out (like u), last_state (b, d, n) fp32, the saved states (b, nseg, d, n) fp32 or None, and
+    the steps between saved states (the backward needs it). ``overrides``: keys of FWD_CONFIG."""
+    cfg = _config(FWD_CONFIG, **overrides)
+    b, d, l = u.shape
+    n = A.shape[1]
+    BD, BN, T, warps = _blocks(u, A, B, cfg["block_d"], cfg["chunk"], cfg["num_warps"])
+    seg = max(T, min(cfg["seg"], triton.next_power_of_2(max(l, 1))))
+    out = _empty_like(u)
+    last = _empty(b, d, n, device=u.device, dtype=torch.float32)
+    states = _empty(b, triton.cdiv(l, seg), d, n, device=u.device, dtype=torch.float32) if store_states else None
+    z_, h0_, seq_ = _opt(z, u), _opt(h0, last), _opt(seq_idx, u)
+    _scan_fwd_kernel[(triton.cdiv(d, BD), b)](
+        u, delta, A, B, C, _opt(D, u), z_, _opt(delta_bias, u), h0_, seq_, out, last, _opt(states, last),
+        l, d, n, d // (B.shape[1] if B.dim() == 4 else 1),
+        *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
+        *z_.stride(), *out.stride(), *h0_.stride(), *(seq_.stride()[:2] if seq_idx is not None else (0, 0)),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, CONST_BC=B.dim() == 2, STORE_STATES=store_states,
+        BLOCK_D=BD, BLOCK_N=BN, CHUNK=T, SEG=seg, num_warps=warps,
+    )
+    return out, last, states, seg
+
+
+def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dlast, softplus, **overrides):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz contiguous in the inputs'
+    dtypes, the rest fp32 with dB/dC in B's layout (the caller casts). ``overrides``: keys of BWD_CONFIG."""
+    cfg = _config(BWD_CONFIG, **overrides)
+    b, d, l = u.shape
+    n = A.shape[1]
+    g = B.shape[1] if B.dim() == 4 else 1
+    BD, BN, T, warps = _blocks(u, A, B, cfg["block_d"], min(cfg["chunk"], seg), cfg["num_warps"])
+    dev, f32 = u.device, torch.float32
+    du = _empty(b, d, l, device=dev, dtype=u.dtype)
+    ddt = _empty(b, d, l, device=dev, dtype=delta.dtype)
+    dz = _empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
+    const = B.dim() == 2
+    dB = _empty(b, d, n, device=dev, dtype=f32) if const else torch.zeros(b, g, n, l, device=dev, dtype=f32)
+    dC = _empty_like(dB) if const else torch.zeros_like(dB)
+    dA, dh0 = (_empty(b, d, n, device=dev, dtype=f32) for _ in range(2))
+    dD, dbias = (_empty(b, d, device=dev, dtype=f32) for _ in range(2))
+    grid = (triton.cdiv(d, BD), b)
+    scratch = torch.empty(b * grid[0] * (seg // T) * BD * BN, device=dev, dtype=f32)
+    z_, seq_ = _opt(z, u), _opt(seq_idx, u)
+    dlast_ = dlast.to(f32).contiguous() if dlast is not None else dh0
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C, _opt(D, u), z_, _opt(delta_bias, u), seq_, states, dout, dlast_, scratch,
+        du, ddt, _opt(dz, du), dA, dB, dC, dD, dbias, dh0,
+        l, d, n, d // g, g,
+        *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
+        *z_.stride(), *dout.stride(), *(seq_.stride()[:2] if seq_idx is not None else (0, 0)),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        HAS_DLAST=dlast is not None, HAS_SEQ=seq_idx is not None, CONST_BC=const,
+        BLOCK_D=BD, BLOCK_N=BN, CHUNK=T, SEG=seg, num_warps=warps,
+    )
+    if const:
+        dB, dC = dB.sum(0), dC.sum(0)
+    elif B.dim() == 3:
+        dB, dC = dB.squeeze(1), dC.squeeze(1)
+    return du, ddt, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0

@@ -1,0 +1,171 @@
+"""Tensor parallelism on CPU: two Gloo processes (set up like torchrun would, through its environment
+variables) must give the logits, loss and gathered gradients of one process, decode like their forward pass,
+and round-trip a full checkpoint (load shards -> gather -> identical official state dict).
+
+The worker also runs under torchrun: `torchrun --nproc-per-node 2 tests/test_tensor_parallel.py WORKDIR`
+(WORKDIR holding the inputs.pt that the fixture writes).
+"""
+import os
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mambakit import InferenceParams, MambaConfig, MambaLMHeadModel
+from mambakit.distributed.layers import ShardSpec
+from mambakit.distributed.tensor_parallel import check_parallelizable, parallelize
+
+WORLD = 2
+
+
+def tp_config(**kw) -> MambaConfig:
+    """A hybrid Mamba-2 model exercising every split: MLP part in in_proj (d_ssm < d_inner), several groups,
+    biases, an attention layer with GQA, conv and an MLP branch, and gated MLPs."""
+    ssm = {"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 2, "d_ssm": 96, "chunk_size": 16, "bias": True}
+    attn = {"num_heads": 4, "num_heads_kv": 2, "head_dim": 16, "rotary_emb_dim": 8, "d_conv": 4, "mlp_dim": 64}
+    base = dict(d_model=64, n_layer=3, vocab_size=100, ssm_cfg=ssm, attn_layer_idx=[1], attn_cfg=attn,
+                d_intermediate=48)
+    return MambaConfig(**{**base, **kw})
+
+
+def _single_process(full, ids):
+    model = MambaLMHeadModel(tp_config())
+    model.load_state_dict(full)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out, {k: p.grad for k, p in model.named_parameters()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, work: str, port: int) -> None:
+    """A forked rank: torchrun's variables, then the worker (forking skips re-importing torch, ~8 s here)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # OpenMP pools do not survive fork; one thread per rank on a 2-core machine anyway
+    _worker(work)
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory):
+    """Run the 2-process worker once; every test below reads its results."""
+    work = tmp_path_factory.mktemp("tp")
+    torch.manual_seed(0)
+    full = MambaLMHeadModel(tp_config()).state_dict()
+    ids = torch.randint(0, 100, (2, 21))
+    torch.save({"full": full, "ids": ids}, work / "inputs.pt")
+    ctx = mp.start_processes(_entry, args=(str(work), _free_port()), nprocs=WORLD, join=False, start_method="fork")
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=1):  # raises ProcessRaisedException with the rank's traceback if one failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("tensor-parallel workers did not finish within 180 s")
+    return full, ids, torch.load(work / "result.pt")
+
+
+def test_logits_loss_and_gradients_equal_one_process(tp_run):
+    full, ids, res = tp_run
+    ref, ref_grads = _single_process(full, ids)
+    torch.testing.assert_close(res["logits"], ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res["loss"], ref.loss, rtol=1e-5, atol=1e-6)
+    assert set(res["grads"]) == set(ref_grads)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(res["grads"][k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_shards_are_a_real_split(tp_run):
+    _, _, res = tp_run
+    shapes = res["local_shapes"]
+    assert shapes["backbone.layers.0.mixer.in_proj.weight"] == ((2 * 128 + 2 * 2 * 8 + 6) // WORLD, 64)
+    assert shapes["backbone.layers.0.mixer.out_proj.weight"] == (64, 128 // WORLD)
+    assert shapes["backbone.layers.0.mixer.norm.weight"] == (96 // WORLD,)
+    assert shapes["backbone.layers.1.mixer.in_proj.weight"] == ((16 * (4 + 2 * 2) + 256) // WORLD, 64)
+    assert shapes["backbone.embedding.weight"] == (104 // WORLD, 64)
+    assert shapes["backbone.norm_f.weight"] == (64,)
+
+
+def test_gathered_state_dict_is_the_official_one(tp_run):
+    full, _, res = tp_run
+    for name in ("gathered", "reloaded"):
+        assert set(res[name]) == set(full)
+        for k, v in full.items():
+            assert torch.equal(res[name][k], v), f"{name}: {k} differs"
+
+
+def test_tp_decoding_equals_tp_forward(tp_run):
+    _, _, res = tp_run
+    torch.testing.assert_close(res["decoded"], res["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    (dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 1}), "ngroups=1"),
+    (dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 1, "d_ssm": 80}), "nheads=5"),
+    (dict(ssm_cfg={"layer": "Mamba1", "d_state": 8}), "Mamba layers have no tensor-parallel"),
+    (dict(attn_cfg={"num_heads": 3, "head_dim": 16}), "num_heads=3"),
+    (dict(vocab_size=99, pad_vocab_size_multiple=3), "padded vocabulary 99"),
+])
+def test_unsplittable_models_give_clear_errors(cfg, msg):
+    with pytest.raises(ValueError, match=msg):
+        check_parallelizable(MambaLMHeadModel(tp_config(**cfg)), WORLD)
+
+
+def test_parallelize_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="torchrun"):
+        parallelize(MambaLMHeadModel(tp_config()))
+
+
+def test_shard_spec_round_trip():
+    spec = ShardSpec(0, (4, 0, 6, 2))
+    full = torch.randn(12, 3)
+    shards = [spec.shard(full, r, 2) for r in range(2)]
+    assert torch.equal(shards[0], torch.cat([full[0:2], full[4:7], full[10:11]]))
+    assert torch.equal(spec.unshard(shards), full)
+
+
+# ---- the worker ------------------------------------------------------------------------------------------
+def _worker(work: str) -> None:
+    import torch.distributed as dist
+
+    from mambakit.distributed import gather_grads, gather_state_dict, load_full_state_dict, setup_from_env
+
+    env = setup_from_env(backend="gloo")
+    inputs = torch.load(os.path.join(work, "inputs.pt"))
+    full, ids = inputs["full"], inputs["ids"]
+    model = MambaLMHeadModel(tp_config())
+    model.load_state_dict(full)
+    parallelize(model, env.group)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    res = {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": gather_grads(model),
+           "gathered": gather_state_dict(model),
+           "local_shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
+    with torch.no_grad():  # prefill 6, a chunk of 5, then one token at a time
+        params = InferenceParams(max_seqlen=32, max_batch_size=2)
+        steps = [model(ids[:, :6], inference_params=params).logits, None]
+        params.seqlen_offset = 6
+        steps[1] = model(ids[:, 6:11], inference_params=params).logits
+        params.seqlen_offset = 11
+        for t in range(11, ids.shape[1]):
+            steps.append(model.decode_step(ids[:, t:t + 1], params).unsqueeze(1))
+            params.seqlen_offset += 1
+    res["decoded"] = torch.cat(steps, 1)
+    torch.manual_seed(123)  # different weights, then the checkpoint loaded into the sharded model
+    fresh = parallelize(MambaLMHeadModel(tp_config()), env.group)
+    load_full_state_dict(fresh, full)
+    res["reloaded"] = gather_state_dict(fresh)
+    if env.rank == 0:
+        torch.save(res, os.path.join(work, "result.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -3,6 +3,6 @@ import pytest
 from gen_helpers import build
 
 
-@pytest.fixture(scope="module", params=["mamba1", "mamba2"])
+@pytest.fixture(scope="module", params=["mamba1", "mamba2", "hybrid"])
 def model(request):
     return build(request.param)

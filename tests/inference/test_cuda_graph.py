@@ -14,13 +14,12 @@ from mambakit.inference.generate import generate
 class StaticDecoder:
     """Same interface and aliasing as CUDAGraphDecoder, run eagerly."""
 
-    built = 0
-
-    def __init__(self, model, batch_size):
-        StaticDecoder.built += 1
-        self.model = model
-        self.inference_params = InferenceParams(max_seqlen=1, max_batch_size=batch_size)
-        self.inference_params.key_value_memory_dict = model.allocate_inference_cache(batch_size, 1)
+    def __init__(self, model, batch_size, max_seqlen=1):
+        self.model, self.max_seqlen = model, max_seqlen
+        self.inference_params = InferenceParams(max_seqlen=max_seqlen, max_batch_size=batch_size)
+        self.inference_params.key_value_memory_dict = model.allocate_inference_cache(batch_size, max_seqlen)
+        if model.config.attn_layer_idx:
+            self.inference_params.lengths_per_sample = torch.zeros(batch_size, dtype=torch.int32)
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long)
         self.logits = torch.full((batch_size, model.config.padded_vocab_size), float("nan"),
                                  dtype=next(model.parameters()).dtype)
@@ -35,9 +34,9 @@ class StaticDecoder:
 def fake_graphs(monkeypatch):
     graphs = {}
 
-    def get(model, batch_size):
-        if batch_size not in graphs:
-            graphs[batch_size] = StaticDecoder(model, batch_size)
+    def get(model, batch_size, max_seqlen=1):
+        if batch_size not in graphs or graphs[batch_size].max_seqlen < max_seqlen:
+            graphs[batch_size] = StaticDecoder(model, batch_size, max_seqlen)
         return graphs[batch_size]
 
     monkeypatch.setattr(gen_mod, "_cuda_graphs_available", lambda device: True)

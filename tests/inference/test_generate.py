@@ -103,6 +103,8 @@ def test_chunked_prefill_state_equals_one_prefill(model, chunk):
     with torch.inference_mode():
         model(one.sequences, inference_params=ref)
     for a, b in zip(states(one.inference_params), states(ref)):
+        if a.dim() == 5:  # a KV cache (b, max_seqlen, 2, h, d): compare the 38 filled positions
+            a, b = a[:, :38], b[:, :38]
         torch.testing.assert_close(a, b, **TOL)
 
 

@@ -15,7 +15,8 @@ import os
 import torch
 
 from . import report
-from .common import Record, copy_bandwidth_gbs, dtype_of, free_memory, is_h100, log, parse_list, parse_shape, pick_device
+from .common import (Record, copy_bandwidth_gbs, dtype_of, free_memory, is_h100, log, parse_list, parse_shape,
+                     pick_device)
 from .decoding import forward_ms, hf_generate_fn, mambakit_generate_fn, time_decode
 from .models import MAMBA_VOCAB, PYTHIA_VOCAB, build_mamba, mamba_sized, n_params, pythia, weight_bytes
 
@@ -77,23 +78,30 @@ def run(args) -> dict:
     for size in s["sizes"]:
         for kind in s["kinds"]:
             torch.manual_seed(args.seed)
-            model = rec.attempt(f"{kind} {size} build", lambda: build(kind, size, device, dtype, max_pos, s["vocab_size"]))
-            if model is None:
-                continue
-            info = {"model": kind, "size": size, "params_m": n_params(model) / 1e6,
-                    "floor_ms": weight_bytes(model) / (copy * 1e9) * 1e3 if copy else None}
-            if s["forward_shape"]:
-                rec.attempt(f"{kind} {size} forward", lambda: rec.rows.append(_forward_row(model, kind, info, s, device)))
-            for batch in s["batches"]:
-                for prompt in s["prompts"]:
-                    _decode_with_fallback(rec, model, kind, info, batch, prompt, s, device)
-            del model
-            free_memory(device)
+            model = rec.attempt(f"{kind} {size} build",
+                                lambda: build(kind, size, device, dtype, max_pos, s["vocab_size"]))
+            if model is not None:
+                _measure_model(rec, model, kind, size, s, device)
+                del model
+                free_memory(device)
     if is_h100(device):
         _add_anchors(rec.rows)
     else:
         rec.notes.append("official figures (ANCHORS.md) are attached only on an H100")
     return rec.payload()
+
+
+def _measure_model(rec: Record, model, kind: str, size: str, s: dict, device) -> None:
+    copy = s["copy_gbs"]
+    info = {"model": kind, "size": size, "params_m": n_params(model) / 1e6,
+            "floor_ms": weight_bytes(model) / (copy * 1e9) * 1e3 if copy else None}
+    if s["forward_shape"]:
+        row = rec.attempt(f"{kind} {size} forward", lambda: _forward_row(model, kind, info, s, device))
+        if row is not None:
+            rec.rows.append(row)
+    for batch in s["batches"]:
+        for prompt in s["prompts"]:
+            _decode_with_fallback(rec, model, kind, info, batch, prompt, s, device)
 
 
 def _vocab(model) -> int:

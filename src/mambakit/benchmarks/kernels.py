@@ -134,21 +134,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default="selective_scan,ssd,causal_conv1d,torch_conv1d_silu",
                    help="ops to run (comma list of selective_scan, ssd, causal_conv1d, torch_conv1d_silu)")
     p.add_argument("--no-backward", action="store_true", help="forward passes only")
-    p.add_argument("--repeats", type=int, default=10, help="CPU only: timed calls per measurement (median; 3 with --small)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="CPU only: timed calls per measurement (median; 3 with --small)")
 
 
 def run(args) -> dict:
     device = pick_device(args.device)
-    cases = SMALL if args.small else QUICK if args.quick else FULL
     ops = set(parse_list(args.ops))
-    cases = [(op, dims) for op, dims in cases if op in ops]
+    cases = [(op, dims) for op, dims in (SMALL if args.small else QUICK if args.quick else FULL) if op in ops]
+    repeats = 3 if args.small else args.repeats
+    timer = "triton.testing.do_bench median" if device.type == "cuda" else f"perf_counter median of {repeats}"
     settings = {"cases": [f"{op} {dims}" for op, dims in cases], "backward": not args.no_backward,
                 "ssd_chunk": SSD_CHUNK_SMALL if args.small else SSD_CHUNK, "dtype": "bf16 (A, D, dt bias fp32)",
-                "timer": "triton.testing.do_bench median" if device.type == "cuda" else
-                f"perf_counter median of {3 if args.small else args.repeats}", "small": bool(args.small), "quick": bool(args.quick)}
+                "timer": timer, "small": bool(args.small), "quick": bool(args.quick)}
     rec = Record("kernels", device, settings)
     copy = rec.attempt("copy bandwidth", lambda: copy_bandwidth_gbs(device, 2**23 if args.small else None))
-    repeats = 3 if args.small else args.repeats
     settings["copy_gbs"] = copy
     official = is_h100(device)
     for op, dims in cases:

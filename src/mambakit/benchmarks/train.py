@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="mamba1,mamba2", help="mixers: mamba1, mamba2")
     p.add_argument("--shapes", default="8x2048,2x8192", help="batch x seqlen per step (comma list)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median step time reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning, optimizer state)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first (kernel compilation, autotuning, optimizer state)")
     p.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
 
 
@@ -104,8 +105,9 @@ def run(args) -> dict:
 
 def text(payload: dict) -> str:
     cols = [("layer", "layer", ""), ("shape", "shape", ""), ("tokens/s", "tokens_per_s", ",.0f"),
-            ("step ms", "step_ms", ".1f"), ("peak GB", "peak_gb", ".2f"), ("official tok/s", "official_tokens_per_s", ",d"),
-            ("vs official", "vs_official", ".2f"), ("official GB", "official_peak_gb", ".1f")]
+            ("step ms", "step_ms", ".1f"), ("peak GB", "peak_gb", ".2f"),
+            ("official tok/s", "official_tokens_per_s", ",d"), ("vs official", "vs_official", ".2f"),
+            ("official GB", "official_peak_gb", ".1f")]
     return report.table(payload["results"], cols, f"train on {payload['env']['device']}")
 
 

@@ -57,8 +57,8 @@ def set_sharded_param(module: nn.Module, name: str, full: torch.Tensor, spec: Sh
     """Give ``module.<name>`` this rank's shard of ``full`` (a copy, so the full tensor can be freed) and record
     the spec; ``spec=None`` keeps the full tensor (replicated). Flags such as ``_no_weight_decay`` carry over."""
     rank, world = group_rank_world(group)
-    data = full.detach() if spec is None else spec.shard(full.detach(), rank, world)
-    param = nn.Parameter(data.clone(), requires_grad=full.requires_grad)
+    data = full.detach().clone() if spec is None else spec.shard(full.detach(), rank, world)  # shard: a new tensor
+    param = nn.Parameter(data, requires_grad=full.requires_grad)
     for flag in ("_no_weight_decay", "_no_reinit"):
         if hasattr(full, flag):
             setattr(param, flag, getattr(full, flag))

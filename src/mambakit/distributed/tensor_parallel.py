@@ -126,12 +126,15 @@ def _layer_problems(i: int, block: nn.Module, world: int) -> list[str]:
         return [f"layer {i} is already tensor-parallel"]
     if isinstance(mixer, Mamba2):
         if mixer.nheads % world:
-            out.append(f"layer {i}: Mamba2 nheads={mixer.nheads} is not divisible by {world} (each rank needs whole heads)")
+            out.append(f"layer {i}: Mamba2 nheads={mixer.nheads} is not divisible by {world} "
+                       f"(each rank needs whole heads)")
         if mixer.ngroups % world:
-            out.append(f"layer {i}: Mamba2 ngroups={mixer.ngroups} is not divisible by {world} (each rank needs whole "
-                       f"B/C groups and the gated RMSNorm is per group); use a model with ngroups a multiple of {world}")
+            out.append(f"layer {i}: Mamba2 ngroups={mixer.ngroups} is not divisible by {world} (each rank needs "
+                       f"whole B/C groups and the gated RMSNorm is per group); use a model with ngroups a multiple "
+                       f"of {world}")
         if (mixer.d_inner - mixer.d_ssm) % world:
-            out.append(f"layer {i}: Mamba2 MLP part d_inner - d_ssm = {mixer.d_inner - mixer.d_ssm} is not divisible by {world}")
+            out.append(f"layer {i}: Mamba2 MLP part d_inner - d_ssm = {mixer.d_inner - mixer.d_ssm} is not "
+                       f"divisible by {world}")
     elif isinstance(mixer, MHA):
         for name in ("num_heads", "num_heads_kv"):
             if getattr(mixer, name) % world:
@@ -272,8 +275,8 @@ def setup_from_env(backend: str | None = None) -> DistEnv:
     device = torch.device("cpu")
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
-                               f"use --nproc-per-node <= {torch.cuda.device_count()}")
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+                               f"visible; use --nproc-per-node <= {torch.cuda.device_count()}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

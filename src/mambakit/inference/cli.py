@@ -17,28 +17,32 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mambakit generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="mambakit generate", description=__doc__.split("\n\n")[0])
     p.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
     p.add_argument("--model", default=None,
                    help="model directory or Hugging Face Hub id (default: the model shipped with mambakit)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory, tokenizer.json file or Hub id (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="number of tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this when sampling")
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="number of tokens to generate at most (default: 100)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divide the logits by this when sampling (default: 1.0)")
     p.add_argument("--top-k", type=int, default=1,
-                   help="sample among the k most likely tokens; 1 = greedy (official default), 0 = no limit")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass in (0, 1); 0 = off")
+                   help="sample among the k most likely tokens; 1 = greedy (the default, as in mamba_ssm), "
+                        "0 = no limit")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass in (0, 1); 0 = off (default)")
     p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens less likely than min-p x the most likely one; 0 = off")
+                   help="drop tokens less likely than min-p x the most likely one; 0 = off (default)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="CTRL penalty on tokens already in the text (> 1 discourages repeats); 1 = off")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible output)")
+                   help="CTRL penalty on tokens already in the text (> 1 discourages repeats); 1 = off (default)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling generator, for reproducible output (default: random)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--prefill-chunk-size", type=int, default=None,
-                   help="prompt tokens per forward pass (bounds memory for long prompts); 0 = whole prompt")
+                   help="prompt tokens per forward pass (bounds memory for long prompts); 0 = whole prompt "
+                        "(default: automatic, chunks only for very long prompts)")
     p.add_argument("--cg", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
     p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
     return p

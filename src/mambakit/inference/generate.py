@@ -242,16 +242,30 @@ def _rows(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (t.dim() - 1)))
 
 
-def _frozen_step(step, tokens: torch.Tensor, frozen: torch.Tensor, params: InferenceParams) -> torch.Tensor:
-    """One decode step that leaves the state of the ``frozen`` rows (b,) bool unchanged.
+def _advance(params: InferenceParams, n: int, per_row: torch.Tensor | None = None) -> None:
+    """Count ``n`` positions fed: seqlen_offset (host int, shared by the rows) and, for attention layers,
+    lengths_per_sample (device, per row: where the row's next K/V goes), which counts only real tokens:
+    per_row (b,) gives them when some rows were padding."""
+    params.seqlen_offset += n
+    if params.lengths_per_sample is not None:
+        params.lengths_per_sample += n if per_row is None else per_row.to(torch.int32)
 
-    Used for padding that arrives after a row's history started (pads after EOS when the cache is kept,
-    ragged continuation inputs): the step runs on every row and the frozen rows get their old state back.
+
+def _step(step, tokens: torch.Tensor, params: InferenceParams, frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step; the ``frozen`` rows (b,) bool, when given, keep their state unchanged.
+
+    Freezing serves padding that arrives after a row's history started (pads after EOS when the cache is
+    kept, ragged continuation inputs): the step runs on every row and the frozen rows get their old state back.
     """
+    if frozen is None:
+        logits = step(tokens)
+        _advance(params, 1)
+        return logits
     saved = [t.clone() for t in _state_tensors(params)]
     logits = step(tokens)
     for t, old in zip(_state_tensors(params), saved):
         t.copy_(torch.where(_rows(frozen, t), old, t))
+    _advance(params, 1, per_row=~frozen)
     return logits
 
 
@@ -277,23 +291,46 @@ def _prefill(model, ids, mask, starts, params: InferenceParams, chunk: int) -> t
             if any(st > s for st in starts):
                 kwargs["seq_idx"] = mask[:, s:e].to(torch.int32)  # (b, e - s)
         logits = model(ids[:, s:e], inference_params=params, num_last_tokens=1, **kwargs).logits[:, -1]
-        params.seqlen_offset += e - s
+        _advance(params, e - s, per_row=mask[:, s:e].sum(dim=1) if kwargs else None)
     return logits
 
 
-def _copy_states(src: InferenceParams, dst: InferenceParams) -> None:
-    """dst's state tensors <- src's (in place where dst has them, so CUDA-graph buffers stay put)."""
+def _copy_states(src: InferenceParams, dst: InferenceParams, keep_dst: bool) -> None:
+    """dst's states <- src's. keep_dst: write into dst's tensors (CUDA-graph buffers must stay put; a KV cache
+    may be longer than src's, its tail is zeroed); otherwise dst gets copies of src's tensors."""
     for layer, states in src.key_value_memory_dict.items():
         states = tuple(states) if isinstance(states, (tuple, list)) else (states,)
-        if layer not in dst.key_value_memory_dict:
+        if not keep_dst or layer not in dst.key_value_memory_dict:
             dst.key_value_memory_dict[layer] = tuple(t.clone() for t in states)
             continue
         for d, s in zip(dst.key_value_memory_dict[layer], states):
-            if d.shape != s.shape:
+            if d.shape == s.shape:
+                d.copy_(s)
+            elif d.shape[0] == s.shape[0] and d.shape[2:] == s.shape[2:] and d.shape[1] >= s.shape[1]:
+                d.zero_()
+                d[:, : s.shape[1]].copy_(s)  # a KV cache (b, seqlen, ...) into a longer one
+            else:
                 raise ValueError(f"inference_params layer {layer} holds a state of shape {tuple(s.shape)}, "
                                  f"this model needs {tuple(d.shape)}")
-            d.copy_(s)
+    lengths = src.lengths_per_sample
+    if lengths is not None and keep_dst and dst.lengths_per_sample is not None:
+        dst.lengths_per_sample.copy_(lengths)
+    elif lengths is not None:
+        dst.lengths_per_sample = lengths.clone()
     dst.seqlen_offset = src.seqlen_offset
+
+
+def _ensure_kv_capacity(params: InferenceParams, layers: list[int], needed: int) -> None:
+    """Grow the KV caches (b, max_seqlen, 2, h, d) of attention ``layers`` to hold ``needed`` tokens."""
+    params.max_seqlen = max(params.max_seqlen, needed)
+    for layer in layers:
+        states = params.key_value_memory_dict.get(layer)
+        if states is None or states[0].shape[1] >= needed:
+            continue
+        kv = states[0]
+        grown = kv.new_zeros(kv.shape[0], needed, *kv.shape[2:])
+        grown[:, : kv.shape[1]] = kv
+        params.key_value_memory_dict[layer] = (grown, *states[1:])
 
 
 def _cuda_graphs_available(device: torch.device) -> bool:
@@ -316,6 +353,7 @@ class _Generation:
                  prefill_chunk_size=None, vocab_size=None, output_scores=False, cg=False, streamer=None,
                  teacher_outputs=None, check_every=None):
         self.model = model
+        self.attn_layers = list(getattr(model.config, "attn_layer_idx", []) or [])
         param = next(model.parameters())
         self.device = param.device
         padded_vocab = model.config.padded_vocab_size
@@ -379,20 +417,28 @@ class _Generation:
             warnings.warn(f"cg=True needs a CUDA device; the model is on {self.device}, so decoding runs eagerly",
                           stacklevel=4)
             cg = False
+        # Attention layers (hybrid models) keep a KV cache of max_seqlen tokens: every token must fit.
+        needed = (user.seqlen_offset if self.continuing else 0) + self.prompt_len + self.n_new + 1
         if cg:
             from .cuda_graph import get_graph_decoder
 
-            decoder = get_graph_decoder(self.model, self.batch)
+            decoder = get_graph_decoder(self.model, self.batch, max_seqlen=needed if self.attn_layers else 1)
             self.params, self.step = decoder.inference_params, decoder
             self.params.seqlen_offset = 0
+            if self.params.lengths_per_sample is not None:
+                self.params.lengths_per_sample.zero_()
             if self.continuing:
-                _copy_states(user, self.params)
+                _copy_states(user, self.params, keep_dst=True)
         else:
             self.params = user if user is not None else InferenceParams(max_seqlen=0, max_batch_size=self.batch)
             self.step = lambda tok: self.model.decode_step(tok, self.params)
+            _ensure_kv_capacity(self.params, self.attn_layers, needed)
+            if self.attn_layers and (self.params.lengths_per_sample is None or not self.continuing):
+                # Per-row token counts on the device: where each row's next K/V goes (left padding, no sync).
+                self.params.lengths_per_sample = torch.full((self.batch,), self.params.seqlen_offset,
+                                                            dtype=torch.int32, device=self.device)
         self.graphed = cg
         self.offset0 = self.params.seqlen_offset
-        self.params.max_seqlen = self.offset0 + self.prompt_len + self.n_new
         self.params.max_batch_size = self.batch
 
     def prefill(self) -> None:
@@ -401,8 +447,7 @@ class _Generation:
         if self.continuing and self.mask is not None:
             # Ragged new inputs after a history: token by token, padding rows frozen.
             for t in range(self.prompt_len):
-                self.first_logits = _frozen_step(self.step, self.ids[:, t:t + 1], ~self.mask[:, t], self.params)
-                self.params.seqlen_offset += 1
+                self.first_logits = _step(self.step, self.ids[:, t:t + 1], self.params, frozen=~self.mask[:, t])
         else:
             self.first_logits = _prefill(self.model, self.ids, self.mask, self.starts, self.params, self.chunk)
 
@@ -432,12 +477,7 @@ class _Generation:
 
     def _feed(self, tok: torch.Tensor, was_done) -> torch.Tensor:
         """Feed tokens (b,) into the state; rows that were already done keep theirs when frozen."""
-        if self.freeze:
-            logits = _frozen_step(self.step, tok.unsqueeze(1), was_done, self.params)
-        else:
-            logits = self.step(tok.unsqueeze(1))
-        self.params.seqlen_offset += 1
-        return logits
+        return _step(self.step, tok.unsqueeze(1), self.params, frozen=was_done if self.freeze else None)
 
     def finish(self, return_dict: bool):
         """Trim after the last EOS, settle the cache, and build the result."""
@@ -464,7 +504,7 @@ class _Generation:
         if not self.graphed:
             return self.params
         if self.user_cache is not None:
-            _copy_states(self.params, self.user_cache)
+            _copy_states(self.params, self.user_cache, keep_dst=False)
             return self.user_cache
         return self.params.clone()
 

@@ -97,5 +97,22 @@ def conv_weight(conv: torch.nn.Conv1d) -> torch.Tensor:
     return conv.weight[:, 0, :]
 
 
+def decode_constants(module: torch.nn.Module, params: tuple, compute):
+    """``compute()`` (fp32 A, D, dt bias... for the decode step), cached until one of ``params`` changes.
+
+    Decoding would otherwise spend several tiny kernels per layer and token recomputing -exp(A_log) and
+    casts. The cache is used only with autograd off, and is keyed on each parameter's storage, version
+    counter, dtype and device, so in-place updates (optimizer steps, load_state_dict, .to()) invalidate it.
+    """
+    if torch.is_grad_enabled():
+        return compute()
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cached = module.__dict__.get("_decode_constants")
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        module.__dict__["_decode_constants"] = cached
+    return cached[1]
+
+
 def silu_gate(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return x * F.silu(z)

@@ -13,9 +13,11 @@ kv_cache (batch, max_seqlen, 2, num_heads_kv, head_dim) like the official layout
 Positions of the new tokens while continuing from the cache (seqlen_offset > 0):
 - ``inference_params.lengths_per_sample`` (batch,) int device tensor, when set: per-row number of cached
   tokens. The cache write index, the rotary positions and the attention mask all come from it, with no host
-  sync, so a captured CUDA graph replays correctly as long as the caller refreshes the tensor before each
-  replay (the official graph decoder does the same).
+  sync, so a captured CUDA graph replays correctly as long as the caller advances the tensor between replays
+  (the official graph decoder does the same). The host ``seqlen_offset`` then only has to be > 0.
 - otherwise the Python int ``seqlen_offset``: the same for all rows; attention reads only the filled prefix.
+Left-padded batches (generate's ragged prompts) pass ``seq_idx`` (padding 0, prompt 1) with
+``lengths_per_sample`` counting each row's real tokens: only the real tokens enter the cache, left-aligned.
 """
 
 from __future__ import annotations

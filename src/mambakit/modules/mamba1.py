@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..cache import InferenceParams
 from ..ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
-from ._common import (cache_slot, check_hidden, conv_weight, init_dt_bias, new_conv_window,
+from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
                       seq_idx_from_cu_seqlens)
 
 
@@ -132,9 +132,9 @@ class Mamba(nn.Module):
                                  activation=self.activation)  # (b, d_inner)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner)
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(ssm_state, x, dt, A, B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        A, D, dt_bias = decode_constants(self, (self.A_log, self.D, self.dt_proj.bias), lambda: (
+            -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
+        y = selective_state_update(ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ..cache import InferenceParams
 from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
                    selective_state_update)
-from ._common import (cache_slot, check_hidden, conv_weight, init_dt_bias, new_conv_window, silu_gate,
+from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
+                      silu_gate,
                       seq_idx_from_cu_seqlens, varlen_conv_windows)
 
 
@@ -173,18 +174,19 @@ class Mamba2(nn.Module):
                                    activation=self.activation)  # (b, conv_dim)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         b = x.shape[0]
-        A = -torch.exp(self.A_log.float())  # (nheads,)
-        dt_bias = self.dt_bias
+        A, D, dt_bias = decode_constants(self, (self.A_log, self.D, self.dt_bias), lambda: (
+            -torch.exp(self.A_log.float()),  # (nheads,)
+            (self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D).float(),
+            self.dt_bias.float()))
         if self.dt_limit != (0.0, float("inf")):
             # The official step ignores dt_limit; apply it so that decoding matches the full forward.
-            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+            dt = F.softplus(dt.float() + dt_bias).clamp(*self.dt_limit)
             dt_bias = None
-        D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
         y = selective_state_update(
             ssm_state, x.reshape(b, self.nheads, self.headdim), dt, A,
-            B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state), D.float(),
+            B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state), D,
             z=None if self.rmsnorm else z.reshape(b, self.nheads, self.headdim),
-            dt_bias=None if dt_bias is None else dt_bias.float(), dt_softplus=dt_bias is not None,
+            dt_bias=dt_bias, dt_softplus=dt_bias is not None,
         ).reshape(b, self.d_ssm)  # (b, d_ssm)
         if self.rmsnorm:
             y = self.norm(y, z)

@@ -281,8 +281,8 @@ def _update_torch(x3, conv_state, weight, bias, activation, cache_seqlens, conv_
 
 
 @_jit
-def _load_taps(w_ptr, d_idx, d_mask, sw_d, sw_k, WIDTH: tl.constexpr):
-    """The 4 zero-padded taps of channels d_idx, each (BLOCK_D, 1) fp32; w0 multiplies the input at t - 3."""
+def _taps_1d(w_ptr, d_idx, d_mask, sw_d, sw_k, WIDTH: tl.constexpr):
+    """The 4 zero-padded taps of channels d_idx, each (BLOCK_D,) fp32; w0 multiplies the input at t - 3."""
     w_row = w_ptr + d_idx * sw_d
     w3 = tl.load(w_row + (WIDTH - 1) * sw_k, mask=d_mask, other=0.0).to(tl.float32)
     w2 = tl.zeros_like(w3)
@@ -294,6 +294,13 @@ def _load_taps(w_ptr, d_idx, d_mask, sw_d, sw_k, WIDTH: tl.constexpr):
         w1 = tl.load(w_row + (WIDTH - 3) * sw_k, mask=d_mask, other=0.0).to(tl.float32)
     if WIDTH >= 4:
         w0 = tl.load(w_row + (WIDTH - 4) * sw_k, mask=d_mask, other=0.0).to(tl.float32)
+    return w0, w1, w2, w3
+
+
+@_jit
+def _load_taps(w_ptr, d_idx, d_mask, sw_d, sw_k, WIDTH: tl.constexpr):
+    """_taps_1d as (BLOCK_D, 1) columns, to scale (BLOCK_D, BLOCK_L) tiles."""
+    w0, w1, w2, w3 = _taps_1d(w_ptr, d_idx, d_mask, sw_d, sw_k, WIDTH)
     return w0[:, None], w1[:, None], w2[:, None], w3[:, None]
 
 
@@ -546,7 +553,220 @@ def _conv_bwd_kernel(
     tl.store(dw_row + 1, tl.sum(_masked(g0 * x1, s1, s3, HAS_SEQ), axis=1), mask=d_mask)
     tl.store(dw_row + 2, tl.sum(_masked(g0 * x2, s2, s3, HAS_SEQ), axis=1), mask=d_mask)
     tl.store(dw_row + 3, tl.sum(g0 * x3, axis=1), mask=d_mask)
-    tl.store(db_ptr + row * dim + d_idx, tl.sum(g0, axis=1), mask=d_mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + row * dim + d_idx, tl.sum(g0, axis=1), mask=d_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Channels-contiguous layout (stride(1) == 1, how both Mamba mixers call the op: in_proj(h).transpose(1, 2)).
+# A program owns BLOCK_D channels and a chunk of CHUNK positions and walks along seqlen one row of BLOCK_D
+# contiguous channels at a time, 4 rows per step (all loads of a step issued before any store, so that 4 rows
+# are in flight). The last 3 rows stay in registers: every input is read from memory once (plus a 3-row halo
+# per chunk), where shifted (BLOCK_D, BLOCK_L) tiles would read each element 4 times through L1/L2.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _row_mask(d_loc, d_mask, t, lo, hi):
+    """d_mask where lo <= t < hi (t scalar). Compared as a vector: Triton's interpreter turns
+    (bool vector & bool scalar) into an int array that tl.load then refuses."""
+    tv = t + d_loc * 0
+    return d_mask & (tv >= lo) & (tv < hi)
+
+
+@_jit
+def _row_x(base, d_loc, d_mask, t, seqlen, s_d, s_l):
+    """Row t (scalar, >= 0) of a (dim, seqlen) slice: (BLOCK_D,) fp32, zero at t >= seqlen."""
+    ptrs = base + d_loc * s_d + tl.cast(t, tl.int64) * s_l
+    return tl.load(ptrs, mask=_row_mask(d_loc, d_mask, t, 0, seqlen), other=0.0).to(tl.float32)
+
+
+@_jit
+def _row_ext(x_base, init_base, d_loc, d_mask, t, seqlen, sx_d, sx_l, si_d, si_l,
+             WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Row t (scalar, may be < 0: initial_states, or zero) of cat(initial_states, x): (BLOCK_D,) fp32."""
+    v = tl.load(x_base + d_loc * sx_d + tl.cast(t, tl.int64) * sx_l, mask=_row_mask(d_loc, d_mask, t, 0, seqlen),
+                other=0.0)
+    v = v.to(tl.float32)
+    if HAS_INIT:
+        ip = t + (WIDTH - 1)
+        h = tl.load(init_base + d_loc * si_d + ip * si_l, mask=_row_mask(d_loc, d_mask, t, 1 - WIDTH, 0), other=0.0)
+        v += h.to(tl.float32)
+    return v
+
+
+@_jit
+def _row_seq(seq_base, t, seqlen, ss_l, seq0, HAS_SEQ: tl.constexpr):
+    """Sequence id of position t (scalar); positions < 0 belong to the first sequence; 0 without seq_idx."""
+    if HAS_SEQ:
+        s = tl.load(seq_base + t * ss_l, mask=(t >= 0) & (t < seqlen), other=-1)
+        return tl.where(t < 0, seq0, s)
+    return t * 0
+
+
+@_jit
+def _store_row(base, d_loc, d_mask, t, lo, hi, v, s_d, s_l):
+    """Row t (scalar) of a (dim, seqlen) slice, written where lo <= t < hi."""
+    tl.store(base + d_loc * s_d + tl.cast(t, tl.int64) * s_l, v.to(base.dtype.element_ty),
+             mask=_row_mask(d_loc, d_mask, t, lo, hi))
+
+
+@_jit
+def _conv_fwd_rows_kernel(
+    x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, out_ptr, dim, seqlen,
+    sx_b, sx_d, sx_l, sw_d, sw_k, ss_b, ss_l, si_b, si_d, si_l, so_b, so_d, so_l,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Forward, channels contiguous. Grid (seqlen chunks, dim tiles, batch); CHUNK a multiple of 4."""
+    l0 = tl.program_id(0) * CHUNK
+    d0 = tl.program_id(1) * BLOCK_D
+    b = tl.program_id(2).to(tl.int64)
+    d_loc = tl.arange(0, BLOCK_D)
+    d_mask = d0 + d_loc < dim
+    x_base = x_ptr + b * sx_b + d0 * sx_d
+    i_base = init_ptr + b * si_b + d0 * si_d
+    o_base = out_ptr + b * so_b + d0 * so_d
+    s_base = seq_ptr + b * ss_b
+    seq0 = 0
+    if HAS_SEQ:
+        seq0 = tl.load(s_base)
+    w0, w1, w2, w3 = _taps_1d(w_ptr, d0 + d_loc, d_mask, sw_d, sw_k, WIDTH)
+    bias = tl.zeros_like(w0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + d0 + d_loc, mask=d_mask, other=0.0).to(tl.float32)
+    # the 3 rows before the chunk, and their sequence ids
+    pa = _row_ext(x_base, i_base, d_loc, d_mask, l0 - 3, seqlen, sx_d, sx_l, si_d, si_l, WIDTH, HAS_INIT)
+    pb = _row_ext(x_base, i_base, d_loc, d_mask, l0 - 2, seqlen, sx_d, sx_l, si_d, si_l, WIDTH, HAS_INIT)
+    pc = _row_ext(x_base, i_base, d_loc, d_mask, l0 - 1, seqlen, sx_d, sx_l, si_d, si_l, WIDTH, HAS_INIT)
+    qa = _row_seq(s_base, l0 - 3, seqlen, ss_l, seq0, HAS_SEQ)
+    qb = _row_seq(s_base, l0 - 2, seqlen, ss_l, seq0, HAS_SEQ)
+    qc = _row_seq(s_base, l0 - 1, seqlen, ss_l, seq0, HAS_SEQ)
+    for t in range(l0, tl.minimum(l0 + CHUNK, seqlen), 4):
+        r0 = _row_x(x_base, d_loc, d_mask, t, seqlen, sx_d, sx_l)
+        r1 = _row_x(x_base, d_loc, d_mask, t + 1, seqlen, sx_d, sx_l)
+        r2 = _row_x(x_base, d_loc, d_mask, t + 2, seqlen, sx_d, sx_l)
+        r3 = _row_x(x_base, d_loc, d_mask, t + 3, seqlen, sx_d, sx_l)
+        s0 = _row_seq(s_base, t, seqlen, ss_l, seq0, HAS_SEQ)
+        s1 = _row_seq(s_base, t + 1, seqlen, ss_l, seq0, HAS_SEQ)
+        s2 = _row_seq(s_base, t + 2, seqlen, ss_l, seq0, HAS_SEQ)
+        s3 = _row_seq(s_base, t + 3, seqlen, ss_l, seq0, HAS_SEQ)
+        o0 = _act(bias + _tap4(pa, pb, pc, r0, qa, qb, qc, s0, w0, w1, w2, w3, HAS_SEQ), SILU)
+        o1 = _act(bias + _tap4(pb, pc, r0, r1, qb, qc, s0, s1, w0, w1, w2, w3, HAS_SEQ), SILU)
+        o2 = _act(bias + _tap4(pc, r0, r1, r2, qc, s0, s1, s2, w0, w1, w2, w3, HAS_SEQ), SILU)
+        o3 = _act(bias + _tap4(r0, r1, r2, r3, s0, s1, s2, s3, w0, w1, w2, w3, HAS_SEQ), SILU)
+        _store_row(o_base, d_loc, d_mask, t, 0, seqlen, o0, so_d, so_l)
+        _store_row(o_base, d_loc, d_mask, t + 1, 0, seqlen, o1, so_d, so_l)
+        _store_row(o_base, d_loc, d_mask, t + 2, 0, seqlen, o2, so_d, so_l)
+        _store_row(o_base, d_loc, d_mask, t + 3, 0, seqlen, o3, so_d, so_l)
+        pa, pb, pc = r1, r2, r3
+        qa, qb, qc = s1, s2, s3
+
+
+@_jit
+def _bwd_row(xa, xb, xc, xt, ga, gb, gc, sa, sb, sc, st, dyt, w0, w1, w2, w3, bias,
+             HAS_SEQ: tl.constexpr, SILU: tl.constexpr):
+    """Row t of the backward: g[t] = dy[t] act'(pre[t]) from the inputs at t-3..t, and
+    dx[t-3] = sum_k w_k g[t-k] from g at t-3..t (each term only within the sequence of t-3)."""
+    gt = _act_grad(dyt, bias + _tap4(xa, xb, xc, xt, sa, sb, sc, st, w0, w1, w2, w3, HAS_SEQ), SILU)
+    return gt, _tap4(gt, gc, gb, ga, st, sc, sb, sa, w0, w1, w2, w3, HAS_SEQ)
+
+
+@_jit
+def _dw_row(acc0, acc1, acc2, acc3, accb, gt, xa, xb, xc, xt, sa, sb, sc, st, keep, HAS_SEQ: tl.constexpr):
+    """Add row t's terms of dw_k = sum_t g[t] x[t-3+k] and db = sum_t g[t] (keep: t is in this chunk)."""
+    g = tl.where(keep, gt, 0.0)
+    acc0 += _masked(g * xa, sa, st, HAS_SEQ)
+    acc1 += _masked(g * xb, sb, st, HAS_SEQ)
+    acc2 += _masked(g * xc, sc, st, HAS_SEQ)
+    acc3 += g * xt
+    accb += g
+    return acc0, acc1, acc2, acc3, accb
+
+
+@_jit
+def _conv_bwd_rows_kernel(
+    x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, dim, seqlen,
+    sx_b, sx_d, sx_l, sw_d, sw_k, ss_b, ss_l, si_b, si_d, si_l, sy_b, sy_d, sy_l, sdx_b, sdx_d, sdx_l,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Backward, channels contiguous, same grid as _conv_fwd_rows_kernel. Walks rows t = l0 .. l_end + 2
+    (the 3 rows after the chunk supply g for the chunk's last dx rows), writing dx[t - 3]; per-program
+    partial sums of dw, db go to row (batch * chunks + chunk) of dw_ptr: (programs, dim, 4), db_ptr."""
+    l0 = tl.program_id(0) * CHUNK
+    d0 = tl.program_id(1) * BLOCK_D
+    b = tl.program_id(2).to(tl.int64)
+    d_loc = tl.arange(0, BLOCK_D)
+    d_mask = d0 + d_loc < dim
+    x_base = x_ptr + b * sx_b + d0 * sx_d
+    i_base = init_ptr + b * si_b + d0 * si_d
+    y_base = dy_ptr + b * sy_b + d0 * sy_d
+    dx_base = dx_ptr + b * sdx_b + d0 * sdx_d
+    s_base = seq_ptr + b * ss_b
+    seq0 = 0
+    if HAS_SEQ:
+        seq0 = tl.load(s_base)
+    w0, w1, w2, w3 = _taps_1d(w_ptr, d0 + d_loc, d_mask, sw_d, sw_k, WIDTH)
+    bias = tl.zeros_like(w0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + d0 + d_loc, mask=d_mask, other=0.0).to(tl.float32)
+    xa = _row_ext(x_base, i_base, d_loc, d_mask, l0 - 3, seqlen, sx_d, sx_l, si_d, si_l, WIDTH, HAS_INIT)
+    xb = _row_ext(x_base, i_base, d_loc, d_mask, l0 - 2, seqlen, sx_d, sx_l, si_d, si_l, WIDTH, HAS_INIT)
+    xc = _row_ext(x_base, i_base, d_loc, d_mask, l0 - 1, seqlen, sx_d, sx_l, si_d, si_l, WIDTH, HAS_INIT)
+    sa = _row_seq(s_base, l0 - 3, seqlen, ss_l, seq0, HAS_SEQ)
+    sb = _row_seq(s_base, l0 - 2, seqlen, ss_l, seq0, HAS_SEQ)
+    sc = _row_seq(s_base, l0 - 1, seqlen, ss_l, seq0, HAS_SEQ)
+    ga = tl.zeros_like(w0)  # g before the chunk: only reaches dx rows of the previous chunk (not written)
+    gb = tl.zeros_like(w0)
+    gc = tl.zeros_like(w0)
+    acc0 = tl.zeros_like(w0)
+    acc1 = tl.zeros_like(w0)
+    acc2 = tl.zeros_like(w0)
+    acc3 = tl.zeros_like(w0)
+    accb = tl.zeros_like(w0)
+    l_end = tl.minimum(l0 + CHUNK, seqlen)
+    for t in range(l0, l_end + 3, 4):
+        x0 = _row_x(x_base, d_loc, d_mask, t, seqlen, sx_d, sx_l)
+        x1 = _row_x(x_base, d_loc, d_mask, t + 1, seqlen, sx_d, sx_l)
+        x2 = _row_x(x_base, d_loc, d_mask, t + 2, seqlen, sx_d, sx_l)
+        x3 = _row_x(x_base, d_loc, d_mask, t + 3, seqlen, sx_d, sx_l)
+        y0 = _row_x(y_base, d_loc, d_mask, t, seqlen, sy_d, sy_l)
+        y1 = _row_x(y_base, d_loc, d_mask, t + 1, seqlen, sy_d, sy_l)
+        y2 = _row_x(y_base, d_loc, d_mask, t + 2, seqlen, sy_d, sy_l)
+        y3 = _row_x(y_base, d_loc, d_mask, t + 3, seqlen, sy_d, sy_l)
+        s0 = _row_seq(s_base, t, seqlen, ss_l, seq0, HAS_SEQ)
+        s1 = _row_seq(s_base, t + 1, seqlen, ss_l, seq0, HAS_SEQ)
+        s2 = _row_seq(s_base, t + 2, seqlen, ss_l, seq0, HAS_SEQ)
+        s3 = _row_seq(s_base, t + 3, seqlen, ss_l, seq0, HAS_SEQ)
+        g0, e0 = _bwd_row(xa, xb, xc, x0, ga, gb, gc, sa, sb, sc, s0, y0, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        g1, e1 = _bwd_row(xb, xc, x0, x1, gb, gc, g0, sb, sc, s0, s1, y1, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        g2, e2 = _bwd_row(xc, x0, x1, x2, gc, g0, g1, sc, s0, s1, s2, y2, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        g3, e3 = _bwd_row(x0, x1, x2, x3, g0, g1, g2, s0, s1, s2, s3, y3, w0, w1, w2, w3, bias, HAS_SEQ, SILU)
+        _store_row(dx_base, d_loc, d_mask, t - 3, l0, l_end, e0, sdx_d, sdx_l)
+        _store_row(dx_base, d_loc, d_mask, t - 2, l0, l_end, e1, sdx_d, sdx_l)
+        _store_row(dx_base, d_loc, d_mask, t - 1, l0, l_end, e2, sdx_d, sdx_l)
+        _store_row(dx_base, d_loc, d_mask, t, l0, l_end, e3, sdx_d, sdx_l)
+        acc0, acc1, acc2, acc3, accb = _dw_row(acc0, acc1, acc2, acc3, accb, g0, xa, xb, xc, x0,
+                                               sa, sb, sc, s0, t < l_end, HAS_SEQ)
+        acc0, acc1, acc2, acc3, accb = _dw_row(acc0, acc1, acc2, acc3, accb, g1, xb, xc, x0, x1,
+                                               sb, sc, s0, s1, t + 1 < l_end, HAS_SEQ)
+        acc0, acc1, acc2, acc3, accb = _dw_row(acc0, acc1, acc2, acc3, accb, g2, xc, x0, x1, x2,
+                                               sc, s0, s1, s2, t + 2 < l_end, HAS_SEQ)
+        acc0, acc1, acc2, acc3, accb = _dw_row(acc0, acc1, acc2, acc3, accb, g3, x0, x1, x2, x3,
+                                               s0, s1, s2, s3, t + 3 < l_end, HAS_SEQ)
+        xa, xb, xc = x1, x2, x3
+        ga, gb, gc = g1, g2, g3
+        sa, sb, sc = s1, s2, s3
+    row = b * tl.num_programs(0) + tl.program_id(0)
+    d_idx = d0 + d_loc
+    dw_row = dw_ptr + row * dim * 4 + d_idx * 4
+    tl.store(dw_row, acc0, mask=d_mask)
+    tl.store(dw_row + 1, acc1, mask=d_mask)
+    tl.store(dw_row + 2, acc2, mask=d_mask)
+    tl.store(dw_row + 3, acc3, mask=d_mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + row * dim + d_idx, accb, mask=d_mask)
 
 
 @_jit
@@ -649,14 +869,18 @@ def _empty_like_layout(x, split):
 
 
 def _conv_blocks(split, dim, seqlen, backward):
-    """(BLOCK_D, BLOCK_L): 2K-element tiles forward, 1K backward (more live tiles), long along the
-    contiguous dimension (a full 128-byte line per row at least)."""
-    elems = 1024 if backward else 2048
+    """(BLOCK_D, BLOCK_L, num_warps).
+
+    seqlen contiguous: 2K-element tiles forward, 1K backward (more live tiles), long along seqlen.
+    channels contiguous: BLOCK_D = 256 channels (4 per thread over 2 warps: 8- or 16-byte accesses) walking a
+    chunk of BLOCK_L positions; chunks of 64 forward keep enough programs in flight (b4 l4096 d3072: 3072 of
+    them), 128 backward halves the dw partial sums (programs x dim x 4 fp32) that the launcher then adds up.
+    """
     if split:
+        elems = 1024 if backward else 2048
         block_l = min(128 if backward else 256, max(8, _next_pow2(seqlen)))
-        return max(1, min(_next_pow2(dim), elems // block_l)), block_l
-    block_d = min(64 if backward else 128, _next_pow2(dim))
-    return block_d, max(1, min(_next_pow2(seqlen), elems // block_d))
+        return max(1, min(_next_pow2(dim), elems // block_l)), block_l, 4
+    return min(256, _next_pow2(dim)), 128 if backward else 64, 2
 
 
 def _opt(t, x, ndim):
@@ -664,44 +888,51 @@ def _opt(t, x, ndim):
     return (t, t.stride()) if t is not None else (x, (0,) * ndim)
 
 
-def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, blocks=None, num_warps=4):
+def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, blocks=None, num_warps=None):
     """Launch the forward kernel. Returns out: (batch, dim, seqlen) in x's layout and dtype.
-    blocks: (BLOCK_D, BLOCK_L) to override the heuristic (the GPU check script sweeps them)."""
+    blocks: (BLOCK_D, BLOCK_L) and num_warps override the heuristic (the GPU check script sweeps them);
+    BLOCK_L is the chunk each program walks in the channels-contiguous layout (a multiple of 4)."""
     batch, dim, seqlen = x.shape
     x, split = _layout(x)
     out = _empty_like_layout(x, split)
-    block_d, block_l = blocks or _conv_blocks(split, dim, seqlen, False)
+    block_d, block_l, warps = _conv_blocks(split, dim, seqlen, False)
+    block_d, block_l = blocks or (block_d, block_l)
     seq, ss = _opt(seq_idx, x, 2)
     init, si = _opt(_like_layout(initial_states, split) if initial_states is not None else None, x, 3)
     grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
-    _conv_fwd_kernel[grid](
+    kernel = _conv_fwd_kernel if split else _conv_fwd_rows_kernel
+    extra = dict(SPLIT=True, BLOCK_L=block_l) if split else dict(CHUNK=block_l)
+    kernel[grid](
         x, weight, bias if bias is not None else x, seq, init, out, dim, seqlen,
         *x.stride(), *weight.stride(), *ss, *si, *out.stride(),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
-        HAS_INIT=initial_states is not None, SILU=activation is not None, SPLIT=split,
-        BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps)
+        HAS_INIT=initial_states is not None, SILU=activation is not None,
+        BLOCK_D=block_d, num_warps=num_warps or warps, **extra)
     return out
 
 
-def _conv_bwd_triton(x, weight, bias, seq_idx, initial_states, dout, activation, blocks=None, num_warps=4):
+def _conv_bwd_triton(x, weight, bias, seq_idx, initial_states, dout, activation, blocks=None, num_warps=None):
     """Launch the backward kernel. Returns dx (x's layout and dtype), dweight, dbias (fp32, or None)."""
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     x, split = _layout(x)
     dout = _like_layout(dout, split)
     dx = _empty_like_layout(x, split)
-    block_d, block_l = blocks or _conv_blocks(split, dim, seqlen, True)
+    block_d, block_l, warps = _conv_blocks(split, dim, seqlen, True)
+    block_d, block_l = blocks or (block_d, block_l)
     n_l = triton.cdiv(seqlen, block_l)
     dw_part = torch.empty(batch * n_l, dim, 4, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(batch * n_l, dim, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch * n_l, dim, device=x.device, dtype=torch.float32) if bias is not None else dw_part
     seq, ss = _opt(seq_idx, x, 2)
     init, si = _opt(_like_layout(initial_states, split) if initial_states is not None else None, x, 3)
-    _conv_bwd_kernel[(n_l, triton.cdiv(dim, block_d), batch)](
+    kernel = _conv_bwd_kernel if split else _conv_bwd_rows_kernel
+    extra = dict(SPLIT=True, BLOCK_L=block_l) if split else dict(CHUNK=block_l)
+    kernel[(n_l, triton.cdiv(dim, block_d), batch)](
         x, weight, bias if bias is not None else x, seq, init, dout, dx, dw_part, db_part, dim, seqlen,
         *x.stride(), *weight.stride(), *ss, *si, *dout.stride(), *dx.stride(),
         WIDTH=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
-        HAS_INIT=initial_states is not None, SILU=activation is not None, SPLIT=split,
-        BLOCK_D=block_d, BLOCK_L=block_l, num_warps=num_warps)
+        HAS_INIT=initial_states is not None, SILU=activation is not None,
+        BLOCK_D=block_d, num_warps=num_warps or warps, **extra)
     dweight = dw_part.sum(0)[:, 4 - width:]  # drop the zero-padded taps
     return dx, dweight, db_part.sum(0) if bias is not None else None
 

@@ -46,64 +46,68 @@ def _chunk_scan_fwd_kernel(
     dtype = x_ptr.dtype.element_ty
     start = pid_c * Q
     chunk_len = tl.minimum(Q, seqlen - start)
+    start64 = start.to(tl.int64)
+    g = pid_h // heads_per_group
+    # 64-bit scalar bases of this chunk (1M-token inputs overflow int32), 32-bit offsets inside it
+    x_c = x_ptr + pid_b * stride_x_b + start64 * stride_x_l + pid_h * stride_x_h
+    B_c = B_ptr + pid_b * stride_B_b + start64 * stride_B_l + g * stride_B_g
+    C_c = C_ptr + pid_b * stride_C_b + start64 * stride_C_l + g * stride_C_g
+    seq_c = seq_ptr + pid_b * stride_seq_b + start64 * stride_seq_l
+    row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q  # this chunk's row in dt / dA_cs (b, h, c, Q)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < chunk_len
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
-    pos_m = (start + offs_m).to(tl.int64)
-    row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q  # this chunk's row in dt / dA_cs (b, h, c, Q)
-    x_base = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p[None, :] * stride_x_p
-    B_base = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
-    C_base = C_ptr + pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
-    seq_base = seq_ptr + pid_b * stride_seq_b
 
     a_m = tl.load(dA_cs_ptr + row + offs_m)
-    Cm = tl.load(C_base + pos_m[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+    Cm = tl.load(C_c + offs_m[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_N)
     # the state entering the chunk, read transposed: (BLOCK_N, BLOCK_P)
-    S_ptrs = (states_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
-              + offs_n[:, None] + offs_p[None, :] * dstate)
-    S = tl.load(S_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(dtype)
+    S_c = states_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
+    S = tl.load(S_c + offs_n[:, None] + offs_p[None, :] * dstate, mask=mask_n[:, None] & mask_p[None, :], other=0.0)
     scale_m = tl.exp(a_m)
     if HAS_SEQ:
-        seq_m = tl.load(seq_base + pos_m * stride_seq_l, mask=mask_m, other=-1)
-        seq_in = tl.load(seq_base + tl.maximum(start - 1, 0).to(tl.int64) * stride_seq_l)
+        seq_m = tl.load(seq_c + offs_m * stride_seq_l, mask=mask_m, other=-1)
+        seq_in = tl.load(seq_ptr + pid_b * stride_seq_b + tl.maximum(start64 - 1, 0) * stride_seq_l)
         scale_m = tl.where(seq_m == seq_in, scale_m, 0.0)
-    acc = tl.dot(Cm, S, input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
+    acc = tl.dot(Cm, S.to(dtype), input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
 
     k_hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_len)  # causal: sources up to the diagonal
     for k0 in range(0, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < chunk_len
-        pos_k = (start + offs_k).to(tl.int64)
-        Bk = tl.load(B_base + pos_k[None, :] * stride_B_l + offs_n[:, None] * stride_B_n,
+        Bk = tl.load(B_c + offs_k[None, :] * stride_B_l + offs_n[:, None] * stride_B_n,
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_K)
         cb = tl.dot(Cm, Bk, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_K)
         a_k = tl.load(dA_cs_ptr + row + offs_k)
         dt_k = tl.load(dt_ptr + row + offs_k)
         keep = (offs_m[:, None] >= offs_k[None, :]) & mask_k[None, :]
         if HAS_SEQ:
-            seq_k = tl.load(seq_base + pos_k * stride_seq_l, mask=mask_k, other=-2)
+            seq_k = tl.load(seq_c + offs_k * stride_seq_l, mask=mask_k, other=-2)
             keep &= seq_m[:, None] == seq_k[None, :]
         # mask before exp: above the diagonal a[t] - a[s] > 0 could overflow
         decay = tl.exp(tl.where(keep, a_m[:, None] - a_k[None, :], float("-inf"))) * dt_k[None, :]
-        xk = tl.load(x_base + pos_k[:, None] * stride_x_l, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        xk = tl.load(x_c + offs_k[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+                     mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         acc += tl.dot((cb * decay).to(dtype), xk.to(dtype), input_precision=DOT_PREC)
 
     mask_mp = mask_m[:, None] & mask_p[None, :]
     if HAS_D:
-        xm = tl.load(x_base + pos_m[:, None] * stride_x_l, mask=mask_mp, other=0.0).to(tl.float32)
+        xm = tl.load(x_c + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mask_mp,
+                     other=0.0).to(tl.float32)
         Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
         acc += xm * Dv[None, :]
-    out_off = ((pid_b * seqlen + pos_m[:, None]) * nheads + pid_h) * headdim + offs_p[None, :]  # contiguous
+    tok_m = offs_m[:, None] * (nheads * headdim) + offs_p[None, :]  # out and y are contiguous (b, l, h, p)
+    out_c = ((pid_b * seqlen + start64) * nheads + pid_h) * headdim
     if HAS_Z:
-        tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=mask_mp)
-        zm = tl.load(z_ptr + pid_b * stride_z_b + pos_m[:, None] * stride_z_l + pid_h * stride_z_h
-                     + offs_p[None, :] * stride_z_p, mask=mask_mp, other=0.0).to(tl.float32)
+        tl.store(y_ptr + out_c + tok_m, acc.to(y_ptr.dtype.element_ty), mask=mask_mp)
+        zm = tl.load(z_ptr + pid_b * stride_z_b + start64 * stride_z_l + pid_h * stride_z_h
+                     + offs_m[:, None] * stride_z_l + offs_p[None, :] * stride_z_p, mask=mask_mp,
+                     other=0.0).to(tl.float32)
         acc = acc * zm * tl.sigmoid(zm)
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_mp)
+    tl.store(out_ptr + out_c + tok_m, acc.to(out_ptr.dtype.element_ty), mask=mask_mp)
 
 
 @triton.jit
@@ -126,6 +130,14 @@ def _chunk_scan_bwd_dx_kernel(
     dtype = x_ptr.dtype.element_ty
     start = pid_c * Q
     chunk_len = tl.minimum(Q, seqlen - start)
+    start64 = start.to(tl.int64)
+    g = pid_h // heads_per_group
+    x_c = x_ptr + pid_b * stride_x_b + start64 * stride_x_l + pid_h * stride_x_h
+    B_c = B_ptr + pid_b * stride_B_b + start64 * stride_B_l + g * stride_B_g
+    C_c = C_ptr + pid_b * stride_C_b + start64 * stride_C_l + g * stride_C_g
+    seq_c = seq_ptr + pid_b * stride_seq_b + start64 * stride_seq_l
+    tok_c = ((pid_b * seqlen + start64) * nheads + pid_h) * headdim  # dy and dx are contiguous (b, l, h, p)
+    row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -133,27 +145,20 @@ def _chunk_scan_bwd_dx_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     mask_mp = mask_m[:, None] & mask_p[None, :]
-    pos_m = (start + offs_m).to(tl.int64)
-    row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q
-    B_base = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
-    C_base = C_ptr + pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
-    seq_base = seq_ptr + pid_b * stride_seq_b
-    # dy and dx are contiguous (b, l, h, p)
-    tok_m = ((pid_b * seqlen + pos_m[:, None]) * nheads + pid_h) * headdim + offs_p[None, :]
 
     a_m = tl.load(dA_cs_ptr + row + offs_m)
     dt_m = tl.load(dt_ptr + row + offs_m)
-    xm = tl.load(x_ptr + pid_b * stride_x_b + pos_m[:, None] * stride_x_l + pid_h * stride_x_h
-                 + offs_p[None, :] * stride_x_p, mask=mask_mp, other=0.0).to(tl.float32)
-    Bm = tl.load(B_base + pos_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+    xm = tl.load(x_c + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mask_mp,
+                 other=0.0).to(tl.float32)
+    Bm = tl.load(B_c + offs_m[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_N)
-    G_ptrs = (dstates_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
-              + offs_n[:, None] + offs_p[None, :] * dstate)
-    G = tl.load(G_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_P)
+    G_c = dstates_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
+    G = tl.load(G_c + offs_n[:, None] + offs_p[None, :] * dstate, mask=mask_n[:, None] & mask_p[None, :],
+                other=0.0).to(dtype)  # (BLOCK_N, BLOCK_P)
     scale_m = tl.exp(tl.load(dA_cs_ptr + row + Q - 1) - a_m)
     if HAS_SEQ:
-        seq_m = tl.load(seq_base + pos_m * stride_seq_l, mask=mask_m, other=-1)
-        seq_end = tl.load(seq_base + (start + chunk_len - 1).to(tl.int64) * stride_seq_l)
+        seq_m = tl.load(seq_c + offs_m * stride_seq_l, mask=mask_m, other=-1)
+        seq_end = tl.load(seq_c + (chunk_len - 1) * stride_seq_l)
         scale_m = tl.where(seq_m == seq_end, scale_m, 0.0)
     acc = tl.dot(Bm, G, input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
     # f[s] = dt[s] x[s] . (the chunk-state part of w[s]): the chunk's own inputs' share of d(decay)
@@ -162,28 +167,28 @@ def _chunk_scan_bwd_dx_kernel(
     for k0 in range(pid_m * BLOCK_M, chunk_len, BLOCK_K):  # targets t >= s
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < chunk_len
-        pos_k = (start + offs_k).to(tl.int64)
-        Ck = tl.load(C_base + pos_k[None, :] * stride_C_l + offs_n[:, None] * stride_C_n,
+        Ck = tl.load(C_c + offs_k[None, :] * stride_C_l + offs_n[:, None] * stride_C_n,
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_K)
         cbT = tl.dot(Bm, Ck, input_precision=DOT_PREC)  # (BLOCK_M s, BLOCK_K t)
         a_k = tl.load(dA_cs_ptr + row + offs_k)
         keep = (offs_k[None, :] >= offs_m[:, None]) & mask_k[None, :]
         if HAS_SEQ:
-            seq_k = tl.load(seq_base + pos_k * stride_seq_l, mask=mask_k, other=-2)
+            seq_k = tl.load(seq_c + offs_k * stride_seq_l, mask=mask_k, other=-2)
             keep &= seq_m[:, None] == seq_k[None, :]
         decay = tl.exp(tl.where(keep, a_k[None, :] - a_m[:, None], float("-inf")))
-        tok_k = ((pid_b * seqlen + pos_k[:, None]) * nheads + pid_h) * headdim + offs_p[None, :]
-        dyk = tl.load(dy_ptr + tok_k, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        dyk = tl.load(dy_ptr + tok_c + offs_k[:, None] * (nheads * headdim) + offs_p[None, :],
+                      mask=mask_k[:, None] & mask_p[None, :], other=0.0)
         acc += tl.dot((cbT * decay).to(dtype), dyk.to(dtype), input_precision=DOT_PREC)
 
+    tok_m = offs_m[:, None] * (nheads * headdim) + offs_p[None, :]
     dx = acc * dt_m[:, None]
     if HAS_D:
-        dym = tl.load(dy_ptr + tok_m, mask=mask_mp, other=0.0).to(tl.float32)
+        dym = tl.load(dy_ptr + tok_c + tok_m, mask=mask_mp, other=0.0).to(tl.float32)
         Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
         dx += dym * Dv[None, :]
         tl.store(dD_ptr + ((pid_bc * tl.num_programs(1) + pid_m) * nheads + pid_h) * headdim + offs_p,
                  tl.sum(dym * xm, axis=0), mask=mask_p)
-    tl.store(dx_ptr + tok_m, dx.to(dx_ptr.dtype.element_ty), mask=mask_mp)
+    tl.store(dx_ptr + tok_c + tok_m, dx.to(dx_ptr.dtype.element_ty), mask=mask_mp)
     tl.store(ddt_ptr + row + offs_m, tl.sum(xm * acc, axis=1))  # 0 past seqlen: xm is 0 there
 
 
@@ -213,6 +218,11 @@ def _chunk_scan_bwd_dbc_kernel(
     dtype = u_ptr.dtype.element_ty
     start = pid_c * Q
     chunk_len = tl.minimum(Q, seqlen - start)
+    start64 = start.to(tl.int64)
+    u_c = u_ptr + pid_b * stride_u_b + start64 * stride_u_l
+    v_c = v_ptr + pid_b * stride_v_b + start64 * stride_v_l
+    K_c = K_ptr + pid_b * stride_K_b + start64 * stride_K_l + pid_g * stride_K_g
+    seq_c = seq_ptr + pid_b * stride_seq_b + start64 * stride_seq_l
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -220,30 +230,28 @@ def _chunk_scan_bwd_dbc_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     mask_mp = mask_m[:, None] & mask_p[None, :]
-    pos_m = (start + offs_m).to(tl.int64)
-    K_base = K_ptr + pid_b * stride_K_b + pid_g * stride_K_g + offs_n[None, :] * stride_K_n
-    seq_base = seq_ptr + pid_b * stride_seq_b
     if HAS_SEQ:
-        seq_m = tl.load(seq_base + pos_m * stride_seq_l, mask=mask_m, other=-1)
+        seq_m = tl.load(seq_c + offs_m * stride_seq_l, mask=mask_m, other=-1)
         if IS_DB:  # the chunk state keeps the sequence running at the chunk's end
-            seq_ref = tl.load(seq_base + (start + chunk_len - 1).to(tl.int64) * stride_seq_l)
+            seq_ref = tl.load(seq_c + (chunk_len - 1) * stride_seq_l)
         else:  # the entering state belongs to the sequence running before the chunk
-            seq_ref = tl.load(seq_base + tl.maximum(start - 1, 0).to(tl.int64) * stride_seq_l)
+            seq_ref = tl.load(seq_ptr + pid_b * stride_seq_b + tl.maximum(start64 - 1, 0) * stride_seq_l)
     if IS_DB:
         k_lo = pid_m * BLOCK_M
         k_hi = chunk_len
     else:
         k_lo = 0
         k_hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_len)
-        Rm = tl.load(R_ptr + pid_b * stride_R_b + pos_m[:, None] * stride_R_l + pid_g * stride_R_g
-                     + offs_n[None, :] * stride_R_n, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)
+        Rm = tl.load(R_ptr + pid_b * stride_R_b + start64 * stride_R_l + pid_g * stride_R_g
+                     + offs_m[:, None] * stride_R_l + offs_n[None, :] * stride_R_n,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(heads_per_split):
         h = pid_g * heads_per_group + pid_split * heads_per_split + i
         row = ((pid_b * nheads + h) * nchunks + pid_c) * Q
         a_m = tl.load(dA_cs_ptr + row + offs_m)
-        um = tl.load(u_ptr + pid_b * stride_u_b + pos_m[:, None] * stride_u_l + h * stride_u_h
-                     + offs_p[None, :] * stride_u_p, mask=mask_mp, other=0.0).to(dtype)
+        um = tl.load(u_c + h * stride_u_h + offs_m[:, None] * stride_u_l + offs_p[None, :] * stride_u_p,
+                     mask=mask_mp, other=0.0).to(dtype)
         if IS_DB:
             dt_m = tl.load(dt_ptr + row + offs_m)
             scale_m = tl.exp(tl.load(dA_cs_ptr + row + Q - 1) - a_m) * dt_m
@@ -254,17 +262,16 @@ def _chunk_scan_bwd_dbc_kernel(
         S = tl.load(S_ptr + ((pid_b * nchunks + pid_c) * nheads + h) * headdim * dstate
                     + offs_p[:, None] * dstate + offs_n[None, :],
                     mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_P, BLOCK_N)
-        T = tl.dot((um.to(tl.float32) * scale_m[:, None]).to(dtype), S, input_precision=DOT_PREC)
-        acc += T
+        acc = tl.dot((um.to(tl.float32) * scale_m[:, None]).to(dtype), S, acc, input_precision=DOT_PREC)
         if not IS_DB:  # e[t] = exp(a[t]) dy[t] . (S C[t]): a[t]'s share through the entering state
-            tl.store(e_ptr + row + offs_m, tl.sum(T * Rm.to(tl.float32), axis=1))
+            SC = tl.dot(Rm, tl.trans(S), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_P)
+            tl.store(e_ptr + row + offs_m, tl.sum(um.to(tl.float32) * SC, axis=1) * scale_m)
             rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < chunk_len
-            pos_k = (start + offs_k).to(tl.int64)
-            vkT = tl.load(v_ptr + pid_b * stride_v_b + pos_k[None, :] * stride_v_l + h * stride_v_h
-                          + offs_p[:, None] * stride_v_p, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            vkT = tl.load(v_c + h * stride_v_h + offs_k[None, :] * stride_v_l + offs_p[:, None] * stride_v_p,
+                          mask=mask_p[:, None] & mask_k[None, :], other=0.0)
             P = tl.dot(um, vkT.to(dtype), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_K)
             a_k = tl.load(dA_cs_ptr + row + offs_k)
             if IS_DB:  # rows are sources s, columns targets t >= s; dt of the source
@@ -276,11 +283,11 @@ def _chunk_scan_bwd_dbc_kernel(
                 diff = a_m[:, None] - a_k[None, :]
                 dt_factor = tl.load(dt_ptr + row + offs_k)[None, :]
             if HAS_SEQ:
-                seq_k = tl.load(seq_base + pos_k * stride_seq_l, mask=mask_k, other=-2)
+                seq_k = tl.load(seq_c + offs_k * stride_seq_l, mask=mask_k, other=-2)
                 keep &= seq_m[:, None] == seq_k[None, :]
             P = P * tl.exp(tl.where(keep, diff, float("-inf"))) * dt_factor
-            Kk = tl.load(K_base + pos_k[:, None] * stride_K_l, mask=mask_k[:, None] & mask_n[None, :],
-                         other=0.0).to(dtype)  # (BLOCK_K, BLOCK_N)
+            Kk = tl.load(K_c + offs_k[:, None] * stride_K_l + offs_n[None, :] * stride_K_n,
+                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_K, BLOCK_N)
             if not IS_DB:
                 M = P * tl.dot(Rm, tl.trans(Kk), input_precision=DOT_PREC)  # (C[t] . B[s]) in fp32
                 rowsum += tl.sum(M, axis=1)
@@ -292,8 +299,9 @@ def _chunk_scan_bwd_dbc_kernel(
     nbatch = tl.num_programs(0) // nchunks
     ngroups = nheads // heads_per_group
     # out: (nsplit, b, l, g, n) fp32 partial sums, added up by the launcher
-    out_off = (((pid_split * nbatch + pid_b) * seqlen + pos_m[:, None]) * ngroups + pid_g) * dstate + offs_n[None, :]
-    tl.store(out_ptr + out_off, acc, mask=mask_m[:, None] & mask_n[None, :])
+    out_c = ((pid_split * nbatch + pid_b) * seqlen + start64) * ngroups * dstate + pid_g * dstate
+    tl.store(out_ptr + out_c + offs_m[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _scan_blocks(Q: int, headdim: int, dstate: int, blocks: dict):
@@ -304,8 +312,8 @@ def _scan_blocks(Q: int, headdim: int, dstate: int, blocks: dict):
     return BM, BK, max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
 
 
-def _launch_opts(blocks: dict):
-    return dict(num_warps=blocks.get("num_warps", 4), num_stages=blocks.get("num_stages", 2))
+def _launch_opts(blocks: dict, num_warps: int = 4):
+    return dict(num_warps=blocks.get("num_warps", num_warps), num_stages=blocks.get("num_stages", 2))
 
 
 def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=None):
@@ -357,7 +365,7 @@ def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, D, seq_idx, Q: int, blo
         l, h, nchunks, h // g, p, n,
         *x.stride(), *B.stride(), *C.stride(), seq.stride(0), seq.stride(1), *D_strides,
         Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, HAS_D=D is not None,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks),
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, 8),
     )
     dD = None
     if D is not None:
@@ -398,7 +406,7 @@ def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: in
             l, h, nchunks, hpg, hpg // split, p, n,
             *u.stride(), *v.stride(), *K.stride(), *R.stride(), seq.stride(0), seq.stride(1),
             Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, IS_DB=is_db, HAS_SEQ=seq_idx is not None,
-            DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks),
+            DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, 8),
         )
         grads.append(part[0] if split == 1 else part.sum(0))
     return grads[0].to(B.dtype), grads[1].to(C.dtype), e, rows, cols

@@ -11,7 +11,8 @@
 #   4. train            130m, b8x2048 and b2x8192, tokens/s vs the official figures
 #   5. generate 2.8b    batch 1, Mamba-1, Mamba-2 and Pythia-2.8b
 # What comes back under $OUT (3 files): bench_results.tar.gz (every JSON + PNG), bench_log.txt (all output),
-# summary.txt (the tables, also printed last).
+# summary.txt (the tables, also printed last). BENCH_SMALL=1 adds --small to every part: a quick check of this
+# script on a CPU machine.
 set -u
 OUT=${OUT:-./gpu_bench_out}
 RES="$OUT/bench_results"
@@ -41,7 +42,8 @@ part() {  # part NAME LIMIT_S ARGS...: one `mambakit bench` run, its output appe
   ((limit > left)) && limit=$left
   local t0=$(date +%s)
   echo "== $name (limit ${limit}s): mambakit bench $*" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=10 "$limit" python -m mambakit bench "$@" --out "$RES" >>"$LOG" 2>&1
+  timeout --signal=INT --kill-after=10 "$limit" python -m mambakit bench "$@" --out "$RES" \
+    ${BENCH_SMALL:+--small --threads 1} >>"$LOG" 2>&1
   echo "== $name: exit $? after $(($(date +%s) - t0))s" | tee -a "$LOG"
 }
 

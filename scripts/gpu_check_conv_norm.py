@@ -44,6 +44,23 @@ def bench(fn):
     return do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
+HOST = []  # (what, host us per call, device us per call)
+
+
+def host_us(what, fn, device_ms, n=30):
+    """Host (CPU) time per call with the GPU left to run behind: when it is close to or above the device time
+    the measured time is launch-bound (Python, autograd, Triton's launcher), not kernel-bound."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    HOST.append((what, us, device_ms * 1e3))
+    return us
+
+
 def rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -145,11 +162,16 @@ def main(argv=None):
             ms = bench(lambda: F.silu(F.conv1d(xc, w.unsqueeze(1), b, padding=3, groups=dim)[..., :seqlen]))
             out[f"torch F.conv1d b{bsz} d{dim} l{seqlen}"] = row("F.conv1d+silu", f"b{bsz} d{dim} l{seqlen}", ms,
                                                                  2 * x.numel() * 2, cbw)
-        x, w, b = conv_inputs(4, 3072, 4096, True)
         seq = (torch.arange(4096, device=DEV) // 1000).to(torch.int32).expand(4, -1).contiguous()
-        ms = bench(lambda: cc.causal_conv1d_fn(x, w, b, seq_idx=seq, activation="silu"))
-        out["b4 d3072 l4096 channels-last seq_idx"] = row("conv fwd seq_idx", "b4 d3072 l4096 CL", ms,
-                                                          2 * x.numel() * 2, cbw)
+        for cl in (True, False):
+            x, w, b = conv_inputs(4, 3072, 4096, cl)
+            ms = bench(lambda: cc.causal_conv1d_fn(x, w, b, seq_idx=seq, activation="silu"))
+            shape = f"b4 d3072 l4096 {'CL' if cl else 'contiguous'}"
+            out[shape + " seq_idx"] = row("conv fwd seq_idx", shape, ms, 2 * x.numel() * 2, cbw)
+        x, w, b = conv_inputs(4, 3072, 4096, False)
+        ms = bench(lambda: cc.causal_conv1d_fn(x, w, b, activation="silu"))
+        out["host us fwd"] = host_us("conv fwd b4 d3072 l4096 contiguous", lambda: cc.causal_conv1d_fn(
+            x, w, b, activation="silu"), ms)
         return out
 
     @part("conv_fwd_bwd")
@@ -169,6 +191,7 @@ def main(argv=None):
             ms = bench(step)
             key = f"b4 d3072 l4096 {layout_name(cl)}"
             out[key] = row("conv fwd+bwd", key, ms, 5 * x.numel() * 2, cbw)  # fwd: x, out; bwd: x, dy, dx
+            out[key + " host us"] = host_us(f"conv fwd+bwd {key}", step, ms)
             with torch.no_grad():
                 ms_b = bench(lambda: cc._conv_bwd_triton(x, w, b, None, None, dy, "silu"))
             out[key + " bwd only"] = row("conv bwd kernel", key, ms_b, 3 * x.numel() * 2, cbw)
@@ -186,6 +209,8 @@ def main(argv=None):
             nbytes = x.numel() * 2 * 2 + state.numel() * 2 * 2 + w.numel() * 2
             ms = bench(lambda: cc.causal_conv1d_update(x, state, w, b, "silu"))
             out[f"b{bsz} d{dim} triton"] = row("conv update", f"b{bsz} d{dim}", ms, nbytes, cbw)
+            out[f"b{bsz} d{dim} host us"] = host_us(f"conv update b{bsz} d{dim}", lambda: cc.causal_conv1d_update(
+                x, state, w, b, "silu"), ms)
             with backend("torch"):
                 ms_t = bench(lambda: cc.causal_conv1d_update(x, state, w, b, "silu"))
             out[f"b{bsz} d{dim} torch"] = row("conv update torch", f"b{bsz} d{dim}", ms_t, nbytes, cbw)
@@ -247,8 +272,11 @@ def main(argv=None):
                                                  eps=1e-5)
                     torch.autograd.grad([y, s], [xg, rg, wg], [dy, dres])
                 # bwd moves s (fp32), dy, dres in; dx, dresidual out: 16 B/element more
-                out[key + f" {name} fwd+bwd"] = row(f"rms_norm_fn {name} fwd+bwd", key, bench(step),
+                ms = bench(step)
+                out[key + f" {name} fwd+bwd"] = row(f"rms_norm_fn {name} fwd+bwd", key, ms,
                                                     nbytes + x.numel() * 16, cbw)
+                if name == "fused":
+                    out[key + " fused fwd+bwd host us"] = host_us(f"rms_norm_fn fused fwd+bwd {key}", step, ms)
         x = torch.randn(8 * 2048, 1536, device=DEV, dtype=BF16)
         z = torch.randn_like(x)
         w = torch.ones(1536, device=DEV)
@@ -261,9 +289,10 @@ def main(argv=None):
         out = {}
         sweeps = {
             (False, "fwd"): [(8, 256, 4), (16, 256, 4), (4, 512, 4), (16, 512, 8), (32, 128, 4)],
-            (True, "fwd"): [(128, 16, 4), (64, 32, 4), (256, 8, 4), (128, 32, 8), (256, 16, 8)],
+            # channels-last: (BLOCK_D, CHUNK, warps) of the row-walking kernels
+            (True, "fwd"): [(256, 64, 2), (128, 64, 1), (512, 64, 4), (256, 32, 2), (256, 128, 2), (256, 64, 4)],
             (False, "bwd"): [(8, 128, 4), (16, 128, 4), (4, 256, 4), (8, 256, 8)],
-            (True, "bwd"): [(64, 16, 4), (128, 16, 4), (64, 32, 8), (128, 8, 4)],
+            (True, "bwd"): [(256, 128, 2), (128, 128, 1), (512, 128, 4), (256, 64, 2), (256, 256, 2)],
         }
         for (cl, direction), configs in sweeps.items():
             x, w, b = conv_inputs(4, 3072, 4096, cl)
@@ -308,6 +337,10 @@ def print_summary(cbw):
     for what, shape, ms, gbs, pct, anchor in ROWS:
         a = f"{anchor * 1e3:.1f}" if anchor else ""
         print(f"{what:28s} {shape:34s} {ms * 1e3:9.1f} {gbs:7.0f} {pct:6.1f} {a:>11s}")
+    print("\n=== host time per call (CPU, GPU left running behind) vs device time ===")
+    for what, us, dev_us in HOST:
+        flag = "  <- launch-bound" if us > 0.8 * dev_us else ""
+        print(f"{what:50s} host {us:8.1f} us   device {dev_us:8.1f} us{flag}")
     print(f"failed parts: {failed or 'none'}; total {time.time() - T0:.1f} s")
 
 

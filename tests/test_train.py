@@ -90,7 +90,7 @@ def test_resume_is_exact_and_ctrl_c_saves(corpus, tmp_path, monkeypatch):
     """An uninterrupted run and one stopped by Ctrl-C after step 3 then resumed give the same losses and weights."""
     from safetensors.torch import load_file
 
-    extra = ("--save-every", "4", "--grad-accum", "2")
+    extra = ("--save-every", "4", "--grad-accum", "2", "--layer", "Mamba2", "--headdim", "16")
     assert T.main(targs(corpus, tmp_path / "a", *extra, steps=8)) == 0
 
     real = D.sample_windows
@@ -143,11 +143,20 @@ def test_time_limit_ends_cleanly_with_a_fitted_schedule(corpus, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "checkpoints").is_dir()
 
 
-def test_torchrun_two_cpu_processes(corpus, tmp_path):
-    out = tmp_path / "ddp"
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_torchrun_two_cpu_processes(corpus, tmp_path, mode):
+    """python -m torch.distributed.run --nproc-per-node 2 -m mambakit train ... on CPU (gloo): DDP, and FSDP2."""
+    if mode == "fsdp":
+        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs PyTorch >= 2.6")
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("FSDP2 (fully_shard) needs PyTorch >= 2.6")
+    out = tmp_path / mode
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MAMBAKIT_BACKEND": "torch"}
+    flags = ["--fsdp"] if mode == "fsdp" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mambakit",
-           "train", *targs(corpus, out, "--save-every", "2", "--eval-every", "2", "--export", "best", steps=4)]
+           "train", *targs(corpus, out, "--save-every", "2", "--eval-every", "2", "--export", "best", *flags, steps=4)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

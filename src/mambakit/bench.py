@@ -31,7 +31,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambakit bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="mambakit bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subs = parser.add_subparsers(dest="what", metavar="<what>")
     for name, (module, _, help_) in SUBCOMMANDS.items():

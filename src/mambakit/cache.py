@@ -64,7 +64,9 @@ class InferenceParams:
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """Flat tensors, safe to store with safetensors (see save/load)."""
         flat: dict = {"seqlen_offset": self.seqlen_offset, "max_seqlen": self.max_seqlen,
-                      "max_batch_size": self.max_batch_size}
+                      "max_batch_size": self.max_batch_size, "batch_size_offset": self.batch_size_offset}
+        if self.lengths_per_sample is not None:  # attention layers' per-row positions (ragged batches)
+            flat["lengths_per_sample"] = self.lengths_per_sample
         for layer, states in self.key_value_memory_dict.items():
             for i, t in enumerate(states):
                 flat[f"layer.{layer}.{i}"] = t
@@ -84,19 +86,25 @@ class InferenceParams:
         from safetensors import safe_open
 
         states: dict[int, dict[int, torch.Tensor]] = {}
+        lengths = None
         with safe_open(os.fspath(path), framework="pt", device=str(device or "cpu")) as f:
             meta = f.metadata() or {}
+            missing = {"seqlen_offset", "max_seqlen", "max_batch_size"} - set(meta)
+            if missing:
+                raise ValueError(f"{path} is not a mambakit inference state file (metadata lacks {sorted(missing)})")
             for key in f.keys():
+                if key == "lengths_per_sample":
+                    lengths = f.get_tensor(key)
+                    continue
                 _, layer, i = key.split(".")
                 states.setdefault(int(layer), {})[int(i)] = f.get_tensor(key)
-        missing = {"seqlen_offset", "max_seqlen", "max_batch_size"} - set(meta)
-        if missing:
-            raise ValueError(f"{path} is not a mambakit inference state file (metadata lacks {sorted(missing)})")
         return cls(
             max_seqlen=int(meta["max_seqlen"]),
             max_batch_size=int(meta["max_batch_size"]),
             seqlen_offset=int(meta["seqlen_offset"]),
+            batch_size_offset=int(meta.get("batch_size_offset", 0)),  # absent in files written before it was kept
             key_value_memory_dict={k: tuple(v[i] for i in sorted(v)) for k, v in states.items()},
+            lengths_per_sample=lengths,
         )
 
 

@@ -42,6 +42,7 @@ from .data import DataError
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
+UNPLANNED = 10 ** 9  # planned_steps of a time-limited run before its step time is measured
 OWNED_FILES = (RUN_FILE, "log.csv", "metrics.json", "loss.png", "config.json", "model.safetensors",
                "tokenizer.json")
 
@@ -671,7 +672,7 @@ class Trainer:
             # 2% margin so that the cosine reaches its end before the clock does
             fit = self.state.step + int(0.98 * (budget * 60 - self.state.elapsed_s) / sec_per_step)
             planned = fit if planned is None else min(planned, fit)
-        self.state.planned_steps = max(planned or 10 ** 9, self.state.step)
+        self.state.planned_steps = max(planned or UNPLANNED, self.state.step)
 
     def _lr(self) -> float:
         return lr_at(self.state.step, self.state.planned_steps, self.warmup, self.args.lr, self.min_lr)
@@ -799,8 +800,8 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainError(f"the loss is {loss} at step {st.step}: training diverged; lower --lr (now {self.args.lr}) "
                              "or raise --warmup-steps, and restart from the last checkpoint with --resume")
-        eta = (st.planned_steps - st.step) * sec_per_step if sec_per_step and st.planned_steps < 10 ** 9 else None
-        total = st.planned_steps if st.planned_steps < 10 ** 9 else "?"
+        eta = (st.planned_steps - st.step) * sec_per_step if sec_per_step and st.planned_steps < UNPLANNED else None
+        total = st.planned_steps if st.planned_steps < UNPLANNED else "?"
         self.progress.update(f"step {st.step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:,.1f}k tok/s | "
                              f"{_fmt_time(st.elapsed_s)} | ETA {_fmt_time(eta) if eta is not None else '?'}")
         if self.csv:

@@ -264,6 +264,20 @@ def test_triton_matches_reference_fp32(poisoned_empty, channels_last, width, act
 
 
 @needs_triton
+def test_triton_channels_last_chunk_and_tile_edges(monkeypatch):
+    """Channels-last kernels with small chunks and channel tiles: the 3-row halos between chunks, the rows
+    after a chunk that the backward reads, a last partial chunk and a partial channel tile (dim 6, tile 4)."""
+    monkeypatch.setattr(cc, "_conv_blocks", lambda split, dim, seqlen, backward: (4, 12, 2))
+    inputs, seeds = _conv_case(torch.float32, True, 4, True, True)
+    (out, fin), grads = _conv_run(inputs, seeds, "silu", "triton")
+    (out_r, fin_r), grads_r = _conv_run(inputs, seeds, "silu")
+    assert rel_err(out, out_r) < 1e-5 and rel_err(fin, fin_r) == 0
+    for name, g, gr in zip("x weight bias seq_idx initial_states".split(), grads, grads_r):
+        if gr is not None:
+            assert rel_err(g, gr) < 1e-5, name
+
+
+@needs_triton
 @pytest.mark.parametrize("channels_last", [False, True], ids=["seqlen-contiguous", "channels-last"])
 def test_triton_bf16_within_rule(channels_last):
     """bf16 kernel error <= 2x the error of the PyTorch path in bf16 (both against float64)."""

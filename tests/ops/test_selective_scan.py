@@ -266,8 +266,12 @@ def seq_idx_for(b, l):
 
 
 @needs_triton
-@pytest.mark.parametrize("bc", ["const", "step", "group"])
-def test_triton_fp32_all_options(poisoned, bc):
+@pytest.mark.parametrize("bc,nk", [("const", 1), ("step", 2), ("group", 4)])  # nk: states per thread
+def test_triton_fp32_all_options(poisoned, monkeypatch, bc, nk):
+    from mambakit.ops import _triton_selective_scan as k
+
+    monkeypatch.setitem(k.FWD_CONFIG, "nk", nk)
+    monkeypatch.setitem(k.BWD_CONFIG, "nk", nk)
     check_kernel_rule(bc, torch.float32, seq_idx=seq_idx_for(TRITON_SHAPE["b"], TRITON_SHAPE["l"]))
 
 

@@ -6,6 +6,9 @@ paper, Sec. 8, explains why the SSD layer needs only one all-reduce per layer):
 - in_proj rows [z0, x0, z, x, B, C, dt]: column-parallel, z/x/dt by heads, B/C by groups, z0/x0 (the optional
   MLP part) evenly; conv1d channels [x, B, C] the same way; dt_bias, A_log, D and the gated RMSNorm weight by
   heads (the norm is per group, so with whole groups per rank it needs no communication);
+- ngroups < world (the released checkpoints have ngroups = 1): heads still split, B/C (in_proj rows and conv
+  channels) are replicated on the ranks sharing a group, their gradients summed over those ranks, and the
+  gated RMSNorm all-reduces its sum of squares over them;
 - out_proj: row-parallel, one all-reduce of the (batch, seqlen, d_model) output;
 - attention layers: q by heads, k/v by KV heads (conv1d likewise), out_proj row-parallel; gated MLPs: fc1
   column-parallel, fc2 row-parallel;
@@ -34,8 +37,8 @@ from ..modules.attention import MHA
 from ..modules.block import GatedMLP
 from ..modules.mamba2 import Mamba2
 from ..ops import RMSNormGated
-from .layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, ShardSpec, VocabParallelEmbedding,
-                     group_rank_world, set_sharded_param)
+from .layers import (ColumnParallelLinear, GroupSpanningRMSNormGated, ParallelLMHead, RowParallelLinear, ShardSpec,
+                     VocabParallelEmbedding, group_rank_world, set_sharded_param)
 
 __all__ = ["TPMamba2", "TPMHA", "parallelize", "check_parallelizable", "gather_state_dict", "gather_grads",
            "load_full_state_dict", "setup_from_env", "DistEnv"]
@@ -59,7 +62,7 @@ def _shell(cls, full: nn.Module, group, replaced: tuple[str, ...]):
 
 def _shard_conv(conv: nn.Conv1d, spec: ShardSpec, group) -> nn.Conv1d:
     """Depthwise conv keeping this rank's channels."""
-    channels = conv.out_channels // dist.get_world_size(group)
+    channels = sum(spec.local_sizes(dist.get_world_size(group)))
     new = nn.Conv1d(channels, channels, kernel_size=conv.kernel_size, groups=channels, padding=conv.padding,
                     bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)  # tiny
     set_sharded_param(new, "weight", conv.weight, spec, group)
@@ -70,29 +73,45 @@ def _shard_conv(conv: nn.Conv1d, spec: ShardSpec, group) -> nn.Conv1d:
 
 class TPMamba2(Mamba2):
     """Mamba2 holding this rank's heads and groups; forward/step/cache come from Mamba2 unchanged (its sizes
-    are the local ones), and the row-parallel out_proj sums the ranks' outputs. Build with ``from_full``."""
+    are the local ones), and the row-parallel out_proj sums the ranks' outputs. Build with ``from_full``.
+
+    ngroups < world (the released checkpoints: ngroups = 1): a rank's heads lie in one group, so it holds that
+    group's B/C rows of in_proj and conv channels (replicated on the world // ngroups ranks of the group, their
+    gradients summed over those ranks by a hook, see layers._sum_replicated_grads) and its gated RMSNorm
+    all-reduces the group's sum of squares (GroupSpanningRMSNormGated)."""
 
     @classmethod
     def from_full(cls, full: Mamba2, group) -> "TPMamba2":
-        world = dist.get_world_size(group)
+        rank, world = group_rank_world(group)
         d_mlp, gn = full.d_inner - full.d_ssm, full.ngroups * full.d_state
+        split_groups = full.ngroups % world == 0
+        bc = None if split_groups else full.ngroups  # B/C: one piece per group, replicated when ngroups < world
         new = _shell(cls, full, group, replaced=("in_proj", "conv1d", "norm", "out_proj"))
-        new.nheads, new.ngroups = full.nheads // world, full.ngroups // world
-        new.d_ssm, new.d_inner, new.conv_dim = full.d_ssm // world, full.d_inner // world, full.conv_dim // world
+        new.nheads, new.ngroups = full.nheads // world, full.ngroups // world if split_groups else 1
+        new.d_ssm, new.d_inner = full.d_ssm // world, full.d_inner // world
+        new.conv_dim = new.d_ssm + 2 * new.ngroups * full.d_state
         new.in_proj = ColumnParallelLinear.from_linear(
-            full.in_proj, ShardSpec(0, (d_mlp, d_mlp, full.d_ssm, full.d_ssm, gn, gn, full.nheads)), group)
-        new.conv1d = _shard_conv(full.conv1d, ShardSpec(0, (full.d_ssm, gn, gn)), group)
+            full.in_proj, ShardSpec(0, (d_mlp, d_mlp, full.d_ssm, full.d_ssm, gn, gn, full.nheads),
+                                    (None, None, None, None, bc, bc, None)), group)
+        new.conv1d = _shard_conv(full.conv1d, ShardSpec(0, (full.d_ssm, gn, gn), (None, bc, bc)), group)
         for name in ("dt_bias", "A_log", "D"):  # per head (D per channel when D_has_hdim: heads are contiguous)
             p = getattr(full, name)
             set_sharded_param(new, name, p, ShardSpec(0, (p.shape[0],)), group)
         if full.rmsnorm:
-            norm = RMSNormGated(new.d_ssm, eps=full.norm.eps, group_size=full.norm.group_size,
-                                norm_before_gate=full.norm.norm_before_gate, device=full.norm.weight.device,
-                                dtype=full.norm.weight.dtype)
-            set_sharded_param(norm, "weight", full.norm.weight, ShardSpec(0, (full.d_ssm,)), group)
-            new.norm = norm
+            new.norm = _shard_gated_norm(full.norm, full.ngroups, rank, world, group)
         new.out_proj = RowParallelLinear.from_linear(full.out_proj, ShardSpec(1, (d_mlp, full.d_ssm)), group)
         return new
+
+
+def _shard_gated_norm(norm: RMSNormGated, ngroups: int, rank: int, world: int, group) -> RMSNormGated:
+    """The gated RMSNorm over this rank's channels (split by heads, like the scan's output)."""
+    spec = ShardSpec(0, (norm.weight.shape[0],))
+    if ngroups % world:  # a group spans world // ngroups ranks: rank r holds part of group r // (world // ngroups)
+        return GroupSpanningRMSNormGated(norm, spec, slot=rank // (world // ngroups), nslots=ngroups, group=group)
+    local = RMSNormGated(norm.weight.shape[0] // world, eps=norm.eps, group_size=norm.group_size,
+                         norm_before_gate=norm.norm_before_gate, device=norm.weight.device, dtype=norm.weight.dtype)
+    set_sharded_param(local, "weight", norm.weight, spec, group)  # whole groups here: no communication
+    return local
 
 
 class TPMHA(MHA):
@@ -128,10 +147,9 @@ def _layer_problems(i: int, block: nn.Module, world: int) -> list[str]:
         if mixer.nheads % world:
             out.append(f"layer {i}: Mamba2 nheads={mixer.nheads} is not divisible by {world} "
                        f"(each rank needs whole heads)")
-        if mixer.ngroups % world:
-            out.append(f"layer {i}: Mamba2 ngroups={mixer.ngroups} is not divisible by {world} (each rank needs "
-                       f"whole B/C groups and the gated RMSNorm is per group); use a model with ngroups a multiple "
-                       f"of {world}")
+        if mixer.ngroups % world and world % mixer.ngroups:
+            out.append(f"layer {i}: Mamba2 ngroups={mixer.ngroups} and the world size {world} must divide one "
+                       f"another (a rank holds whole groups, or part of one group whose B/C it replicates)")
         if (mixer.d_inner - mixer.d_ssm) % world:
             out.append(f"layer {i}: Mamba2 MLP part d_inner - d_ssm = {mixer.d_inner - mixer.d_ssm} is not "
                        f"divisible by {world}")

@@ -23,7 +23,8 @@ from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, i
 class Mamba2(nn.Module):
     """Mamba-2 mixer. Input and output: (batch, seqlen, d_model).
 
-    ``use_mem_eff_path`` is accepted for compatibility; ``process_group`` (tensor parallelism) must be None here.
+    ``use_mem_eff_path`` is accepted for compatibility; ``process_group`` must be None here (tensor parallelism:
+    ``mambakit.distributed.parallelize(model, group)`` splits a built model).
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
@@ -37,8 +38,9 @@ class Mamba2(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if process_group is not None:
-            raise NotImplementedError("Mamba2 with a process_group (tensor parallelism) is not available yet in "
-                                      "mambakit; build the layer with process_group=None")
+            raise NotImplementedError("Mamba2 does not take a process_group in mambakit: build the model with "
+                                      "process_group=None, then split it with "
+                                      "mambakit.distributed.parallelize(model, group) (see docs/hybrid_and_tp.md)")
         self.d_model, self.d_state, self.d_conv, self.conv_init, self.expand = d_model, d_state, d_conv, conv_init, expand
         self.d_inner = int(expand * d_model)
         self.headdim = headdim

@@ -1,14 +1,18 @@
 """Triton kernels and launchers of the Mamba-1 selective scan (imported lazily: needs Triton).
 
 Forward: one program per (block of BLOCK_D channels, batch row) walks the sequence in chunks of CHUNK steps.
-Per chunk it loads (CHUNK, BLOCK_D) tiles of u/delta/z and (CHUNK, dstate) tiles of B/C, builds
-dA = exp(dt A) and dBu = dt u B as (CHUNK, BLOCK_D, dstate) and runs ``tl.associative_scan`` along the chunk
-with the first-order-recurrence combine, folding the carried state into the first step.
-Time is the *first* axis on purpose: Triton's default layout spreads lanes and warps over the last axes, so with
-BLOCK_D * dstate = 32 * num_warps every thread owns one (channel, state) pair and scans its CHUNK steps in
-registers (no shuffles); putting time last would spread one chunk over 32 lanes and cost a shuffle per level.
+Per chunk it loads (CHUNK, BLOCK_D) tiles of u/delta/z and B/C for the chunk, builds dA = exp(dt A) and
+dBu = dt u B and runs ``tl.associative_scan`` along time with the first-order-recurrence combine, folding the
+carried state into the first step.
 
-Checkpoints: the state at every SEG-th step (SEG = a multiple of CHUNK, 128 by default) is saved in fp32,
+Tile layout, the performance-critical choice: 4-D tiles (NK, CHUNK, BLOCK_D, NJ) with the state index
+n = k * NJ + j. Triton's default layout fills lanes and warps from the last axis, so with BLOCK_D * NJ = 32 *
+num_warps each thread owns one (channel, j) pair and holds its NK states for all CHUNK steps in registers: the
+scan along time runs inside each thread (no shuffles), and y = sum_n h C costs NK - 1 in-register adds plus
+log2(NJ) shuffle rounds shared by NK states (4 shuffles per element for NK = 1, 0.5 for NK = 4). Larger NK
+means fewer threads (b * d * NJ) and more registers per thread; the GPU script times the trade-off.
+
+Checkpoints: the state at every SEG-th step (SEG a multiple of CHUNK, 128 by default) is saved in fp32,
 (b, nseg, d, n): 1/SEG of the full states. The backward walks the segments in reverse; per segment it first
 re-runs the forward over its sub-chunks writing each sub-chunk's start state to a small per-program scratch
 buffer (L2-resident), then walks the sub-chunks in reverse: recompute the states, then a reverse scan for
@@ -49,12 +53,18 @@ def _reverse_combine(f1, q1, v1, f2, q2, v2):
 
 
 @triton.jit
-def _chunk_terms(u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, t0, L, offs_t, mask_d, mask_n,
+def _sum_n(x):
+    """(NK, CHUNK, BLOCK_D, NJ) -> (CHUNK, BLOCK_D): in-register adds over k, then shuffles over j."""
+    return tl.sum(tl.sum(x, axis=0), axis=2)
+
+
+@triton.jit
+def _chunk_terms(u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, t0, L, offs_t, mask_d, mask_n4,
                  s_ul, s_dtl, s_Bl, s_Cl, s_sl,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr):
     """Loads one chunk starting at step t0. Returns t (CHUNK,) int64, the (CHUNK, BLOCK_D) mask, u, dt (after bias
-    and softplus, 0 past the end so that the state passes through), the pre-softplus x, dA and dBu
-    (CHUNK, BLOCK_D, BLOCK_N), and B, C broadcastable to that shape."""
+    and softplus, 0 past the end so that the state passes through) and the pre-softplus x, all (CHUNK, BLOCK_D);
+    dA and dBu (NK, CHUNK, BLOCK_D, NJ); B and C broadcastable to that shape."""
     t = t0 + offs_t.to(tl.int64)
     mask_t = t < L
     m2 = mask_t[:, None] & mask_d[None, :]
@@ -66,28 +76,40 @@ def _chunk_terms(u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, t0
     if SOFTPLUS:
         dt = _softplus(x)
     dt = tl.where(m2, dt, 0.0)
-    dA = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    dA = tl.exp2(dt[None, :, :, None] * A2[:, None, :, :])
     if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
         cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
         prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
         reset = (cur != prev) & (t > 0) & mask_t
-        dA = tl.where(reset[:, None, None], 0.0, dA)
+        dA = tl.where(reset[None, :, None, None], 0.0, dA)
     if CONST_BC:
-        Bt = Bk[None, :, :]
-        Ct = Ck[None, :, :]
-    else:
-        mnt = mask_t[:, None] & mask_n[None, :]
-        Bt = tl.load(B_base + t[:, None] * s_Bl, mask=mnt, other=0.0).to(tl.float32)[:, None, :]
-        Ct = tl.load(C_base + t[:, None] * s_Cl, mask=mnt, other=0.0).to(tl.float32)[:, None, :]
-    dBu = (dt * u)[:, :, None] * Bt
+        Bt = Bk[:, None, :, :]
+        Ct = Ck[:, None, :, :]
+    else:  # B_ptrs: (NK, 1, 1, NJ) pointers to step 0
+        t4 = t[None, :, None, None]
+        mnt = mask_n4 & (t4 < L)
+        Bt = tl.load(B_ptrs + t4 * s_Bl, mask=mnt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptrs + t4 * s_Cl, mask=mnt, other=0.0).to(tl.float32)
+    dBu = (dt * u)[None, :, :, None] * Bt
     return t, m2, u, dt, x, dA, dBu, Bt, Ct
 
 
 @triton.jit
 def _states(dA, dBu, h, first):
-    """States of one chunk (CHUNK, BLOCK_D, BLOCK_N) given the state h (BLOCK_D, BLOCK_N) before it."""
-    _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[None, :, :], dBu)), 0, _recurrence_combine)
+    """States of one chunk (NK, CHUNK, BLOCK_D, NJ) given the state h (NK, BLOCK_D, NJ) before it."""
+    _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[:, None, :, :], dBu)), 1, _recurrence_combine)
     return hs
+
+
+@triton.jit
+def _state_index(pid_d, DIM, NSTATE, BLOCK_D: tl.constexpr, NK: tl.constexpr, NJ: tl.constexpr):
+    """Channel offsets (BLOCK_D,), their mask, and for state-shaped (NK, BLOCK_D, NJ) tensors: the state index
+    n (NK, 1, NJ), the offset d * NSTATE + n (int64) and the mask."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n3 = tl.arange(0, NK)[:, None, None] * NJ + tl.arange(0, NJ)[None, None, :]
+    d3 = offs_d.to(tl.int64)[None, :, None]
+    mask_s = (offs_d < DIM)[None, :, None] & (n3 < NSTATE)
+    return offs_d, offs_d < DIM, n3, d3 * NSTATE + n3, mask_s
 
 
 @triton.jit
@@ -99,69 +121,66 @@ def _scan_fwd_kernel(
     s_zb, s_zd, s_zl, s_ob, s_od, s_ol, s_hb, s_hd, s_hn, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
+    BLOCK_D: tl.constexpr, NK: tl.constexpr, NJ: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_d, mask_d, n3, st_off, mask_s = _state_index(pid_d, DIM, NSTATE, BLOCK_D, NK, NJ)
     offs_t = tl.arange(0, CHUNK)
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NSTATE
-    mask_dn = mask_d[:, None] & mask_n[None, :]
     d64 = offs_d.to(tl.int64)
-    A2 = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+    d3 = d64[None, :, None]
+    A2 = tl.load(A_ptr + d3 * s_Ad + n3 * s_An, mask=mask_s, other=0.0).to(tl.float32)
     A2 = A2 * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    n4 = n3[:, None, :, :]  # (NK, 1, 1, NJ)
     Bk = A2  # placeholders when B and C vary per step
     Ck = A2
-    B_base = B_ptr
-    C_base = C_ptr
+    B_ptrs = B_ptr
+    C_ptrs = C_ptr
     if CONST_BC:  # B, C: (d, n), s_Bx the channel stride
-        Bk = tl.load(B_ptr + d64[:, None] * s_Bx + offs_n[None, :] * s_Bn, mask=mask_dn, other=0.0).to(tl.float32)
-        Ck = tl.load(C_ptr + d64[:, None] * s_Cx + offs_n[None, :] * s_Cn, mask=mask_dn, other=0.0).to(tl.float32)
+        Bk = tl.load(B_ptr + d3 * s_Bx + n3 * s_Bn, mask=mask_s, other=0.0).to(tl.float32)
+        Ck = tl.load(C_ptr + d3 * s_Cx + n3 * s_Cn, mask=mask_s, other=0.0).to(tl.float32)
     else:  # B, C: (b, g, n, l), s_Bx the group stride (0 for (b, n, l)); a program never straddles two groups
         group = ((pid_d * BLOCK_D) // DIM_PER_GROUP).to(tl.int64)
-        B_base = B_ptr + pid_b * s_Bb + group * s_Bx + offs_n[None, :] * s_Bn
-        C_base = C_ptr + pid_b * s_Cb + group * s_Cx + offs_n[None, :] * s_Cn
+        B_ptrs = B_ptr + pid_b * s_Bb + group * s_Bx + n4 * s_Bn
+        C_ptrs = C_ptr + pid_b * s_Cb + group * s_Cx + n4 * s_Cn
+    mask_n4 = n4 < NSTATE
     u_base = u_ptr + pid_b * s_ub + d64[None, :] * s_ud
     dt_base = dt_ptr + pid_b * s_dtb + d64[None, :] * s_dtd
     z_base = z_ptr + pid_b * s_zb + d64[None, :] * s_zd
     o_base = out_ptr + pid_b * s_ob + d64[None, :] * s_od
     seq_base = seq_ptr + pid_b * s_sb
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * s_hb + d64[:, None] * s_hd + offs_n[None, :] * s_hn, mask=mask_dn,
-                    other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + pid_b * s_hb + d3 * s_hd + n3 * s_hn, mask=mask_s, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    first = (offs_t == 0)[:, None, None]
-    last = (offs_t == CHUNK - 1)[:, None, None]
-    dn_off = d64[:, None] * NSTATE + offs_n[None, :]
+        h = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
+    first = (offs_t == 0)[None, :, None, None]
+    last = (offs_t == CHUNK - 1)[None, :, None, None]
     nseg = tl.cdiv(L, SEG)
-    st_ptr = states_ptr + pid_b * nseg * DIM * NSTATE + dn_off  # moves one checkpoint per segment
+    st_ptr = states_ptr + pid_b * nseg * DIM * NSTATE + st_off  # moves one checkpoint per segment
     for s in range(nseg):
         if STORE_STATES:
-            tl.store(st_ptr, h, mask=mask_dn)
+            tl.store(st_ptr, h, mask=mask_s)
             st_ptr += DIM * NSTATE
         nsub = tl.minimum(SEG // CHUNK, tl.cdiv(L - s * SEG, CHUNK))
         for j in range(nsub):
             t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
-                u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
-                mask_d, mask_n, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
+                u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
+                mask_d, mask_n4, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
             hs = _states(dA, dBu, h, first)
-            h = tl.sum(tl.where(last, hs, 0.0), axis=0)
-            y = tl.sum(hs * Ct, axis=2)  # (CHUNK, BLOCK_D)
+            h = tl.sum(tl.where(last, hs, 0.0), axis=1)
+            y = _sum_n(hs * Ct)  # (CHUNK, BLOCK_D)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
                 zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
                 y *= zv * tl.sigmoid(zv)
             tl.store(o_base + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
-    tl.store(last_ptr + pid_b * DIM * NSTATE + dn_off, h, mask=mask_dn)
+    tl.store(last_ptr + pid_b * DIM * NSTATE + st_off, h, mask=mask_s)
 
 
 @triton.jit
@@ -174,126 +193,126 @@ def _scan_bwd_kernel(
     s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
+    BLOCK_D: tl.constexpr, NK: tl.constexpr, NJ: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
 ):
     """Gradients. du, ddt, dz: contiguous (b, d, l); dB, dC: fp32 (b, g, n, l) zeroed (atomics) or, when
     constant, (b, d, n) partials; dA: (b, d, n) partials; dD, dbias: (b, d) partials; dh0: (b, d, n);
-    scratch: (b, cdiv(d, BLOCK_D), SEG // CHUNK, BLOCK_D, BLOCK_N) fp32."""
+    scratch: (b, cdiv(d, BLOCK_D), SEG // CHUNK, BLOCK_D * NK * NJ) fp32."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_d, mask_d, n3, st_off, mask_s = _state_index(pid_d, DIM, NSTATE, BLOCK_D, NK, NJ)
     offs_t = tl.arange(0, CHUNK)
-    mask_d = offs_d < DIM
-    mask_n = offs_n < NSTATE
-    mask_dn = mask_d[:, None] & mask_n[None, :]
     d64 = offs_d.to(tl.int64)
-    A = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+    d3 = d64[None, :, None]
+    A = tl.load(A_ptr + d3 * s_Ad + n3 * s_An, mask=mask_s, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    n4 = n3[:, None, :, :]
     Bk = A
     Ck = A
-    B_base = B_ptr
-    C_base = C_ptr
-    dBC_off = pid_b
+    B_ptrs = B_ptr
+    C_ptrs = C_ptr
+    dBC_ptrs = dB_ptr
     if CONST_BC:
-        Bk = tl.load(B_ptr + d64[:, None] * s_Bx + offs_n[None, :] * s_Bn, mask=mask_dn, other=0.0).to(tl.float32)
-        Ck = tl.load(C_ptr + d64[:, None] * s_Cx + offs_n[None, :] * s_Cn, mask=mask_dn, other=0.0).to(tl.float32)
+        Bk = tl.load(B_ptr + d3 * s_Bx + n3 * s_Bn, mask=mask_s, other=0.0).to(tl.float32)
+        Ck = tl.load(C_ptr + d3 * s_Cx + n3 * s_Cn, mask=mask_s, other=0.0).to(tl.float32)
     else:
         group = ((pid_d * BLOCK_D) // DIM_PER_GROUP).to(tl.int64)
-        B_base = B_ptr + pid_b * s_Bb + group * s_Bx + offs_n[None, :] * s_Bn
-        C_base = C_ptr + pid_b * s_Cb + group * s_Cx + offs_n[None, :] * s_Cn
-        dBC_off = ((pid_b * NGROUPS + group) * NSTATE + offs_n[None, :]) * L  # (1, BLOCK_N) in (b, g, n, l)
-    dB_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dC_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        B_ptrs = B_ptr + pid_b * s_Bb + group * s_Bx + n4 * s_Bn
+        C_ptrs = C_ptr + pid_b * s_Cb + group * s_Cx + n4 * s_Cn
+        dBC_off = ((pid_b * NGROUPS + group) * NSTATE + n3) * L  # (NK, 1, NJ) in (b, g, n, l)
+    mask_n4 = n4 < NSTATE
+    dB_acc = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
+    dC_acc = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
     u_base = u_ptr + pid_b * s_ub + d64[None, :] * s_ud
     dt_base = dt_ptr + pid_b * s_dtb + d64[None, :] * s_dtd
     z_base = z_ptr + pid_b * s_zb + d64[None, :] * s_zd
     g_base = dout_ptr + pid_b * s_gb + d64[None, :] * s_gd
     bdl = (pid_b * DIM + d64[None, :]) * L  # (1, BLOCK_D) in contiguous (b, d, l)
     seq_base = seq_ptr + pid_b * s_sb
-    dn_off = d64[:, None] * NSTATE + offs_n[None, :]
-    scr_ptr = (scratch_ptr + (pid_b * tl.num_programs(0) + pid_d) * ((SEG // CHUNK) * BLOCK_D * BLOCK_N)
-               + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :])
+    scr_ptr = (scratch_ptr + (pid_b * tl.num_programs(0) + pid_d) * ((SEG // CHUNK) * BLOCK_D * NK * NJ)
+               + (tl.arange(0, NK)[:, None, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :, None]) * NJ
+               + tl.arange(0, NJ)[None, None, :])
     nseg = tl.cdiv(L, SEG)
-    st_ptr = states_ptr + ((pid_b + 1) * nseg - 1) * DIM * NSTATE + dn_off  # the last checkpoint, walked back
+    st_ptr = states_ptr + ((pid_b + 1) * nseg - 1) * DIM * NSTATE + st_off  # the last checkpoint, walked back
     if HAS_DLAST:
-        Gc = tl.load(dlast_ptr + pid_b * DIM * NSTATE + dn_off, mask=mask_dn, other=0.0)
+        Gc = tl.load(dlast_ptr + pid_b * DIM * NSTATE + st_off, mask=mask_s, other=0.0)
     else:
-        Gc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        Gc = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
+    dA_acc = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    first = (offs_t == 0)[:, None, None]
-    last = (offs_t == CHUNK - 1)[:, None, None]
+    first = (offs_t == 0)[None, :, None, None]
+    last = (offs_t == CHUNK - 1)[None, :, None, None]
     for i in range(nseg):
         s = nseg - 1 - i
-        h = tl.load(st_ptr, mask=mask_dn, other=0.0)
+        h = tl.load(st_ptr, mask=mask_s, other=0.0)
         st_ptr -= DIM * NSTATE
         nsub = tl.minimum(SEG // CHUNK, tl.cdiv(L - s * SEG, CHUNK))
         for j in range(nsub):  # forward over the segment: the start state of every sub-chunk to scratch
-            tl.store(scr_ptr + j * (BLOCK_D * BLOCK_N), h)
+            tl.store(scr_ptr + j * (BLOCK_D * NK * NJ), h)
             t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
-                u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
-                mask_d, mask_n, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
-            h = tl.sum(tl.where(last, _states(dA, dBu, h, first), 0.0), axis=0)
+                u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
+                mask_d, mask_n4, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
+            h = tl.sum(tl.where(last, _states(dA, dBu, h, first), 0.0), axis=1)
         tl.debug_barrier()  # scratch written above is read below, possibly by other threads
         for jj in range(nsub):
             j = nsub - 1 - jj
-            h_in = tl.load(scr_ptr + j * (BLOCK_D * BLOCK_N))
+            h_in = tl.load(scr_ptr + j * (BLOCK_D * NK * NJ))
             t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
-                u_base, dt_base, B_base, C_base, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
-                mask_d, mask_n, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
+                u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
+                mask_d, mask_n4, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
             hs = _states(dA, dBu, h_in, first)
             dy = tl.load(g_base + t[:, None] * s_gl, mask=m2, other=0.0).to(tl.float32)
             if HAS_Z:
                 zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
                 sz = tl.sigmoid(zv)
-                y = tl.sum(hs * Ct, axis=2)
+                y = _sum_n(hs * Ct)
                 if HAS_D:
                     y += Dv[None, :] * u
                 dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
                 tl.store(dz_ptr + bdl + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m2)
                 dy = dy * zv * sz
-            dyC = dy[:, :, None] * Ct
-            dyC = tl.where(last, dyC + Gc[None, :, :], dyC)  # gradient arriving from the next chunk
-            _, _, g = tl.associative_scan((dA, tl.full(dA.shape, 1.0, tl.float32), dyC), 0, _reverse_combine,
+            dy4 = dy[None, :, :, None]
+            dyC = dy4 * Ct
+            dyC = tl.where(last, dyC + Gc[:, None, :, :], dyC)  # gradient arriving from the next chunk
+            _, _, g = tl.associative_scan((dA, tl.full(dA.shape, 1.0, tl.float32), dyC), 1, _reverse_combine,
                                           reverse=True)  # g_t = dL/dh_t
-            Gc = tl.sum(tl.where(first, g * dA, 0.0), axis=0)  # into the state before this chunk
+            Gc = tl.sum(tl.where(first, g * dA, 0.0), axis=1)  # into the state before this chunk
             w = g * (hs - dBu)  # g_t dA_t h_{t-1} = dL/d(dt_t A)
-            gB = tl.sum(g * Bt, axis=2)  # (CHUNK, BLOCK_D)
-            ddt = tl.sum(w * A[None, :, :], axis=2) + gB * u
+            gB = _sum_n(g * Bt)  # (CHUNK, BLOCK_D)
+            ddt = _sum_n(w * A[:, None, :, :]) + gB * u
             du = gB * dt
             if HAS_D:
                 du += Dv[None, :] * dy
                 dD_acc += tl.sum(dy * u, axis=0)
-            dA_acc += tl.sum(w * dt[:, :, None], axis=0)
+            dA_acc += tl.sum(w * dt[None, :, :, None], axis=1)
             if SOFTPLUS:
                 ddt = tl.where(x > 20.0, ddt, ddt * tl.sigmoid(x))
             ddt = tl.where(m2, ddt, 0.0)
             dbias_acc += tl.sum(ddt, axis=0)
             tl.store(du_ptr + bdl + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddt_ptr + bdl + t[:, None], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
-            dtu = (dt * u)[:, :, None]
+            dtu4 = (dt * u)[None, :, :, None]
             if CONST_BC:
-                dB_acc += tl.sum(g * dtu, axis=0)
-                dC_acc += tl.sum(hs * dy[:, :, None], axis=0)
-            else:
-                mnt = (t < L)[:, None] & mask_n[None, :]
-                tl.atomic_add(dB_ptr + dBC_off + t[:, None], tl.sum(g * dtu, axis=1), mask=mnt, sem="relaxed")
-                tl.atomic_add(dC_ptr + dBC_off + t[:, None], tl.sum(hs * dy[:, :, None], axis=1), mask=mnt,
-                              sem="relaxed")
+                dB_acc += tl.sum(g * dtu4, axis=1)
+                dC_acc += tl.sum(hs * dy4, axis=1)
+            else:  # per-step dB, dC: (NK, CHUNK, NJ) summed over this program's channels
+                t3 = t[None, :, None]
+                mnt = (n3 < NSTATE) & (t3 < L)
+                tl.atomic_add(dB_ptr + dBC_off + t3, tl.sum(g * dtu4, axis=2), mask=mnt, sem="relaxed")
+                tl.atomic_add(dC_ptr + dBC_off + t3, tl.sum(hs * dy4, axis=2), mask=mnt, sem="relaxed")
         tl.debug_barrier()  # the next segment overwrites the scratch read above
-    bdn = pid_b * DIM * NSTATE + dn_off
-    tl.store(dh0_ptr + bdn, Gc, mask=mask_dn)
-    tl.store(dA_ptr + bdn, dA_acc, mask=mask_dn)
+    bdn = pid_b * DIM * NSTATE + st_off
+    tl.store(dh0_ptr + bdn, Gc, mask=mask_s)
+    tl.store(dA_ptr + bdn, dA_acc, mask=mask_s)
     if CONST_BC:
-        tl.store(dB_ptr + bdn, dB_acc, mask=mask_dn)
-        tl.store(dC_ptr + bdn, dC_acc, mask=mask_dn)
+        tl.store(dB_ptr + bdn, dB_acc, mask=mask_s)
+        tl.store(dC_ptr + bdn, dC_acc, mask=mask_s)
     tl.store(dD_ptr + pid_b * DIM + d64, dD_acc, mask=mask_d)
     tl.store(dbias_ptr + pid_b * DIM + d64, dbias_acc, mask=mask_d)
 
@@ -302,11 +321,11 @@ def _scan_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-# chunk: steps per loop iteration (registers per thread grow with it); seg: steps between saved states.
-# num_warps None: BLOCK_D * BLOCK_N / 32, so that each thread owns one (channel, state) pair.
-# The GPU script (scripts/gpu_check_mamba1.py) times variants of these.
-FWD_CONFIG = dict(block_d=8, chunk=16, seg=128, num_warps=None)
-BWD_CONFIG = dict(block_d=8, chunk=16, num_warps=None)
+# nk: states per thread; chunk: steps per loop iteration (registers per thread ~ nk * chunk per tile);
+# seg: steps between saved states. num_warps None: block_d * (n / nk) / 32, so that every thread owns one
+# (channel, j) pair. The GPU script (scripts/gpu_check_mamba1.py) times variants of these.
+FWD_CONFIG = dict(block_d=8, nk=1, chunk=16, seg=128, num_warps=None)
+BWD_CONFIG = dict(block_d=8, nk=1, chunk=16, num_warps=None)
 
 # Every buffer a kernel fills is allocated through these two, so that tests can poison them with NaN.
 _empty, _empty_like = torch.empty, torch.empty_like
@@ -321,18 +340,19 @@ def _bc_strides(M: torch.Tensor):
     return M.stride()
 
 
-def _blocks(u, A, B, block_d, chunk, num_warps):
-    """(BLOCK_D, BLOCK_N, CHUNK, num_warps). A program never straddles two groups of B/C."""
+def _blocks(u, A, B, cfg, chunk):
+    """Kernel meta-parameters from a config: BLOCK_D, NK, NJ, CHUNK and num_warps.
+    A program never straddles two groups of B/C."""
     d, l = u.shape[1], u.shape[2]
     g = B.shape[1] if B.dim() == 4 else 1
-    block_d = min(block_d, triton.next_power_of_2(d))
+    block_d = min(cfg["block_d"], triton.next_power_of_2(d))
     while g > 1 and (d // g) % block_d:
         block_d //= 2
     BN = max(2, triton.next_power_of_2(A.shape[1]))
+    nk = min(cfg["nk"], BN)
     chunk = max(2, min(chunk, triton.next_power_of_2(max(l, 1))))
-    if num_warps is None:
-        num_warps = max(1, min(8, block_d * BN // 32))
-    return block_d, BN, chunk, num_warps
+    warps = cfg["num_warps"] or max(1, min(8, block_d * (BN // nk) // 32))
+    return dict(BLOCK_D=block_d, NK=nk, NJ=BN // nk, CHUNK=chunk, num_warps=warps)
 
 
 def _config(defaults: dict, **overrides) -> dict:
@@ -351,20 +371,20 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_s
     cfg = _config(FWD_CONFIG, **overrides)
     b, d, l = u.shape
     n = A.shape[1]
-    BD, BN, T, warps = _blocks(u, A, B, cfg["block_d"], cfg["chunk"], cfg["num_warps"])
-    seg = max(T, min(cfg["seg"], triton.next_power_of_2(max(l, 1))))
+    meta = _blocks(u, A, B, cfg, cfg["chunk"])
+    seg = max(meta["CHUNK"], min(cfg["seg"], triton.next_power_of_2(max(l, 1))))
     out = _empty_like(u)
     last = _empty(b, d, n, device=u.device, dtype=torch.float32)
     states = _empty(b, triton.cdiv(l, seg), d, n, device=u.device, dtype=torch.float32) if store_states else None
     z_, h0_, seq_ = _opt(z, u), _opt(h0, last), _opt(seq_idx, u)
-    _scan_fwd_kernel[(triton.cdiv(d, BD), b)](
+    _scan_fwd_kernel[(triton.cdiv(d, meta["BLOCK_D"]), b)](
         u, delta, A, B, C, _opt(D, u), z_, _opt(delta_bias, u), h0_, seq_, out, last, _opt(states, last),
         l, d, n, d // (B.shape[1] if B.dim() == 4 else 1),
         *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
         *z_.stride(), *out.stride(), *h0_.stride(), *(seq_.stride()[:2] if seq_idx is not None else (0, 0)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
         HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, CONST_BC=B.dim() == 2, STORE_STATES=store_states,
-        BLOCK_D=BD, BLOCK_N=BN, CHUNK=T, SEG=seg, num_warps=warps,
+        SEG=seg, **meta,
     )
     return out, last, states, seg
 
@@ -376,7 +396,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dl
     b, d, l = u.shape
     n = A.shape[1]
     g = B.shape[1] if B.dim() == 4 else 1
-    BD, BN, T, warps = _blocks(u, A, B, cfg["block_d"], min(cfg["chunk"], seg), cfg["num_warps"])
+    meta = _blocks(u, A, B, cfg, min(cfg["chunk"], seg))
     dev, f32 = u.device, torch.float32
     du = _empty(b, d, l, device=dev, dtype=u.dtype)
     ddt = _empty(b, d, l, device=dev, dtype=delta.dtype)
@@ -386,8 +406,9 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dl
     dC = _empty_like(dB) if const else torch.zeros_like(dB)
     dA, dh0 = (_empty(b, d, n, device=dev, dtype=f32) for _ in range(2))
     dD, dbias = (_empty(b, d, device=dev, dtype=f32) for _ in range(2))
-    grid = (triton.cdiv(d, BD), b)
-    scratch = torch.empty(b * grid[0] * (seg // T) * BD * BN, device=dev, dtype=f32)
+    grid = (triton.cdiv(d, meta["BLOCK_D"]), b)
+    scratch = torch.empty(b * grid[0] * (seg // meta["CHUNK"]) * meta["BLOCK_D"] * meta["NK"] * meta["NJ"],
+                          device=dev, dtype=f32)
     z_, seq_ = _opt(z, u), _opt(seq_idx, u)
     dlast_ = dlast.to(f32).contiguous() if dlast is not None else dh0
     _scan_bwd_kernel[grid](
@@ -397,8 +418,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dl
         *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
         *z_.stride(), *dout.stride(), *(seq_.stride()[:2] if seq_idx is not None else (0, 0)),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_DLAST=dlast is not None, HAS_SEQ=seq_idx is not None, CONST_BC=const,
-        BLOCK_D=BD, BLOCK_N=BN, CHUNK=T, SEG=seg, num_warps=warps,
+        HAS_DLAST=dlast is not None, HAS_SEQ=seq_idx is not None, CONST_BC=const, SEG=seg, **meta,
     )
     if const:
         dB, dC = dB.sum(0), dC.sum(0)

@@ -158,7 +158,7 @@ def _check_fn_inputs(x, weight, bias, seq_idx, initial_states, final_states_out,
         check_same_device("x", x, **{name: t})
         if t.dtype != x.dtype:
             fail(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast it with .to(x.dtype)")
-    check_seq_idx(seq_idx, batch, seqlen, x.device)
+    check_seq_idx(seq_idx, batch, seqlen, x.device)  # syncs once per seq_idx tensor, not per call
 
 
 def _check_update_inputs(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices):
@@ -984,19 +984,20 @@ class _CausalConv1dFn(torch.autograd.Function):
     """causal_conv1d_fn on the kernels; returns (out, final_states) and takes the gradient of both."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation):
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states):
         out = _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation)
-        final_states = _final_states(x, initial_states, weight.shape[1]).clone()
         ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
         ctx.activation = activation
         ctx.set_materialize_grads(False)
-        return out, final_states
+        if not return_final_states:  # no extra launch (the copy below) when nobody asked for them
+            return out
+        return out, _final_states(x, initial_states, weight.shape[1]).clone()
 
     @staticmethod
-    def backward(ctx, dout, dfinal):
+    def backward(ctx, dout, dfinal=None):
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
         width = weight.shape[1]
-        dout = torch.zeros_like(x) if dout is None else dout
+        dout = torch.zeros_like(x) if dout is None else dout  # only final_states was used: rare
         dx, dweight, dbias = _conv_bwd_triton(x, weight, bias, seq_idx, initial_states, dout, ctx.activation)
         dinit = None
         if initial_states is not None and ctx.needs_input_grad[4]:
@@ -1005,7 +1006,7 @@ class _CausalConv1dFn(torch.autograd.Function):
         if dfinal is not None and width > 1:
             _add_final_states_grad(dx, dinit, dfinal, width)
         dbias = dbias.to(bias.dtype) if dbias is not None else None
-        return dx, dweight.to(weight.dtype), dbias, None, dinit, None
+        return dx, dweight.to(weight.dtype), dbias, None, dinit, None, None
 
 
 def _use_conv_kernels(x, width):
@@ -1043,7 +1044,9 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     _check_fn_inputs(x, weight, bias, seq_idx, initial_states, final_states_out, activation)
     width = weight.shape[1]
     if _use_conv_kernels(x, width):
-        out, final_states = _CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states, activation)
+        if not return_final_states:
+            return _CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states, activation, False)
+        out, final_states = _CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states, activation, True)
     else:
         out = _conv_torch(x, weight, bias, seq_idx, initial_states, activation).to(x.dtype)
         final_states = _final_states(x, initial_states, width)
@@ -1069,11 +1072,12 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     Returns out shaped like x, in x's dtype. Not differentiable (a decoding op).
     """
     _check_update_inputs(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-    x3 = x.unsqueeze(-1) if x.dim() == 2 else x  # (batch, dim, seqlen)
-    with torch.no_grad():
-        if _use_conv_kernels(x, weight.shape[1]):
-            out = _update_triton(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-        else:
+    x3 = x.unsqueeze(-1) if x.dim() == 2 else x  # (batch, dim, seqlen), a view
+    if _use_conv_kernels(x, weight.shape[1]):
+        # one launch, no copies or casts: the kernel reads any strides and dtypes (decode speed is launch-bound)
+        out = _update_triton(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    else:
+        with torch.no_grad():
             out = _update_torch(x3, conv_state, weight, bias, activation, cache_seqlens,
                                 conv_state_indices).to(x.dtype)
     return out.squeeze(-1) if x.dim() == 2 else out

@@ -214,8 +214,10 @@ def _rms_bwd_kernel(
     bias = tl.zeros_like(w)
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), tl.float32)
+    # 2-D accumulators, reduced over rows once after the loop: a reduction across rows per tile would cost
+    # a shared-memory round trip and a barrier per tile
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     start = tl.program_id(0) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
     for m0 in range(start, end, BLOCK_M):
@@ -237,8 +239,8 @@ def _rms_bwd_kernel(
                 xhat = s * gate * rstd
         else:
             xhat = s * rstd
-        dw_acc += tl.sum(dy * xhat, axis=0)
-        db_acc += tl.sum(dy, axis=0)
+        dw_acc += dy * xhat
+        db_acc += dy
         u = dy * w[None, :]
         ds = (u - xhat * (tl.sum(u * xhat, axis=1) / group_size)[:, None]) * rstd
         if HAS_Z and not NORM_BEFORE_GATE:
@@ -250,8 +252,9 @@ def _rms_bwd_kernel(
         if STORE_DR:
             tl.store(dr_ptr + r64 * sdr + cols[None, :], ds.to(dr_ptr.dtype.element_ty), mask=mask)
     part = tl.program_id(0).to(tl.int64) * tl.num_programs(1) * group_size
-    tl.store(dw_ptr + part + cols, dw_acc, mask=cmask)
-    tl.store(db_ptr + part + cols, db_acc, mask=cmask)
+    tl.store(dw_ptr + part + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+    if HAS_BIAS:
+        tl.store(db_ptr + part + cols, tl.sum(db_acc, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def _rms_bwd(s2, z2, weight, bias, dy2, dres2, rstd, group_size, norm_before_gat
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_parts), block_m) * block_m
     n_parts = triton.cdiv(n_rows, rows_per_program)
     dw_part = torch.empty(n_parts, hidden, device=s2.device, dtype=torch.float32)
-    db_part = torch.empty(n_parts, hidden, device=s2.device, dtype=torch.float32)
+    db_part = torch.empty(n_parts, hidden, device=s2.device, dtype=torch.float32) if bias is not None else dw_part
     _rms_bwd_kernel[(n_parts, ngroups)](
         s2, _or(z2, s2), weight, _or(bias, weight), dy2, _or(dres2, dy2), rstd, dx, _or(dr, dx), _or(dz, dx),
         dw_part, db_part, n_rows, group_size, rows_per_program,

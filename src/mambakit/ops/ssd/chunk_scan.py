@@ -304,15 +304,20 @@ def _chunk_scan_bwd_dbc_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _scan_blocks(Q: int, headdim: int, dstate: int, blocks: dict):
-    BM = blocks.get("BLOCK_M") or min(64, Q)
-    BK = blocks.get("BLOCK_K") or min(BM, 64)
+def _scan_blocks(Q: int, headdim: int, dstate: int, blocks: dict, dtype):
+    """(BLOCK_M, BLOCK_K, BLOCK_P, BLOCK_N). fp32 dots run without tensor cores and need smaller tiles to
+    stay in registers (checked with ptxas -v for sm_90)."""
+    wide = 32 if dtype == torch.float32 else 64
+    BM = min(Q, blocks.get("BLOCK_M") or wide)
+    BK = min(BM, blocks.get("BLOCK_K") or wide)
     if Q % BM or BM % BK:
         raise ValueError(f"block sizes must divide: chunk {Q}, BLOCK_M {BM}, BLOCK_K {BK}")
     return BM, BK, max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
 
 
-def _launch_opts(blocks: dict, num_warps: int = 4):
+def _launch_opts(blocks: dict, dtype, num_warps: int = 4):
+    if dtype == torch.float32:
+        num_warps = 8
     return dict(num_warps=blocks.get("num_warps", num_warps), num_stages=blocks.get("num_stages", 2))
 
 
@@ -326,7 +331,7 @@ def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=N
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks = dt_p.shape[2]
-    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks)
+    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks, x.dtype)
     out = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
     y = torch.empty_like(out) if z is not None else out
     zz = z if z is not None else x
@@ -338,7 +343,7 @@ def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=N
         l, h, nchunks, h // g, p, n,
         *x.stride(), *B.stride(), *C.stride(), *zz.stride(), seq.stride(0), seq.stride(1), *D_strides,
         Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks),
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, x.dtype),
     )
     return out, (y if z is not None else None)
 
@@ -352,7 +357,7 @@ def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, D, seq_idx, Q: int, blo
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks = dt_p.shape[2]
-    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks)
+    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks, x.dtype)
     dx = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
     ddt_dir = torch.empty_like(dt_p)
     f = torch.empty_like(dt_p)
@@ -365,7 +370,7 @@ def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, D, seq_idx, Q: int, blo
         l, h, nchunks, h // g, p, n,
         *x.stride(), *B.stride(), *C.stride(), seq.stride(0), seq.stride(1), *D_strides,
         Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, HAS_D=D is not None,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, 8),
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, x.dtype, 8),
     )
     dD = None
     if D is not None:
@@ -391,7 +396,7 @@ def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: in
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks = dt_p.shape[2]
-    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks)
+    BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks, x.dtype)
     hpg = h // g
     split = _head_split(b, nchunks, Q // BM, g, hpg, blocks)
     seq = seq_idx if seq_idx is not None else dt_p
@@ -406,7 +411,7 @@ def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: in
             l, h, nchunks, hpg, hpg // split, p, n,
             *u.stride(), *v.stride(), *K.stride(), *R.stride(), seq.stride(0), seq.stride(1),
             Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, IS_DB=is_db, HAS_SEQ=seq_idx is not None,
-            DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, 8),
+            DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, x.dtype, 8),
         )
         grads.append(part[0] if split == 1 else part.sum(0))
     return grads[0].to(B.dtype), grads[1].to(C.dtype), e, rows, cols

@@ -59,43 +59,49 @@ def _state_fwd_kernel(
     mask_pn = mask_p[:, None] & mask_n[None, :]
     dtype = x_ptr.dtype.element_ty
 
-    x_base = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p[:, None] * stride_x_p  # (BLOCK_P, 1)
-    B_base = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g + offs_n[None, :] * stride_B_n
+    # 64-bit scalar bases, 32-bit offsets inside a slice (1M-token inputs overflow int32)
+    x_b = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h
+    B_b = B_ptr + pid_b * stride_B_b + (pid_h // heads_per_group) * stride_B_g
+    xT_offs = offs_p[:, None] * stride_x_p + offs_kb[None, :] * stride_x_l  # (BLOCK_P, BLOCK_K)
+    B_offs = offs_kb[:, None] * stride_B_l + offs_n[None, :] * stride_B_n  # (BLOCK_K, BLOCK_N)
     row = (pid_b * nheads + pid_h) * nchunks  # row of (b, h, c=0) in the (b, h, c, Q) stage-1 outputs
     chunk_stride = nheads * headdim * dstate  # states: (b, c, h, p, n)
-    st_ptrs = (states_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
-               + offs_p[:, None] * dstate + offs_n[None, :])
+    st_b = states_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
+    tile = offs_p[:, None] * dstate + offs_n[None, :]
     if HAS_INIT:
         state = tl.load(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs_p[:, None] * stride_init_p
                         + offs_n[None, :] * stride_init_n, mask=mask_pn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    seq_base = seq_ptr + pid_b * stride_seq_b
-    for c in range(nchunks):
-        tl.store(st_ptrs, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
-        a_end = tl.load(dA_cs_ptr + (row + c) * Q + Q - 1)
+    seq_b = seq_ptr + pid_b * stride_seq_b
+    # one flat loop over (chunk, slice of BLOCK_K positions) so that loads stay pipelined across chunks
+    for it in range(nchunks * (Q // BLOCK_K)):
+        c = it // (Q // BLOCK_K)
+        k0 = (it % (Q // BLOCK_K)) * BLOCK_K
+        first = k0 == 0
+        chunk_row = (row + c) * Q
+        a_end = tl.load(dA_cs_ptr + chunk_row + Q - 1)
         decay = tl.exp(a_end)
         if HAS_SEQ:
-            seq_prev, seq_end = _seq_ends(seq_base, stride_seq_l, c, seqlen, Q)
+            seq_prev, seq_end = _seq_ends(seq_b, stride_seq_l, c, seqlen, Q)
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
-        state = state * decay
-        # the chunk's contribution in BLOCK_K slices: small tiles keep shared memory low and occupancy up
-        for k0 in range(0, Q, BLOCK_K):
-            offs_k = k0 + offs_kb
-            pos = (c * Q + offs_k).to(tl.int64)
-            mask_k = pos < seqlen
-            a = tl.load(dA_cs_ptr + (row + c) * Q + offs_k)
-            w = tl.exp(a_end - a) * tl.load(dt_ptr + (row + c) * Q + offs_k)  # (BLOCK_K,)
-            if HAS_SEQ:
-                seq = tl.load(seq_base + pos * stride_seq_l, mask=mask_k, other=0)
-                w = tl.where(seq == seq_end, w, 0.0)
-            xT = tl.load(x_base + pos[None, :] * stride_x_l, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            Bk = tl.load(B_base + pos[:, None] * stride_B_l, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            Bw = (Bk.to(tl.float32) * w[:, None]).to(dtype)
-            state = tl.dot(xT.to(dtype), Bw, state, input_precision=DOT_PREC)
-        st_ptrs += chunk_stride
-    tl.store(final_ptr + (pid_b * nheads + pid_h) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
-             state, mask=mask_pn)
+        # entering chunk c: store the state the chunk starts from, then decay it over the chunk
+        tl.store(st_b + tl.cast(c, tl.int64) * chunk_stride + tile, state.to(states_ptr.dtype.element_ty),
+                 mask=mask_pn & first)
+        state = state * tl.where(first, decay, 1.0)
+        pos0 = c * Q + k0
+        mask_k = (pos0 + offs_kb) < seqlen
+        pos0 = tl.cast(pos0, tl.int64)
+        a = tl.load(dA_cs_ptr + chunk_row + k0 + offs_kb)
+        w = tl.exp(a_end - a) * tl.load(dt_ptr + chunk_row + k0 + offs_kb)  # (BLOCK_K,)
+        if HAS_SEQ:
+            seq = tl.load(seq_b + (pos0 + offs_kb) * stride_seq_l, mask=mask_k, other=0)
+            w = tl.where(seq == seq_end, w, 0.0)
+        xT = tl.load(x_b + pos0 * stride_x_l + xT_offs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        Bk = tl.load(B_b + pos0 * stride_B_l + B_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        Bw = (Bk.to(tl.float32) * w[:, None]).to(dtype)
+        state = tl.dot(xT.to(dtype), Bw, state, input_precision=DOT_PREC)
+    tl.store(final_ptr + (pid_b * nheads + pid_h) * headdim * dstate + tile, state, mask=mask_pn)
 
 
 @triton.jit
@@ -123,47 +129,52 @@ def _state_bwd_kernel(
     mask_pn = mask_p[:, None] & mask_n[None, :]
     dtype = dy_ptr.dtype.element_ty
 
-    dy_base = dy_ptr + pid_b * stride_dy_b + pid_h * stride_dy_h + offs_p[:, None] * stride_dy_p
-    C_base = C_ptr + pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g + offs_n[None, :] * stride_C_n
+    dy_b = dy_ptr + pid_b * stride_dy_b + pid_h * stride_dy_h
+    C_b = C_ptr + pid_b * stride_C_b + (pid_h // heads_per_group) * stride_C_g
+    dyT_offs = offs_p[:, None] * stride_dy_p + offs_kb[None, :] * stride_dy_l  # (BLOCK_P, BLOCK_K)
+    C_offs = offs_kb[:, None] * stride_C_l + offs_n[None, :] * stride_C_n  # (BLOCK_K, BLOCK_N)
     row = (pid_b * nheads + pid_h) * nchunks
     chunk_stride = nheads * headdim * dstate
-    tile = pid_h * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
-    st_base = states_ptr + pid_b * nchunks * chunk_stride + tile
-    dst_base = dstates_ptr + pid_b * nchunks * chunk_stride + tile
-    final_off = (pid_b * nheads + pid_h) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
+    tile = offs_p[:, None] * dstate + offs_n[None, :]
+    st_b = states_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
+    dst_b = dstates_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
+    final_off = (pid_b * nheads + pid_h) * headdim * dstate + tile
     if HAS_DFINAL:
         G = tl.load(dfinal_ptr + final_off, mask=mask_pn, other=0.0).to(tl.float32)
     else:
         G = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    seq_base = seq_ptr + pid_b * stride_seq_b
-    for i in range(nchunks):
-        c = nchunks - 1 - i
-        c64 = tl.cast(c, tl.int64)  # 1M tokens x 80 heads overflow int32 offsets here
-        tl.store(dst_base + c64 * chunk_stride, G.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
-        decay = tl.exp(tl.load(dA_cs_ptr + (row + c) * Q + Q - 1))
+    seq_b = seq_ptr + pid_b * stride_seq_b
+    for it in range(nchunks * (Q // BLOCK_K)):  # chunks in reverse order, slices in any order
+        c = nchunks - 1 - it // (Q // BLOCK_K)
+        k0 = (it % (Q // BLOCK_K)) * BLOCK_K
+        first = k0 == 0
+        chunk_row = (row + c) * Q
+        decay = tl.exp(tl.load(dA_cs_ptr + chunk_row + Q - 1))
         if HAS_SEQ:
-            seq_prev, seq_end = _seq_ends(seq_base, stride_seq_l, c, seqlen, Q)
+            seq_prev, seq_end = _seq_ends(seq_b, stride_seq_l, c, seqlen, Q)
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
-        S_c = tl.load(st_base + c64 * chunk_stride, mask=mask_pn, other=0.0).to(tl.float32)
-        tl.store(sp_ptr + (row + c) * nblk + pid_pn, decay * tl.sum(G * S_c))
-        G = G * decay
-        for k0 in range(0, Q, BLOCK_K):
-            offs_k = k0 + offs_kb
-            pos = (c * Q + offs_k).to(tl.int64)
-            mask_k = pos < seqlen
-            scale = tl.exp(tl.load(dA_cs_ptr + (row + c) * Q + offs_k))
-            if HAS_SEQ:
-                seq = tl.load(seq_base + pos * stride_seq_l, mask=mask_k, other=0)
-                scale = tl.where(seq == seq_prev, scale, 0.0)
-            dyT = tl.load(dy_base + pos[None, :] * stride_dy_l, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            Ck = tl.load(C_base + pos[:, None] * stride_C_l, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            Cs = (Ck.to(tl.float32) * scale[:, None]).to(dtype)
-            G = tl.dot(dyT.to(dtype), Cs, G, input_precision=DOT_PREC)
+        c64 = tl.cast(c, tl.int64)  # 1M tokens x 80 heads overflow int32 offsets here
+        # leaving chunk c backwards: G = dLoss/dS_{c+1}; store it, and sp_c from the state entering chunk c
+        tl.store(dst_b + c64 * chunk_stride + tile, G.to(dstates_ptr.dtype.element_ty), mask=mask_pn & first)
+        S_c = tl.load(st_b + c64 * chunk_stride + tile, mask=mask_pn & first, other=0.0).to(tl.float32)
+        tl.store(sp_ptr + (row + c) * nblk + pid_pn, decay * tl.sum(G * S_c), mask=first)
+        G = G * tl.where(first, decay, 1.0)
+        pos0 = c * Q + k0
+        mask_k = (pos0 + offs_kb) < seqlen
+        pos0 = tl.cast(pos0, tl.int64)
+        scale = tl.exp(tl.load(dA_cs_ptr + chunk_row + k0 + offs_kb))
+        if HAS_SEQ:
+            seq = tl.load(seq_b + (pos0 + offs_kb) * stride_seq_l, mask=mask_k, other=0)
+            scale = tl.where(seq == seq_prev, scale, 0.0)
+        dyT = tl.load(dy_b + pos0 * stride_dy_l + dyT_offs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        Ck = tl.load(C_b + pos0 * stride_C_l + C_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        Cs = (Ck.to(tl.float32) * scale[:, None]).to(dtype)
+        G = tl.dot(dyT.to(dtype), Cs, G, input_precision=DOT_PREC)
     tl.store(dinit_ptr + final_off, G, mask=mask_pn)
 
 
-def _state_blocks(Q, batch, nheads, headdim, dstate, blocks):
-    BK = min(Q, blocks.get("BLOCK_K") or 64)
+def _state_blocks(Q, batch, nheads, headdim, dstate, blocks, dtype):
+    BK = min(Q, blocks.get("BLOCK_K") or (32 if dtype == torch.float32 else 64))
     BP = blocks.get("BLOCK_P") or max(16, min(64, triton.next_power_of_2(headdim)))
     BN = blocks.get("BLOCK_N")
     if BN is None:
@@ -191,7 +202,7 @@ def state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q: int, state_dtype, b
     nchunks = dt_p.shape[2]
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=state_dtype)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks)
+    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, x.dtype)
     init = initial_states if initial_states is not None else final
     seq = seq_idx if seq_idx is not None else dt_p
     grid = (b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))
@@ -200,7 +211,7 @@ def state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q: int, state_dtype, b
         l, h, nchunks, h // g, p, n,
         *x.stride(), *B.stride(), *init.stride(), seq.stride(0), seq.stride(1),
         Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
-        DOT_PREC=dot_precision(x.dtype), num_warps=blocks.get("num_warps", 4),
+        DOT_PREC=dot_precision(x.dtype), num_warps=blocks.get("num_warps", 8 if x.dtype == torch.float32 else 4),
         num_stages=blocks.get("num_stages", 2),
     )
     return states, final
@@ -217,7 +228,7 @@ def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks = dA_cs.shape[2]
-    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks)
+    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, dy.dtype)
     nblk = triton.cdiv(p, BP) * triton.cdiv(n, BN)
     dstates = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=states.dtype)
     dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32)
@@ -231,7 +242,7 @@ def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
         l, h, nchunks, h // g, p, n,
         *dy.stride(), *C.stride(), seq.stride(0), seq.stride(1),
         Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None,
-        DOT_PREC=dot_precision(dy.dtype), num_warps=blocks.get("num_warps", 4),
+        DOT_PREC=dot_precision(dy.dtype), num_warps=blocks.get("num_warps", 8 if dy.dtype == torch.float32 else 4),
         num_stages=blocks.get("num_stages", 2),
     )
     return dstates, dinit, sp.sum(-1)

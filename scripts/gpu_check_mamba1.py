@@ -27,7 +27,6 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mambakit.ops import _triton_selective_scan as K  # noqa: E402
-from mambakit.ops import selective_scan as SS  # noqa: E402
 from mambakit.ops.dispatch import backend  # noqa: E402
 from mambakit.ops.selective_scan import selective_scan_fn  # noqa: E402
 from mambakit.ops.state_update import selective_state_update, selective_state_update_ref  # noqa: E402
@@ -301,7 +300,6 @@ def main(argv=None):
     import triton
     R.update(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
              fwd_config=dict(K.FWD_CONFIG), bwd_config=dict(K.BWD_CONFIG))
-    SS._TORCH_CHUNK_ELEMS = 1 << 24  # the PyTorch path on a GPU: fewer, bigger chunks
     torch.manual_seed(0)
     bud = args.budget
     defaults = (dict(K.FWD_CONFIG), dict(K.BWD_CONFIG))

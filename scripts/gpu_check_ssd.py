@@ -108,8 +108,8 @@ def call(t, backend_name="triton", chunk_size=None, **kw):
     from mambakit.ops.ssd import mamba_chunk_scan_combined
 
     with backend(backend_name):
-        return mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size or SMALL["chunk"], D=t.get("D"),
-                                         z=t.get("z"), dt_bias=t.get("dt_bias"),
+        return mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size or SMALL["chunk"],
+                                         D=t.get("D"), z=t.get("z"), dt_bias=t.get("dt_bias"),
                                          initial_states=t.get("initial_states"), dt_softplus=True, **kw)
 
 

@@ -19,7 +19,7 @@ def tiny(kind: str) -> MambaLMHeadModel:
                          pad_vocab_size_multiple=16, attn_layer_idx=[1] if hybrid else [],
                          attn_cfg={"num_heads": 4, "num_heads_kv": 2, "head_dim": 8, "rotary_emb_dim": 4,
                                    "d_conv": 4} if hybrid else {})
-    model = MambaLMHeadModel(config, dtype=torch.float64).eval()
+    model = MambaLMHeadModel(config).eval()  # float32: CPU float64 depthwise conv1d is very slow
     with torch.no_grad():
         model.backbone.embedding.weight.mul_(20.0)  # spread logits: greedy choices are not near-ties
     return model
@@ -27,13 +27,14 @@ def tiny(kind: str) -> MambaLMHeadModel:
 
 @pytest.fixture(scope="module", params=["mamba1", "mamba2", "hybrid"])
 def prefilled(request):
-    """(model, cache after a ragged 3-row prompt + 3 generated tokens, the next tokens to feed)."""
+    """(model, cache after a 3-row prompt + 3 generated tokens, the next tokens to feed)."""
     model = tiny(request.param)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding: row 1 has fewer real tokens, so lengths_per_sample differs per row
-    _, cache = generate(model, ids, attention_mask=mask, max_new_tokens=3, return_cache=True)
+    _, cache = generate(model, ids, max_new_tokens=3, return_cache=True)
+    if cache.lengths_per_sample is not None:
+        with torch.inference_mode():  # rows at different positions, as after a left-padded prompt
+            cache.lengths_per_sample[1] -= 3
     return model, cache, torch.randint(1, VOCAB, (3, 2), generator=g)
 
 

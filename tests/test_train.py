@@ -143,22 +143,24 @@ def test_time_limit_ends_cleanly_with_a_fitted_schedule(corpus, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "checkpoints").is_dir()
 
 
-@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-def test_torchrun_two_cpu_processes(corpus, tmp_path, mode):
-    """python -m torch.distributed.run --nproc-per-node 2 -m mambakit train ... on CPU (gloo): DDP, and FSDP2."""
-    if mode == "fsdp":
-        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs PyTorch >= 2.6")
-        from torch.distributed import fsdp
-
-        if not hasattr(fsdp, "fully_shard"):
-            pytest.skip("FSDP2 (fully_shard) needs PyTorch >= 2.6")
-    out = tmp_path / mode
+def _torchrun(corpus, out, *flags):
+    """python -m torch.distributed.run --nproc-per-node 2 -m mambakit train ... on CPU (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MAMBAKIT_BACKEND": "torch"}
-    flags = ["--fsdp"] if mode == "fsdp" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mambakit",
            "train", *targs(corpus, out, "--save-every", "2", "--eval-every", "2", "--export", "best", *flags, steps=4)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "out"
+    return out, _torchrun(corpus, out, "--data-cache", str(out.parent / "tokens"))
+
+
+def test_torchrun_two_cpu_processes(ddp_run):
+    out, proc = ddp_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["tokens"] == 4 * 2 * 4 * 32
     assert math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["final_train_loss"])
@@ -166,6 +168,20 @@ def test_torchrun_two_cpu_processes(corpus, tmp_path, mode):
     assert (ckpt / "rng_rank0.safetensors").is_file() and (ckpt / "rng_rank1.safetensors").is_file()
     assert proc.stdout.count("training ended") == 1  # only rank 0 prints
     assert metrics["exported"] == "best" and (out / "checkpoints" / "best.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_matches_ddp(ddp_run, corpus, tmp_path):
+    """FSDP2 (--fsdp) trains the same model as DDP: same losses, same validation, to the logged digits."""
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (fully_shard) needs PyTorch >= 2.6")
+    ddp_out, _ = ddp_run
+    out = tmp_path / "fsdp"
+    _torchrun(corpus, out, "--fsdp", "--data-cache", str(ddp_out.parent / "tokens"))
+    ddp, fsdp_ = read_log(ddp_out), read_log(out)
+    assert [(r["loss"], r["val_loss"]) for r in fsdp_] == [(r["loss"], r["val_loss"]) for r in ddp]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
@@ -204,6 +220,16 @@ def test_out_dir_with_a_run_is_never_overwritten_silently(trained, corpus, tmp_p
     assert T.main(targs(corpus, out, "--overwrite", steps=2)) == 0
     assert not (out / "checkpoints" / "step_00000040").exists()
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_prepare_only_then_train_in_the_same_directory(corpus, tmp_path, capsys):
+    out = tmp_path / "prep"
+    assert T.main(targs(corpus, out, "--prepare-only")) == 0
+    assert (out / "tokens" / "tokens.bin").is_file() and not (out / "run.json").exists()
+    capsys.readouterr()
+    assert T.main(targs(corpus, out, steps=1)) == 0
+    printed = capsys.readouterr().out
+    assert "using the tokenizer already in" in printed and "reusing token file" in printed
 
 
 def test_config_contradicting_the_checkpoint(trained, corpus, tmp_path, capsys):

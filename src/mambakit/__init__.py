@@ -9,10 +9,11 @@ from .models.lm import CausalLMOutput, MambaLMHeadModel, MixerModel
 from .modules.block import Block, GatedMLP
 from .modules.mamba1 import Mamba
 from .modules.mamba2 import Mamba2
+from .ops import selective_scan_fn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Mamba", "Mamba2", "MambaConfig", "MambaLMHeadModel", "MixerModel", "Block", "GatedMLP",
-    "InferenceParams", "CausalLMOutput", "__version__",
+    "InferenceParams", "CausalLMOutput", "selective_scan_fn", "__version__",
 ]

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 MIXERS = ("Mamba1", "Mamba2")
 
 # Constructor arguments of each mixer that a config's ssm_cfg may set (layer_idx/device/dtype are set by the model).
@@ -156,6 +158,12 @@ class MambaConfig:
     def mixer_kwargs(self) -> dict:
         """ssm_cfg without 'layer': the keyword arguments for the Mamba/Mamba2 constructor."""
         return {k: v for k, v in self.ssm_cfg.items() if k != "layer"}
+
+
+# Training scripts (the usage guide's among them) store the config object inside torch.save checkpoints;
+# PyTorch >= 2.6 loads with weights_only=True, which accepts only allow-listed classes. MambaConfig is plain data.
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([MambaConfig])
 
 
 def constructor_keys(cls: type) -> set[str]:

@@ -595,12 +595,23 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
+def _full_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the full state dict, whether lm_head shares the embedding's weight). A tensor-parallel model
+    (mambakit.distributed.parallelize) has its shards gathered: a collective, every rank of its group calls it."""
+    if getattr(model, "tensor_parallel_group", None) is not None:
+        from .distributed import gather_state_dict
+
+        shared = getattr(model, "lm_head").weight is model.get_submodule("backbone.embedding").weight
+        return gather_state_dict(model, device="cpu"), shared
+    state = dict(model.state_dict())
+    head, emb = state.get("lm_head.weight"), state.get("backbone.embedding.weight")
+    return state, head is not None and emb is not None and head.data_ptr() == emb.data_ptr()
+
+
 def _state_for_saving(model: torch.nn.Module, layout: str) -> tuple[dict[str, torch.Tensor], bool]:
     """(state dict in the layout's key names without a tied lm_head, whether the head was tied)."""
-    state = dict(model.state_dict())
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    head, emb = state.get("lm_head.weight"), state.get("backbone.embedding.weight")
-    tied = bool(tied and head is not None and emb is not None and head.data_ptr() == emb.data_ptr())
+    state, shared = _full_state(model)
+    tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False) and shared)
     if tied:
         del state["lm_head.weight"]  # tied: the embedding is the head (official and transformers loaders re-tie)
     if layout == "transformers":
@@ -618,17 +629,41 @@ def save_pretrained(model: torch.nn.Module, save_directory: str | os.PathLike, s
     transformers.AutoModelForCausalLM). Weights above max_shard_size are split into shards with an
     index file. A tied lm_head is not stored twice. An existing checkpoint in the directory is only replaced
     with overwrite=True. Returns the directory.
+
+    A tensor-parallel model (``mambakit.distributed.parallelize``) saves the full official checkpoint: every
+    rank of its group must call this (the shards are gathered); rank 0 writes, and every rank returns once
+    the files are complete.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     config = getattr(model, "config", None)
     if not isinstance(config, MambaConfig):
         raise TypeError(f"save_pretrained needs a model with a MambaConfig .config, got {type(model).__name__}")
-    state, tied = _state_for_saving(model, layout)
+    directory = Path(save_directory).expanduser()
+    tp_group = getattr(model, "tensor_parallel_group", None)
+    if tp_group is None:
+        return _write_checkpoint(model, config, directory, safe_serialization, max_shard_size, overwrite, layout)
+    import torch.distributed as dist
+
+    check_destination(directory, overwrite)  # on every rank before the collective, so an error raises everywhere
+    parse_size(max_shard_size)
+    state = _state_for_saving(model, layout)  # gathered on every rank (a collective)
+    try:
+        if dist.get_rank(tp_group) == 0:
+            _write_checkpoint(model, config, directory, safe_serialization, max_shard_size, overwrite, layout,
+                              state=state)
+    finally:
+        dist.barrier(group=tp_group)  # nobody reads the checkpoint before rank 0 has finished it
+    return directory
+
+
+def _write_checkpoint(model, config: MambaConfig, directory: Path, safe_serialization: bool, max_shard_size,
+                      overwrite: bool, layout: str, state=None) -> Path:
+    """save_pretrained's writing part; ``state``: _state_for_saving's result when already computed."""
+    state, tied = state if state is not None else _state_for_saving(model, layout)
     first = next(iter(state.values()))
     config_dict = config.to_dict() if layout == "state-spaces" else config_to_transformers(config, first.dtype)
     max_bytes = parse_size(max_shard_size)
-    directory = Path(save_directory).expanduser()
     _prepare_directory(directory, overwrite)
 
     plan = _shard_plan(state, max_bytes)

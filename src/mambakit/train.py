@@ -44,7 +44,7 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
 UNPLANNED = 10 ** 9  # planned_steps of a time-limited run before its step time is measured
 OWNED_FILES = (RUN_FILE, "log.csv", "metrics.json", "loss.png", "config.json", "model.safetensors",
-               "tokenizer.json")
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class TrainError(ValueError):
@@ -276,14 +276,13 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def check_out_dir(out: Path, args, dist: Dist) -> None:
     """Refuse to reuse a directory that holds a run, unless --resume (continue) or --overwrite (start again)."""
+    markers = [n for n in (RUN_FILE, CHECKPOINT_DIR, "config.json", "model.safetensors") if (out / n).exists()]
     held = [n for n in (*OWNED_FILES, CHECKPOINT_DIR) if (out / n).exists()]
-    if not held or args.resume:
-        return
-    if not args.overwrite:
-        raise TrainError(f"{out} already holds a run or a model ({', '.join(held)}); pass --resume to continue it, "
+    if markers and not args.resume and not args.overwrite:
+        raise TrainError(f"{out} already holds a run or a model ({', '.join(markers)}); pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
-    dist.barrier()  # every rank has looked before rank 0 deletes
-    if dist.main:
+    dist.barrier()  # every rank has looked before rank 0 deletes or writes anything
+    if held and args.overwrite and dist.main:
         for n in held:
             shutil.rmtree(out / n) if (out / n).is_dir() else (out / n).unlink()
     dist.barrier()
@@ -292,21 +291,32 @@ def check_out_dir(out: Path, args, dist: Dist) -> None:
 def setup_tokenizer(args, out: Path, train_files: list[Path], dist: Dist, log) -> Path:
     """OUT/tokenizer.json: kept on resume, else copied from --tokenizer / --init-from, else a BPE trained here."""
     dest = out / "tokenizer.json"
-    source = args.tokenizer
-    if source is None and args.init_from:
-        local = Path(args.init_from) / "tokenizer.json"
-        if not local.is_file():
-            raise TrainError(f"--init-from {args.init_from} has no tokenizer.json; pass --tokenizer PATH")
-        source = str(local)
-    if source is not None:
-        src = Path(source) / "tokenizer.json" if Path(source).is_dir() else Path(source)
+    if args.tokenizer is not None:
+        src = Path(args.tokenizer)
+        src = src / "tokenizer.json" if src.is_dir() else src
         if not src.is_file():
-            raise TrainError(f"--tokenizer {source}: no such file")
+            raise TrainError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
         if dest.exists() and data_mod.file_sha256(dest) != data_mod.file_sha256(src):
             raise TrainError(f"--tokenizer {src} differs from the run's {dest}; a run keeps its tokenizer")
         if dist.main and not dest.exists():
             shutil.copyfile(src, dest)
-    elif dist.main and not dest.exists():
+    elif args.init_from and not dest.exists() and (Path(args.init_from) / "tokenizer.json").is_file():
+        if dist.main:  # with its special-token files, when the checkpoint has them
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (Path(args.init_from) / name).is_file():
+                    shutil.copyfile(Path(args.init_from) / name, out / name)
+    elif args.init_from and not dest.exists():
+        from .tokenizer import load_tokenizer
+
+        try:  # a Hub checkpoint's tokenizer; GPT-NeoX-20B for the official ones, which ship none
+            tok = load_tokenizer(args.init_from)
+        except (OSError, ValueError, ImportError) as e:
+            raise TrainError(f"--init-from {args.init_from}: no usable tokenizer ({e}); pass --tokenizer PATH") from None
+        if dist.main:
+            tok.backend.save(str(dest))
+    elif dest.exists():
+        log(f"using the tokenizer already in {dest}")
+    elif dist.main:
         log(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on {len(train_files)} files")
         data_mod.train_bpe(train_files, args.vocab_size, dest, args.bpe_min_frequency)
     dist.barrier()

@@ -61,6 +61,7 @@ def assert_close_all(got, ref, tol, what=""):
 def small_chunks(monkeypatch):
     """Make the PyTorch path use 16-step chunks at the test sizes, so that chunk boundaries are exercised."""
     monkeypatch.setattr(ss, "_TORCH_CHUNK_ELEMS", 2 * 8 * 4 * 16)
+    monkeypatch.setattr(ss, "_TORCH_CHUNK_ELEMS_CUDA", 2 * 8 * 4 * 16)
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch path

@@ -50,7 +50,7 @@ def lengths(lo: int, hi: int, factor: int) -> list[int]:
 
 def settings_of(args, device) -> dict:
     small = bool(args.small)
-    max_len = args.max_len or (512 if small else 1 << 20 if device.type == "cuda" else 8192)
+    max_len = 512 if small else args.max_len or (1 << 20 if device.type == "cuda" else 8192)
     return {"size": "tiny" if small else args.size, "layers": [layer_name(x) for x in parse_list(args.layers)],
             "transformer": not args.no_transformer, "lengths": lengths(64 if small else args.min_len, max_len,
                                                                        args.factor),

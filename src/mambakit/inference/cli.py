@@ -3,6 +3,9 @@
 Without ``--model`` it uses the small model shipped inside the package (``mambakit.hub.default_model_path()``),
 so it works offline right after ``pip install``. Greedy by default (the official default, top_k=1); giving
 --temperature, --top-p, --min-p or a --top-k other than 1 turns sampling on, e.g. ``--top-p 0.9 --seed 0``.
+
+Tensor parallelism over the GPUs of one node (Mamba-2 and hybrid models): ``torchrun --nproc-per-node 2 -m
+mambakit generate --tp --model DIR "prompt"``; every rank loads the model and keeps its part, rank 0 prints.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: automatic, chunks only for very long prompts)")
     p.add_argument("--cg", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
     p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    p.add_argument("--tp", action="store_true",
+                   help="tensor parallelism: launch with `torchrun --nproc-per-node N -m mambakit generate --tp ...`; "
+                        "the model is split over the N processes (cuda:LOCAL_RANK with NCCL, or CPU with Gloo)")
     return p
 
 
@@ -66,33 +72,69 @@ def _wants_sampling(args) -> bool:
     return args.top_k != 1 or args.top_p > 0 or args.min_p > 0 or args.temperature != 1.0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _setup_tp(args):
+    """torch.distributed from torchrun's variables; returns the DistEnv (its device replaces --device)."""
+    from ..distributed import setup_from_env
+
+    if args.device is not None:
+        raise ValueError("--device cannot be combined with --tp: each rank uses cuda:LOCAL_RANK (or the CPU)")
+    return setup_from_env()
+
+
+def _shared_seed(env, device: torch.device) -> int:
+    """One random seed drawn on rank 0 and broadcast, so every rank samples the same tokens."""
+    import torch.distributed as dist
+
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
+    dist.broadcast(seed, src=dist.get_global_rank(env.group, 0), group=env.group)
+    return int(seed.item())
+
+
+def _run(args, env) -> None:
     from .generate import generate
     from .streamer import TextStreamer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = env.device if env else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    model, tokenizer = _load(args, device, dtype)
+    if env is not None:
+        from ..distributed import parallelize
+
+        parallelize(model, env.group)
+    ids = tokenizer.encode(prompt)
+    if len(ids) == 0:
+        raise ValueError("empty prompt: give some text to continue")
+    # Never produce ids the tokenizer cannot decode (the embedding is padded past the vocabulary).
+    vocab = min(int(tokenizer.vocab_size), model.config.vocab_size)
+    seed = args.seed
+    if env is not None and seed is None and _wants_sampling(args):
+        seed = _shared_seed(env, device)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    printer = env is None or env.rank == 0
+    generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, temperature=args.temperature,
+             repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+             do_sample=_wants_sampling(args), generator=generator, vocab_size=vocab, cg=args.cg,
+             prefill_chunk_size=args.prefill_chunk_size,
+             streamer=TextStreamer(tokenizer, skip_prompt=args.no_echo) if printer else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = None
     try:
-        model, tokenizer = _load(args, device, dtype)
-        ids = tokenizer.encode(prompt)
-        if len(ids) == 0:
-            raise ValueError("empty prompt: give some text to continue")
-        # Never produce ids the tokenizer cannot decode (the embedding is padded past the vocabulary).
-        vocab = min(int(tokenizer.vocab_size), model.config.vocab_size)
-        generator = None
-        if args.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(args.seed)
-        generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
-                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, temperature=args.temperature,
-                 repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
-                 do_sample=_wants_sampling(args), generator=generator, vocab_size=vocab, cg=args.cg,
-                 prefill_chunk_size=args.prefill_chunk_size,
-                 streamer=TextStreamer(tokenizer, skip_prompt=args.no_echo))
+        env = _setup_tp(args) if args.tp else None
+        _run(args, env)
     except (ValueError, FileNotFoundError) as e:
-        print(f"mambakit generate: error: {e}", file=sys.stderr)
+        where = f" (rank {env.rank})" if env is not None else ""
+        print(f"mambakit generate{where}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if env is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 

@@ -130,7 +130,10 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx) -
 # The backward recomputes each chunk's states from the state saved at the chunk's start (the same scheme as
 # the Triton kernels), so memory stays O(b d l + b chunk d n).
 
-_TORCH_CHUNK_ELEMS = 1 << 18  # elements of one (b, chunk, d, n) buffer; tests shrink it to get many chunks
+# Elements of one (b, chunk, d, n) buffer: cache-sized on CPUs; on GPUs (the fallback without Triton) bigger
+# chunks mean fewer kernel launches. Tests shrink both to get many chunks.
+_TORCH_CHUNK_ELEMS = 1 << 18
+_TORCH_CHUNK_ELEMS_CUDA = 1 << 24
 _LOG2E = 1.4426950408889634
 
 
@@ -187,7 +190,8 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state, seq_i
 
 def _chunk_len(p: _Prepared) -> int:
     b, l, g, _, e = p.u.shape
-    return max(1, min(l, _TORCH_CHUNK_ELEMS // max(1, b * g * e * p.A.shape[1])))
+    elems = _TORCH_CHUNK_ELEMS_CUDA if p.u.is_cuda else _TORCH_CHUNK_ELEMS
+    return max(1, min(l, elems // max(1, b * g * e * p.A.shape[1])))
 
 
 def _discretize(p: _Prepared, s0: int, s1: int, dA: torch.Tensor, dBu: torch.Tensor) -> None:

@@ -87,7 +87,7 @@ def _state_fwd_kernel(
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
         # entering chunk c: store the state the chunk starts from, then decay it over the chunk
         tl.store(st_b + tl.cast(c, tl.int64) * chunk_stride + tile, state.to(states_ptr.dtype.element_ty),
-                 mask=mask_pn & first)
+                 mask=tl.where(first, mask_pn, False))
         state = state * tl.where(first, decay, 1.0)
         pos0 = c * Q + k0
         mask_k = (pos0 + offs_kb) < seqlen
@@ -155,8 +155,9 @@ def _state_bwd_kernel(
             decay = tl.where(seq_end == seq_prev, decay, 0.0)
         c64 = tl.cast(c, tl.int64)  # 1M tokens x 80 heads overflow int32 offsets here
         # leaving chunk c backwards: G = dLoss/dS_{c+1}; store it, and sp_c from the state entering chunk c
-        tl.store(dst_b + c64 * chunk_stride + tile, G.to(dstates_ptr.dtype.element_ty), mask=mask_pn & first)
-        S_c = tl.load(st_b + c64 * chunk_stride + tile, mask=mask_pn & first, other=0.0).to(tl.float32)
+        at_first = tl.where(first, mask_pn, False)
+        tl.store(dst_b + c64 * chunk_stride + tile, G.to(dstates_ptr.dtype.element_ty), mask=at_first)
+        S_c = tl.load(st_b + c64 * chunk_stride + tile, mask=at_first, other=0.0).to(tl.float32)
         tl.store(sp_ptr + (row + c) * nblk + pid_pn, decay * tl.sum(G * S_c), mask=first)
         G = G * tl.where(first, decay, 1.0)
         pos0 = c * Q + k0

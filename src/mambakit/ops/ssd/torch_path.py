@@ -112,18 +112,42 @@ def _pass_states(states, A_chunk, initial_states, seq, seq_prev):
 
     Returns the state entering each chunk (b, c, h, p, n) and the final state (b, h, p, n).
     """
-    b, c, h, p, n = states.shape
     decay = torch.exp(A_chunk)  # (b, c, h)
     if seq is not None:  # the carried state survives a chunk only if no new sequence ends it
         decay = decay * (seq[:, :, -1] == seq_prev)[..., None]
-    state = states.new_zeros(b, h, p, n) if initial_states is None else initial_states
-    prev = []
-    # unbind once: indexing states[:, k] in the loop would make autograd allocate a full-size zero
-    # gradient for every chunk (quadratic in the number of chunks)
-    for decay_k, states_k in zip(decay[..., None, None].unbind(1), states.unbind(1)):
-        prev.append(state)
-        state = decay_k * state + states_k
-    return torch.stack(prev, dim=1), state
+    return _StatePassing.apply(states, decay, initial_states)
+
+
+class _StatePassing(torch.autograd.Function):
+    """S_{k+1} = decay_k S_k + states_k with a hand-written backward: autograd through a Python loop of
+    small ops costs more than the whole rest of the scan on CPU (one graph node per chunk and op)."""
+
+    @staticmethod
+    def forward(ctx, states, decay, initial_states):
+        b, c, h, p, n = states.shape
+        prev = torch.empty_like(states)
+        state = states.new_zeros(b, h, p, n) if initial_states is None else initial_states
+        for k in range(c):
+            prev[:, k] = state
+            state = torch.addcmul(states[:, k], decay[:, k, :, None, None], state)
+        ctx.save_for_backward(decay, prev)
+        ctx.has_init = initial_states is not None
+        return prev, state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dprev, dfinal):
+        decay, prev = ctx.saved_tensors
+        b, c, h, p, n = prev.shape
+        G = prev.new_zeros(b, h, p, n) if dfinal is None else dfinal.clone()  # dLoss/dS_{k+1}
+        dstates = torch.empty_like(prev)
+        for k in reversed(range(c)):
+            dstates[:, k] = G
+            G = decay[:, k, :, None, None] * G
+            if dprev is not None:
+                G += dprev[:, k]
+        ddecay = torch.einsum("bchpn,bchpn->bch", dstates, prev)
+        return dstates, ddecay, G if ctx.has_init else None
 
 
 def _state_outputs(Cc, prev, Acs, seq, seq_prev):

@@ -4,9 +4,9 @@
     torchrun --nproc-per-node 2 scripts/gpu_check_tp.py --smoke --out /tmp/tp   # CPU/Gloo dry run, tiny shape
 
 Random weights (seeded, then broadcast from rank 0 so both ranks hold the same full model); rank 0 keeps a
-full copy as the TP=1 reference. The 2.7b shape (d_model 2560, 64 layers, headdim 64, d_state 128) with
-ngroups=2, since a rank needs whole B/C groups (the released checkpoints use ngroups=1, see docs/hybrid_and_tp.md);
---hybrid adds the attention layers of mamba2attn-2.7b.
+full copy as the TP=1 reference. The 2.7b shape of the released checkpoints (d_model 2560, 64 layers, headdim 64,
+d_state 128, ngroups 1: B/C replicated on both ranks, the gated RMSNorm's group spanning them); --ngroups 2
+checks the split-groups path instead; --hybrid adds the attention layers of mamba2attn-2.7b.
 
 1. logits, fp32, batch 2 x 256: TP=2 vs TP=1 relative error (only the reduction order differs) and, bf16,
    the same plus argmax agreement; gather_state_dict() == the reference's state dict, bit for bit;
@@ -31,9 +31,9 @@ from mambakit import InferenceParams, MambaConfig, MambaLMHeadModel
 from mambakit.distributed import gather_state_dict, parallelize, setup_from_env
 
 SHAPE = dict(d_model=2560, n_layer=64, vocab_size=50277,
-             ssm_cfg={"layer": "Mamba2", "headdim": 64, "d_state": 128, "ngroups": 2})
+             ssm_cfg={"layer": "Mamba2", "headdim": 64, "d_state": 128, "ngroups": 1})
 SMOKE = dict(d_model=64, n_layer=4, vocab_size=1000,
-             ssm_cfg={"layer": "Mamba2", "headdim": 16, "d_state": 16, "ngroups": 2, "chunk_size": 32})
+             ssm_cfg={"layer": "Mamba2", "headdim": 16, "d_state": 16, "ngroups": 1, "chunk_size": 32})
 HYBRID = dict(attn_layer_idx=[9, 18, 27, 36, 45, 56],
               attn_cfg={"causal": True, "d_conv": 4, "head_dim": 128, "num_heads": 30, "num_heads_kv": 30,
                         "out_proj_bias": False, "qkv_proj_bias": False, "rotary_emb_dim": 64})
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="directory (writes tp.json) or .json path for the results")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU with Gloo: a dry run of the script")
     p.add_argument("--hybrid", action="store_true", help="add mamba2attn-2.7b's attention layers")
+    p.add_argument("--ngroups", type=int, default=1,
+                   help="Mamba-2 ngroups (default 1, as the released checkpoints: B/C replicated across ranks; "
+                        "2: each rank holds whole groups)")
     p.add_argument("--prefill-len", type=int, default=2048, help="prompt length of the timed prefill (batch 1)")
     p.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed per measurement")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
@@ -81,6 +84,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def build(args, device) -> MambaLMHeadModel:
     cfg = dict(SMOKE if args.smoke else SHAPE)
+    cfg["ssm_cfg"] = {**cfg["ssm_cfg"], "ngroups": args.ngroups}
     if args.hybrid:
         cfg.update(SMOKE_HYBRID if args.smoke else HYBRID)
     torch.manual_seed(0)
@@ -187,7 +191,8 @@ def main(argv=None) -> int:
     ref = copy.deepcopy(model) if rank == 0 else None  # TP=1 reference
     parallelize(model, env.group)
     result = {"world_size": env.world_size, "device": torch.cuda.get_device_name(device) if timer.cuda else "cpu",
-              "shape": "smoke" if args.smoke else "mamba2-2.7b (ngroups=2)" + (" + attention" if args.hybrid else "")}
+              "shape": ("smoke" if args.smoke else "mamba2-2.7b") + f" (ngroups={args.ngroups})"
+                       + (" + attention" if args.hybrid else "")}
 
     ids = torch.randint(0, 1000, (2, 256 if not args.smoke else 40), generator=torch.Generator().manual_seed(2))
     result["fp32"] = check_logits(model, ref, ids.to(device), rank)

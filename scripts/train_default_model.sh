@@ -70,3 +70,8 @@ print('\n'.join(f['path'] for f in h['files'] if f['split'] == 'val'))" "$OUT/to
 # What users will see: CPU, offline, greedy.
 time CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1 "$PYTHON" -m mambakit generate "def read_config(path):" \
     --model "$OUT/default" --device cpu --max-new-tokens 80 | tee "$OUT/sample.txt"
+
+echo
+echo "to ship it:  cp $OUT/default/* src/mambakit/assets/default/"
+echo "curve:       cp $OUT/loss.png docs/default_model_loss.png   (needs matplotlib; numbers in $OUT/log.csv)"
+echo "numbers:     $OUT/metrics.json, $OUT/heldout_eval.json, $OUT/sample.txt -> docs/training.md"

@@ -12,6 +12,14 @@ from mambakit import eval as E
 TEXT = "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))  # three\n" * 6
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random model with sharpened weights (so that NLLs differ from uniform), saved with a BPE tokenizer."""

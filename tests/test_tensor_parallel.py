@@ -9,6 +9,7 @@ The worker also runs under torchrun: `torchrun --nproc-per-node 2 tests/test_ten
 """
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -133,9 +134,54 @@ def test_gathered_state_dict_is_the_official_one(tp_run, name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+def test_save_pretrained_of_a_split_model_writes_the_full_checkpoint(tp_run, name):
+    from mambakit.hub import load_pretrained
+
+    inputs, results = tp_run
+    assert results[name]["saved_complete"]
+    model = load_pretrained(MambaLMHeadModel, results[name]["saved_dir"])
+    assert model.config == CONFIGS[name]
+    for k, v in inputs[name]["full"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_tp_decoding_equals_tp_forward(tp_run, name):
     _, results = tp_run
     torch.testing.assert_close(results[name]["decoded"], results[name]["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cli_model_dir(tmp_path_factory):
+    """A tiny ngroups=1 Mamba-2 checkpoint with a word-level tokenizer (w0..w99)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    path = tmp_path_factory.mktemp("tp_cli_model")
+    torch.manual_seed(0)
+    model = MambaLMHeadModel(CONFIGS["mamba2_g1"])
+    with torch.no_grad():
+        model.backbone.embedding.weight.mul_(3.0)  # varied greedy text, top-2 logit gaps >= 0.03 (TP error ~1e-6)
+    model.save_pretrained(path)
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(100)}, unk_token="w0"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_cli_generate_with_tp_prints_the_single_process_text(cli_model_dir, capsys):
+    from mambakit.inference import cli
+
+    args = ["w3 w7 w1 w42", "--model", str(cli_model_dir), "--max-new-tokens", "8"]
+    assert cli.main(args + ["--device", "cpu"]) == 0
+    want = capsys.readouterr().out
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "mambakit", "generate", "--tp", *args], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == want  # rank 0 alone prints, the same greedy text
 
 
 @pytest.mark.parametrize("cfg, msg", [
@@ -185,7 +231,8 @@ def _worker(work: str) -> None:
 
     env = setup_from_env(backend="gloo")
     inputs = torch.load(os.path.join(work, "inputs.pt"))
-    res = {name: _run_config(CONFIGS[name], inp["full"], inp["ids"], env) for name, inp in inputs.items()}
+    res = {name: _run_config(CONFIGS[name], inp["full"], inp["ids"], env, os.path.join(work, f"saved_{name}"))
+           for name, inp in inputs.items()}
     if env.rank == 0:
         torch.save(res, os.path.join(work, "result.pt"))
     dist.barrier()
@@ -209,7 +256,9 @@ def _replicated_grads_agree(model, group) -> dict[str, bool]:
     return out
 
 
-def _run_config(config, full, ids, env) -> dict:
+def _run_config(config, full, ids, env, save_dir: str) -> dict:
+    import torch.distributed as dist
+
     from mambakit.distributed import gather_grads, gather_state_dict, load_full_state_dict
 
     model = MambaLMHeadModel(config)
@@ -234,6 +283,11 @@ def _run_config(config, full, ids, env) -> dict:
     fresh = parallelize(MambaLMHeadModel(config), env.group)
     load_full_state_dict(fresh, full)
     res["reloaded"] = gather_state_dict(fresh)
+    fresh.save_pretrained(save_dir)  # every rank calls it; rank 0 writes the full checkpoint
+    res["saved_dir"] = save_dir
+    done = torch.tensor([int(os.path.exists(os.path.join(save_dir, "config.json")))])
+    dist.all_reduce(done, op=dist.ReduceOp.MIN)  # complete when save_pretrained returns, on every rank
+    res["saved_complete"] = bool(done)
     return res
 
 

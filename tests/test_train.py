@@ -44,7 +44,8 @@ def corpus(tmp_path_factory):
 def targs(corpus, out, *extra, steps=20):
     length = ["--max-steps", str(steps)] if steps else []
     return [str(corpus), "--out", str(out), "--preset", "tiny", "--d-model", "32", "--n-layer", "2",
-            "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", *length, "--log-every", "1", "--eval-every", "0", "--save-every", "0", "--val-fraction", "0.05",
+            "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", *length, "--log-every", "1",
+            "--eval-every", "0", "--save-every", "0", "--val-fraction", "0.05",
             "--val-tokens", "512", "--lr", "3e-3", "--device", "cpu", *extra]
 
 
@@ -79,6 +80,12 @@ def test_tiny_run_decreases_loss_and_exports(trained):
     assert math.isfinite(metrics["val_ppl"]) and metrics["unigram_val_ppl"] > 1
     assert metrics["steps"] == 40 and metrics["tokens"] == 40 * 4 * 32
     assert [int(r["step"]) for r in read_log(trained) if r["val_loss"]] == [20, 40]
+    try:
+        import matplotlib  # noqa: F401  (optional: the plot is skipped with a note without it)
+
+        assert (trained / "loss.png").stat().st_size > 1000
+    except ImportError:
+        assert not (trained / "loss.png").exists()
     # The export is a normal checkpoint: mambakit generate --model OUT loads it
     model = load_pretrained(MambaLMHeadModel, trained)
     tok = load_tokenizer(trained)
@@ -184,6 +191,24 @@ def test_torchrun_fsdp_matches_ddp(ddp_run, corpus, tmp_path):
     assert [(r["loss"], r["val_loss"]) for r in fsdp_] == [(r["loss"], r["val_loss"]) for r in ddp]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_training_learns_and_resumes(corpus, tmp_path):
+    """On a GPU: bf16 autocast with fp32 parameters, fused AdamW, Triton kernels; Mamba-2; resume continues."""
+    gpu = ["--device", "cuda", "--layer", "Mamba2", "--headdim", "16", "--batch-size", "16", "--seq-len", "128",
+           "--save-every", "30"]
+    out = tmp_path / "gpu"
+    assert T.main(targs(corpus, out, *gpu, steps=60)) == 0
+    losses = [float(v) for _, v in sorted(train_losses(out).items())]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16" and metrics["val_ppl"] < metrics["unigram_val_ppl"] * 2
+    shutil.rmtree(out / "checkpoints" / "step_00000060")
+    assert T.main(targs(corpus, out, *gpu, "--resume", steps=60)) == 0
+    resumed = [float(v) for _, v in sorted(train_losses(out).items())]
+    assert len(resumed) == 60 and max(abs(a - b) for a, b in zip(losses[30:], resumed[30:])) < 0.05
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 def _fails(argv, capsys, message):
@@ -237,8 +262,8 @@ def test_config_contradicting_the_checkpoint(trained, corpus, tmp_path, capsys):
     other = MambaConfig(**{**cfg.to_dict(), "d_model": 48})
     other.to_json_file(tmp_path / "other.json")
     base = [str(corpus), "--device", "cpu", "--seq-len", "32", "--max-steps", "1"]
-    _fails([*base, "--out", str(tmp_path / "x1"), "--init-from", str(trained), "--config", str(tmp_path / "other.json")],
-           capsys, "--config contradicts the checkpoint --init-from")
+    _fails([*base, "--out", str(tmp_path / "x1"), "--init-from", str(trained),
+            "--config", str(tmp_path / "other.json")], capsys, "--config contradicts the checkpoint --init-from")
     assert "d_model: 48 vs 32" in T.config_differences(other, cfg)[0]
     err = _fails([*base, "--out", str(tmp_path / "x2"), "--init-from", str(trained), "--d-model", "64"], capsys,
                  "the model flags contradict the checkpoint --init-from")
@@ -272,7 +297,8 @@ def test_no_weight_decay_groups(layer):
               "backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.D", "backbone.layers.0.mixer.conv1d.bias"}
     expect.add("backbone.layers.0.mixer.dt_bias" if layer == "Mamba2" else "backbone.layers.0.mixer.dt_proj.bias")
     assert expect <= names
-    assert "backbone.layers.0.mixer.in_proj.weight" not in names and "backbone.layers.1.mixer.out_proj.weight" not in names
+    assert "backbone.layers.0.mixer.in_proj.weight" not in names
+    assert "backbone.layers.1.mixer.out_proj.weight" not in names
     args = T.build_parser().parse_args(["x", "--out", "y"])
     opt = T.make_optimizer(model, names, args, torch.device("cpu"))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mambakit eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="model directory or Hub name (state-spaces/mamba-130m); default: the model shipped in the package")
+                   help="model directory or Hub name (state-spaces/mamba-130m); default: the model shipped in "
+                        "the package")
     p.add_argument("--file", nargs="+", required=True, help="text file(s) to score, each as one document")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
     p.add_argument("--context", type=int, default=1024, help="tokens per window")

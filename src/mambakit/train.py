@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=8192,
                    help="vocabulary of the byte-level BPE trained on the data when no tokenizer is given")
     g.add_argument("--bpe-min-frequency", type=int, default=2, help="least count of a pair merged by the BPE")
+    _model_and_optimiser_args(p)
+    _run_args(p)
+    return p
+
+
+def _model_and_optimiser_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None, help=f"model size: {', '.join(PRESETS)} (default: small)")
     g.add_argument("--layer", default=None, help="mixer of a preset: Mamba1 (default) or Mamba2")
@@ -96,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warm-up steps (default: 5%% of the steps, at most 1000; 100 for time-limited runs)")
     g.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay (never on A_log, D, dt_bias, norms, biases, embeddings)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (first-moment decay)")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (second-moment decay)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("length (the first limit reached ends training; default: one epoch)")
     g.add_argument("--max-steps", type=int, default=None, help="optimiser steps")
     g.add_argument("--epochs", type=float, default=None, help="passes over the training tokens (sets the steps)")
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype; parameters stay fp32 (auto: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun, PyTorch >= 2.6)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data windows")
     g = p.add_argument_group("logging and saving")
     g.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
     g.add_argument("--eval-every", type=int, default=250, help="steps between validations (0: only at the end)")
@@ -120,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the final model.safetensors")
     g.add_argument("--export", choices=["last", "best"], default="last",
                    help="final model: the last weights, or those with the best validation loss")
-    return p
 
 
 # ---- model presets ----------------------------------------------------------------------------------------------
@@ -186,7 +194,8 @@ def _flag_conflicts(args, base: MambaConfig) -> list[str]:
             want[flag] = getattr(args, flag)
     if args.layer is not None:
         want["layer"] = _layer_name(args.layer)
-    defaults = {k: v.default for k, v in inspect.signature(Mamba2 if base.layer == "Mamba2" else Mamba).parameters.items()}
+    mixer = Mamba2 if base.layer == "Mamba2" else Mamba
+    defaults = {k: v.default for k, v in inspect.signature(mixer).parameters.items()}
     have = {"d_model": base.d_model, "n_layer": base.n_layer, "layer": base.layer,
             **{k: base.ssm_cfg.get(k, defaults.get(k)) for k in ("d_state", "expand", "headdim")}}
     return [f"--{k.replace('_', '-')} {v} vs {have[k]}" for k, v in want.items() if v != have[k]]
@@ -311,7 +320,8 @@ def setup_tokenizer(args, out: Path, train_files: list[Path], dist: Dist, log) -
         try:  # a Hub checkpoint's tokenizer; GPT-NeoX-20B for the official ones, which ship none
             tok = load_tokenizer(args.init_from)
         except (OSError, ValueError, ImportError) as e:
-            raise TrainError(f"--init-from {args.init_from}: no usable tokenizer ({e}); pass --tokenizer PATH") from None
+            raise TrainError(f"--init-from {args.init_from}: no usable tokenizer ({e}); "
+                             "pass --tokenizer PATH") from None
         if dist.main:
             tok.backend.save(str(dest))
     elif dest.exists():
@@ -808,8 +818,9 @@ class Trainer:
     def _log_progress(self, loss: float, norm, sec_per_step: float | None, tok_s: float, lr: float) -> None:
         st = self.state
         if not math.isfinite(loss):
-            raise TrainError(f"the loss is {loss} at step {st.step}: training diverged; lower --lr (now {self.args.lr}) "
-                             "or raise --warmup-steps, and restart from the last checkpoint with --resume")
+            raise TrainError(f"the loss is {loss} at step {st.step}: training diverged; lower --lr (now "
+                             f"{self.args.lr}) or raise --warmup-steps, and restart from the last checkpoint with "
+                             "--resume")
         eta = (st.planned_steps - st.step) * sec_per_step if sec_per_step and st.planned_steps < UNPLANNED else None
         total = st.planned_steps if st.planned_steps < UNPLANNED else "?"
         self.progress.update(f"step {st.step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:,.1f}k tok/s | "
@@ -891,7 +902,8 @@ class Trainer:
                     sec = (now - mark[0]) / (st.step - mark[1]) if st.step > mark[1] else None
                     self._replan(sec)
                     tok_s = (st.tokens - window[2]) / max(1e-9, now - window[0])
-                    self._log_progress(float(loss_sum / n), None if norm is None else float(_full(norm)), sec, tok_s,
+                    mean_loss = float(d.all_reduce(loss_sum / n)) / d.world  # over all processes' batches
+                    self._log_progress(mean_loss, None if norm is None else float(_full(norm)), sec, tok_s,
                                        self.optimizer.param_groups[0]["lr"])
                     window, loss_sum, n = (now, st.step, st.tokens), torch.zeros((), device=d.device), 0
                 reason = self._stop_reason(collective=at_log)
@@ -945,7 +957,8 @@ class Trainer:
             "params": self.n_params, "config": self.config.to_dict(), "world_size": self.dist.world,
             "device": torch.cuda.get_device_name(self.dist.device) if self.dist.device.type == "cuda" else "cpu",
             "precision": self.args.precision, "final_train_loss": train_losses[-1] if train_losses else None,
-            "val_loss": val, "val_ppl": ppl(val), "best_val_loss": st.best_val_loss, "best_val_ppl": ppl(st.best_val_loss),
+            "val_loss": val, "val_ppl": ppl(val),
+            "best_val_loss": st.best_val_loss, "best_val_ppl": ppl(st.best_val_loss),
             "best_step": st.best_step, "unigram_val_loss": self.unigram_loss, "unigram_val_ppl": ppl(self.unigram_loss),
             "exported": "best" if used_best else "last", "save_dtype": self.args.save_dtype,
             "train_tokens": self.data.train_end, "val_tokens": self.data.val_tokens,
@@ -990,10 +1003,10 @@ def check_args(args) -> None:
             raise TrainError(f"{flag} must be > 0, got {value}")
     if args.resume and args.overwrite:
         raise TrainError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
     if args.precision == "auto":
-        args.precision = "bf16" if args.device != "cpu" and torch.cuda.is_available() else "fp32"
-    if args.precision == "bf16" and args.device != "cpu" and torch.cuda.is_available() \
-            and not torch.cuda.is_bf16_supported():
+        args.precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if args.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise TrainError("this GPU has no bf16 support; pass --precision fp32")
 
 

@@ -36,3 +36,12 @@ def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
     with backend("triton"):
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
             use_triton(torch.randn(2))
+
+
+def test_seq_idx_made_in_inference_mode():
+    with torch.inference_mode():
+        s = torch.tensor([[0, 1, 1]])
+        check_seq_idx(s, 1, 3, s.device)
+        check_seq_idx(s, 1, 3, s.device)
+        with pytest.raises(ValueError, match="non-decreasing"):
+            check_seq_idx(torch.tensor([[1, 0, 0]]), 1, 3, s.device)

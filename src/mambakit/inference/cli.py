@@ -78,7 +78,10 @@ def _setup_tp(args):
 
     if args.device is not None:
         raise ValueError("--device cannot be combined with --tp: each rank uses cuda:LOCAL_RANK (or the CPU)")
-    return setup_from_env()
+    try:
+        return setup_from_env()
+    except RuntimeError as e:  # not launched by torchrun, or more ranks than GPUs: the message says what to do
+        raise ValueError(str(e)) from e
 
 
 def _shared_seed(env, device: torch.device) -> int:

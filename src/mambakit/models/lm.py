@@ -172,6 +172,10 @@ class MambaLMHeadModel(nn.Module):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token")
+        if input_ids.is_cuda and self.training and torch.is_grad_enabled():
+            # Reading the range back is a host sync that would stall every GPU training step; an id out of
+            # range still fails loudly there (the embedding's device-side index check).
+            return
         hi, lo = int(input_ids.max()), int(input_ids.min())
         if hi >= self.config.padded_vocab_size or lo < 0:
             bad = hi if hi >= self.config.padded_vocab_size else lo

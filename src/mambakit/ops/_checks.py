@@ -69,9 +69,12 @@ def check_seq_idx(seq_idx: torch.Tensor | None, batch: int, seqlen: int, device:
         fail(f"seq_idx is on {seq_idx.device} but the inputs are on {device}")
     if seqlen <= 1:
         return
+    # Inference-mode tensors keep no version counter, so they are checked at every call.
+    version = None if seq_idx.is_inference() else seq_idx._version
     last = _last_ordered_seq_idx
-    if last is not None and last[0]() is seq_idx and last[1] == seq_idx._version:
+    if version is not None and last is not None and last[0]() is seq_idx and last[1] == version:
         return
     if bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
         fail("seq_idx must be non-decreasing along the sequence (one id per packed sequence, in order)")
-    _last_ordered_seq_idx = (weakref.ref(seq_idx), seq_idx._version)
+    if version is not None:
+        _last_ordered_seq_idx = (weakref.ref(seq_idx), version)

@@ -216,7 +216,6 @@ def _scan_bwd_kernel(
     Ck = A
     B_ptrs = B_ptr
     C_ptrs = C_ptr
-    dBC_ptrs = dB_ptr
     if CONST_BC:
         Bk = tl.load(B_ptr + d3 * s_Bx + n3 * s_Bn, mask=mask_s, other=0.0).to(tl.float32)
         Ck = tl.load(C_ptr + d3 * s_Cx + n3 * s_Cn, mask=mask_s, other=0.0).to(tl.float32)

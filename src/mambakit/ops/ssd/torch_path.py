@@ -30,16 +30,17 @@ def ssd_chunked_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, 
     f = a.compute_dtype
     Q = min(chunk_size, CPU_CHUNK) if x.device.type == "cpu" else chunk_size
     dts = process_dt(dt, dt_bias, dt_softplus, a.dt_limit, f)  # (b, l, h)
-    y, final, (xc, dtc, Bc, Acs, prev) = ssd_scan_core(x.to(f), dts, A.to(f), B.to(f), C.to(f), Q,
-                                    None if initial_states is None else initial_states.to(f), a.seq_idx)
+    init = None if initial_states is None else initial_states.to(f)
+    y, final, pieces = ssd_scan_core(x.to(f), dts, A.to(f), B.to(f), C.to(f), Q, init, a.seq_idx)
     out = apply_skip_and_gate(y, x, D, z).to(x.dtype)
     result = [out]
     if return_final_states:
         result.append(final)
     if return_varlen_states:
-        L = Acs.shape[1] * Q  # padded length
-        result.append(varlen_states_from_chunks(a.cu_seqlens, xc[0].reshape(L, *xc.shape[3:]), dtc[0].reshape(L, -1),
-                                                Bc[0].reshape(L, *Bc.shape[3:]), Acs[0].reshape(L, -1), prev[0], Q))
+        xc, dtc, Bc, Acs, prev = (t[0] for t in pieces)  # batch 1: (c, Q, ...) and prev (c, h, p, n)
+        L = Acs.shape[0] * Q  # padded length
+        result.append(varlen_states_from_chunks(a.cu_seqlens, xc.reshape(L, *xc.shape[2:]), dtc.reshape(L, -1),
+                                                Bc.reshape(L, *Bc.shape[2:]), Acs.reshape(L, -1), prev, Q))
     return result[0] if len(result) == 1 else tuple(result)
 
 
@@ -70,7 +71,7 @@ def ssd_scan_core(x, dt, A, B, C, Q: int, initial_states=None, seq_idx=None):
     states = _chunk_states(xdt, Acs, Bc, seq)  # (b, c, h, p, n)
     prev, final = _pass_states(states, Acs[:, :, -1], initial_states, seq, seq_prev)
     y_off = _state_outputs(Cc, prev, Acs, seq, seq_prev)  # (b, c, Q, h, p)
-    y = (y_diag + y_off).reshape(b, c * Q, h, p)[:, :l]
+    y = (y_off + y_diag).reshape(b, c * Q, h, p)[:, :l]  # contiguous first: the sum comes out contiguous
     return y, final, (xc, dtc, Bc, Acs, prev)
 
 
@@ -119,8 +120,8 @@ def _pass_states(states, A_chunk, initial_states, seq, seq_prev):
 
 
 class _StatePassing(torch.autograd.Function):
-    """S_{k+1} = decay_k S_k + states_k with a hand-written backward: autograd through a Python loop of
-    small ops costs more than the whole rest of the scan on CPU (one graph node per chunk and op)."""
+    """S_{k+1} = decay_k S_k + states_k, with a hand-written backward (G_k = dprev_k + decay_k G_{k+1}):
+    autograd through the Python loop would record a node per chunk and op and stack/unbind every state."""
 
     @staticmethod
     def forward(ctx, states, decay, initial_states):

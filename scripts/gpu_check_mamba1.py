@@ -267,6 +267,14 @@ def table():
             lines.append(f"{shape:22s} {cfg:34s} {f(r.get('fwd_ms'))} {r.get('fwd_GBps', 0):6.0f} "
                          f"{f(r.get('fwd_train_ms')):>10s} {f(r.get('fwd_bwd_ms'))} {f(off[0])} {f(off[1])} "
                          f"{f(goal[0])[1:]} {f(goal[1])[1:]}")
+    for shape, recs in R.get("timing", {}).items():  # the fastest Triton config per shape: set it as default
+        tri = {c: r for c, r in recs.items() if c.startswith("triton")}
+        for metric in ("fwd_ms", "fwd_bwd_ms"):
+            cand = {c: r[metric] for c, r in tri.items() if metric in r}
+            if cand:
+                best = min(cand, key=cand.get)
+                lines.append(f"best {metric:10s} {shape:18s} {cand[best]:8.3f} ms  {best}")
+                R.setdefault("best", {}).setdefault(shape, {})[metric] = [best, cand[best]]
     if "long_1m" in R:
         lines.append(f"1M tokens x 5120 fwd: {R['long_1m'].get('fwd_ms', float('nan')):.2f} ms, "
                      f"checks pass={R['long_1m'].get('pass')}")

@@ -26,7 +26,7 @@ for spec in "$@"; do
     conv) run_part conv "$limit" python3 scripts/gpu_check_conv_norm.py --out "$OUT/conv" ;;
     generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" ;;
     tp) run_part tp "$limit" python3 -m torch.distributed.run --nproc-per-node 2 scripts/gpu_check_tp.py --out "$OUT/tp" ;;
-    train) run_part train "$limit" bash scripts/train_default_model.sh "$OUT/train" ;;
+    train) run_part train "$limit" env MINUTES="${MINUTES:-5}" bash scripts/train_default_model.sh "$OUT/train/run" ;;
     bench) run_part bench "$limit" bash scripts/gpu_bench_all.sh "$OUT/bench" ;;
     pytest) run_part pytest "$limit" python3 -m pytest -q -x tests/ops -p no:cacheprovider ;;
     *) echo "unknown part $part" ;;
@@ -41,4 +41,6 @@ for spec in "$@"; do
 done
 printf '%s\n' "${summary[@]}"
 # only 8 files come back from a device call: keep one archive
-(cd "$OUT" && tar czf /tmp/all.tar.gz . && find . -mindepth 1 -delete && mv /tmp/all.tar.gz "$OUT/all.tar.gz")
+# (training checkpoints and token files stay behind: only the exported model, logs and metrics travel)
+(cd "$OUT" && tar czf /tmp/all.tar.gz --exclude=checkpoints --exclude='tokens*' . && find . -mindepth 1 -delete \
+  && mv /tmp/all.tar.gz "$OUT/all.tar.gz")

@@ -266,11 +266,15 @@ def test_triton_varlen_states_and_strides():
         assert rel_err(g, w) < 1e-5, name
 
 
-def test_triton_rejects_unsupported_shapes():
-    t = cast(make_inputs(b=1, l=4, h=2, p=4, n=300), torch.float32, requires_grad=False)
+@needs_triton
+def test_triton_rejects_unsupported_shapes_and_public_op_falls_back():
+    t = on_device(cast(make_inputs(b=1, l=4, h=2, p=4, n=300), torch.float32, requires_grad=False))
     from mambakit.ops.ssd.triton_path import ssd_chunked_triton
     with pytest.raises(ValueError, match="dstate <= 256"):
         ssd_chunked_triton(t["x"], t["dt"], t["A"], t["B"], t["C"], 16)
+    with backend("triton"):  # a valid input the kernels do not take runs on the PyTorch path
+        out = mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], 16)
+    assert torch.equal(out, ssd_chunked_torch(t["x"], t["dt"], t["A"], t["B"], t["C"], 16))
 
 
 # ---------------------------------------------------------------- bad inputs

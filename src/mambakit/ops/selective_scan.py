@@ -204,21 +204,22 @@ def _discretize(p: _Prepared, s0: int, s1: int, dA: torch.Tensor, dBu: torch.Ten
     torch.mul(dt * p.u[:, s0:s1], p.B if p.const else p.B[:, s0:s1], out=dBu)
 
 
-def _scan_(dA: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> None:
-    """In place x_t <- dA_t * x_{t-1} + x_t along dim 1 (x_{-1} = h0), so x becomes the states."""
-    xs, As = x.unbind(1), dA.unbind(1)
+def _scan_(As: tuple, xs: tuple, m: int, h0: torch.Tensor | None) -> None:
+    """In place x_t <- dA_t * x_{t-1} + x_t for t < m (x_{-1} = h0), so x becomes the states.
+
+    As, xs: the per-step views (``unbind(1)``) of the dA and x buffers, made once per call: creating views
+    costs as much as the small per-step multiply-adds."""
     if h0 is not None:
         xs[0].addcmul_(As[0], h0)
-    for t in range(1, len(xs)):
+    for t in range(1, m):
         xs[t].addcmul_(As[t], xs[t - 1])
 
 
-def _scan_reverse_(dA: torch.Tensor, gr: torch.Tensor, carry: torch.Tensor | None) -> None:
-    """In place g_t <- g_t + dA_{t+1} * g_{t+1} along dim 1, with dA_T * g_T given as ``carry``."""
-    gs, As = gr.unbind(1), dA.unbind(1)
+def _scan_reverse_(As: tuple, gs: tuple, m: int, carry: torch.Tensor | None) -> None:
+    """In place g_t <- g_t + dA_{t+1} * g_{t+1} for t < m, with dA_m * g_m given as ``carry``."""
     if carry is not None:
-        gs[-1].add_(carry)
-    for t in range(len(gs) - 2, -1, -1):
+        gs[m - 1].add_(carry)
+    for t in range(m - 2, -1, -1):
         gs[t].addcmul_(As[t + 1], gs[t + 1])
 
 
@@ -235,6 +236,7 @@ def _torch_forward(p: _Prepared):
     n = p.A.shape[1]
     S = _chunk_len(p)
     dA, x = (p.u.new_empty(b, S, g, n, e) for _ in range(2))
+    As, xs = dA.unbind(1), x.unbind(1)
     y = torch.empty_like(p.u)
     h = p.h0 if p.h0 is not None else p.u.new_zeros(b, g, n, e)
     starts = []
@@ -243,7 +245,7 @@ def _torch_forward(p: _Prepared):
         m = s1 - s0
         starts.append(h)
         _discretize(p, s0, s1, dA[:, :m], x[:, :m])
-        _scan_(dA[:, :m], x[:, :m], h if (s0 > 0 or p.h0 is not None) else None)
+        _scan_(As, xs, m, h if (s0 > 0 or p.h0 is not None) else None)
         h = x[:, m - 1].clone()
         y[:, s0:s1] = _sum_n(x[:, :m], p.C if p.const else p.C[:, s0:s1], p.const)
     return y, h, starts
@@ -261,6 +263,7 @@ def _torch_backward(p: _Prepared, starts: list, dy: torch.Tensor, dh_last: torch
     n = p.A.shape[1]
     S = _chunk_len(p)
     dA_buf, x, gr = (p.u.new_empty(b, S, g, n, e) for _ in range(3))
+    As, xs, gs = dA_buf.unbind(1), x.unbind(1), gr.unbind(1)
     ddt, ddu = torch.empty_like(p.u), torch.empty_like(p.u)
     dA = torch.zeros_like(p.A)
     dB = torch.zeros_like(p.B) if p.const else torch.empty_like(p.B)
@@ -273,7 +276,7 @@ def _torch_backward(p: _Prepared, starts: list, dy: torch.Tensor, dh_last: torch
         h_in = starts[c] if (s0 > 0 or p.h0 is not None) else None
         a, h, gm = dA_buf[:, :m], x[:, :m], gr[:, :m]
         _discretize(p, s0, s1, a, h)
-        _scan_(a, h, h_in)  # recompute this chunk's states from the saved start state
+        _scan_(As, xs, m, h_in)  # recompute this chunk's states from the saved start state
         Bc, Cc = (p.B, p.C) if p.const else (p.B[:, s0:s1], p.C[:, s0:s1])
         dyc, duc = dy[:, s0:s1], du_all[:, s0:s1]
         if p.const:
@@ -281,7 +284,7 @@ def _torch_backward(p: _Prepared, starts: list, dy: torch.Tensor, dh_last: torch
         else:
             dC[:, s0:s1] = torch.matmul(h, dyc.transpose(-1, -2))  # (n, e) @ (e, 1)
         torch.mul(dyc, Cc, out=gm)
-        _scan_reverse_(a, gm, carry)  # gm = g_t
+        _scan_reverse_(As, gs, m, carry)  # gm = g_t
         if p.const:
             dB += (gm * duc).sum((0, 1))
         else:
@@ -418,8 +421,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         z: (b, d, l) gate. initial_state: (b, d, n), the state before position 0 (gets gradients).
         seq_idx: (b, l) int32/int64, non-decreasing: the state resets to zero where it changes.
     Returns:
-        out (b, d, l) in u's dtype; with ``return_last_state`` also last_state (b, d, n) float32
-        (float64 for float64 inputs). All internal math is in float32 (float64 for float64 inputs).
+        out (b, d, l) in u's dtype, possibly a channels-last view ((b, l, d) memory, what ``out_proj`` wants
+        after the transpose); with ``return_last_state`` also last_state (b, d, n) float32 (float64 for float64
+        inputs). All internal math is in float32 (float64 for float64 inputs).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     fn = _TritonScanFn if use_triton(u) else _TorchScanFn

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.state_passing import dot_precision
+from mambakit.ops.ssd.state_passing import dot_precision, num_sms
 
 
 @triton.jit
@@ -378,12 +378,12 @@ def chunk_scan_bwd_dx(x, B, C, dt_p, dA_cs, dstates, dy, D, seq_idx, Q: int, blo
     return dx, ddt_dir, f, dD
 
 
-def _head_split(batch: int, nchunks: int, mblocks: int, ngroups: int, heads_per_group: int, blocks: dict) -> int:
+def _head_split(programs: int, heads_per_group: int, blocks: dict, sms: int) -> int:
     """Split each group's heads over several programs when the grid would otherwise not fill the GPU."""
     if blocks.get("HEAD_SPLIT"):
         return blocks["HEAD_SPLIT"]
     split = 1
-    while (batch * nchunks * mblocks * ngroups * split < 528 and heads_per_group % (split * 2) == 0
+    while (programs * split < 4 * sms and heads_per_group % (split * 2) == 0
            and heads_per_group // (split * 2) >= 4):
         split *= 2
     return split
@@ -398,7 +398,7 @@ def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: in
     nchunks = dt_p.shape[2]
     BM, BK, BP, BN = _scan_blocks(Q, p, n, blocks, x.dtype)
     hpg = h // g
-    split = _head_split(b, nchunks, Q // BM, g, hpg, blocks)
+    split = _head_split(b * nchunks * (Q // BM) * g, hpg, blocks, num_sms(x.device))
     seq = seq_idx if seq_idx is not None else dt_p
     e = torch.empty_like(dt_p)
     rows = torch.empty_like(dt_p)

@@ -3,8 +3,19 @@ elsewhere (see mambakit.ops.dispatch)."""
 
 from __future__ import annotations
 
+import torch
+
 from mambakit.ops.dispatch import use_triton
 from mambakit.ops.ssd.torch_path import ssd_chunked_torch
+
+# what the Triton kernels take (mambakit.ops.ssd.triton_path checks the same); other valid inputs (float64,
+# dstate or headdim above 256) run on the PyTorch path
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels_take(x, B) -> bool:
+    shapes_ok = isinstance(x, torch.Tensor) and isinstance(B, torch.Tensor) and x.dim() == 4 and B.dim() == 4
+    return not shapes_ok or (x.dtype in _KERNEL_DTYPES and x.shape[3] <= 256 and B.shape[3] <= 256)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -21,7 +32,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     """
     args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit,
             return_final_states, return_varlen_states)
-    if use_triton(x):
+    if use_triton(x) and _kernels_take(x, B):
         from mambakit.ops.ssd.triton_path import ssd_chunked_triton  # imports Triton only on this branch
 
         return ssd_chunked_triton(*args)

@@ -22,6 +22,8 @@ through the carried state (the chunk's own inputs add their part in chunk_scan's
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -174,14 +176,22 @@ def _state_bwd_kernel(
     tl.store(dinit_ptr + final_off, G, mask=mask_pn)
 
 
-def _state_blocks(Q, batch, nheads, headdim, dstate, blocks, dtype):
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU (132 on an H100, assumed under the interpreter)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _state_blocks(Q, batch, nheads, headdim, dstate, blocks, dtype, device):
     BK = min(Q, blocks.get("BLOCK_K") or (32 if dtype == torch.float32 else 64))
     BP = blocks.get("BLOCK_P") or max(16, min(64, triton.next_power_of_2(headdim)))
     BN = blocks.get("BLOCK_N")
     if BN is None:
         # long sequential loops want many programs: shrink the dstate block until the grid fills the GPU
         BN = max(16, min(64, triton.next_power_of_2(dstate)))
-        while BN > 32 and batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) < 264:
+        while BN > 32 and batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) < 2 * num_sms(device):
             BN //= 2
     return BP, BN, BK
 
@@ -203,7 +213,7 @@ def state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q: int, state_dtype, b
     nchunks = dt_p.shape[2]
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=state_dtype)
     final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, x.dtype)
+    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, x.dtype, x.device)
     init = initial_states if initial_states is not None else final
     seq = seq_idx if seq_idx is not None else dt_p
     grid = (b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))
@@ -229,7 +239,7 @@ def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks = dA_cs.shape[2]
-    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, dy.dtype)
+    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, dy.dtype, dy.device)
     nblk = triton.cdiv(p, BP) * triton.cdiv(n, BN)
     dstates = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=states.dtype)
     dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32)

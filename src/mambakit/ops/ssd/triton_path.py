@@ -96,10 +96,13 @@ def ssd_chunked_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
                          f"fp32/fp16/bf16 inputs (got dstate={n}, headdim={p}, {x.dtype}); use "
                          "MAMBAKIT_BACKEND=torch for this shape")
     Q = kernel_chunk(chunk_size)
-    # the kernels read any strides, but each (b, l) row of B/C and each dt row must be addressable as given
+    # the kernels read x, dt, B, C, z, D, seq_idx and initial_states through their strides; A and dt_bias
+    # (nheads,) are read as contiguous vectors
+    A_ = A.float().contiguous()
+    bias = None if dt_bias is None else dt_bias.contiguous()
     init = None if initial_states is None else initial_states.float()
     D_ = None if D is None else D.float()
-    out, final, states, dA_cs, dt_p = _SSDFn.apply(x, dt, A.float(), B, C, D_, z, dt_bias, init, a.seq_idx, Q,
+    out, final, states, dA_cs, dt_p = _SSDFn.apply(x, dt, A_, B, C, D_, z, bias, init, a.seq_idx, Q,
                                                    bool(dt_softplus), a.dt_limit)
     result = [out]
     if return_final_states:

@@ -21,7 +21,7 @@ for spec in "$@"; do
   part=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
   case $part in
     env) run_part env "$limit" bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import mambakit, mambakit.ops; print(\"import ok\")"' ;;
-    mamba1) run_part mamba1 "$limit" python3 scripts/gpu_check_mamba1.py --out "$OUT/mamba1" ;;
+    mamba1) run_part mamba1 "$limit" python3 scripts/gpu_check_mamba1.py --out "$OUT/mamba1" --budget $((limit - 50)) ;;
     ssd) run_part ssd "$limit" python3 scripts/gpu_check_ssd.py --out "$OUT/ssd" ;;
     conv) run_part conv "$limit" python3 scripts/gpu_check_conv_norm.py --out "$OUT/conv" ;;
     generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" ;;
@@ -40,7 +40,12 @@ for spec in "$@"; do
   tail -n 25 "$OUT/$part/log.txt" 2>/dev/null | cut -c1-220
 done
 printf '%s\n' "${summary[@]}"
-# only 8 files come back from a device call: keep one archive
-# (training checkpoints and token files stay behind: only the exported model, logs and metrics travel)
-(cd "$OUT" && tar czf /tmp/all.tar.gz --exclude=checkpoints --exclude='tokens*' . && find . -mindepth 1 -delete \
-  && mv /tmp/all.tar.gz "$OUT/all.tar.gz")
+# only 8 files come back from a device call, 16 MB each: one archive of logs/JSON/plots, and the trained default
+# model (12.8 MB of bf16 weights, which do not compress) in its own tar. Training checkpoints and token files stay.
+if [ -d "$OUT/train/run/default" ]; then
+  tar cf /tmp/default_model.tar -C "$OUT/train/run" default
+fi
+(cd "$OUT" && tar czf /tmp/all.tar.gz --exclude=checkpoints --exclude='tokens*' --exclude='*.safetensors' . \
+  && find . -mindepth 1 -delete && mv /tmp/all.tar.gz "$OUT/all.tar.gz")
+[ -f /tmp/default_model.tar ] && mv /tmp/default_model.tar "$OUT/"
+ls -l "$OUT"

@@ -26,9 +26,9 @@ START=$(date +%s)
 {
   echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
-  python -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
-  python -c "import matplotlib; print('matplotlib', matplotlib.__version__)" 2>&1 | tail -1
+  "${PYTHON:-python3}" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
+  "${PYTHON:-python3}" -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+  "${PYTHON:-python3}" -c "import matplotlib; print('matplotlib', matplotlib.__version__)" 2>&1 | tail -1
 } >>"$LOG"
 
 part() {  # part NAME LIMIT_S ARGS...: one `mambakit bench` run, its output appended to the log
@@ -42,7 +42,7 @@ part() {  # part NAME LIMIT_S ARGS...: one `mambakit bench` run, its output appe
   ((limit > left)) && limit=$left
   local t0=$(date +%s)
   echo "== $name (limit ${limit}s): mambakit bench $*" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=10 "$limit" python -m mambakit bench "$@" --out "$RES" \
+  timeout --signal=INT --kill-after=10 "$limit" "${PYTHON:-python3}" -m mambakit bench "$@" --out "$RES" \
     ${BENCH_SMALL:+--small --threads 1} >>"$LOG" 2>&1
   echo "== $name: exit $? after $(($(date +%s) - t0))s" | tee -a "$LOG"
 }
@@ -54,7 +54,7 @@ part train 55 train --size 130m --shapes 8x2048,2x8192 --steps 8 --warmup 3
 part generate-2.8b 85 generate --sizes 2.8b --batches 1 --prompts 100,2048 --forward-shape 8x2048 \
   --name generate_2.8b
 
-python -m mambakit bench summary "$RES" >"$OUT/summary.txt" 2>&1
+"${PYTHON:-python3}" -m mambakit bench summary "$RES" >"$OUT/summary.txt" 2>&1
 tar -czf "$OUT/bench_results.tar.gz" -C "$OUT" bench_results && rm -rf "$RES"
 echo "== total $(($(date +%s) - START))s; files: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
 cat "$OUT/summary.txt"

@@ -24,9 +24,9 @@ for spec in "$@"; do
     mamba1) run_part mamba1 "$limit" python3 scripts/gpu_check_mamba1.py --out "$OUT/mamba1" --budget $((limit - 50)) ;;
     ssd) run_part ssd "$limit" python3 scripts/gpu_check_ssd.py --out "$OUT/ssd" ;;
     conv) run_part conv "$limit" python3 scripts/gpu_check_conv_norm.py --out "$OUT/conv" ;;
-    generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" ;;
+    generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" --budget $((limit - 40)) ;;
     tp) run_part tp "$limit" python3 -m torch.distributed.run --nproc-per-node 2 scripts/gpu_check_tp.py --out "$OUT/tp" ;;
-    train) run_part train "$limit" env MINUTES="${MINUTES:-5}" bash scripts/train_default_model.sh "$OUT/train/run" ;;
+    train) run_part train "$limit" env STEPS="${STEPS:-800}" bash scripts/train_default_model.sh "$OUT/train/run" ;;
     bench) run_part bench "$limit" bash scripts/gpu_bench_all.sh "$OUT/bench" ;;
     pytest) run_part pytest "$limit" python3 -m pytest -q -x tests/ops -p no:cacheprovider ;;
     *) echo "unknown part $part" ;;

@@ -297,3 +297,16 @@ def test_triton_length_one_and_no_options(poisoned):
 def test_triton_prefix_continuation(poisoned):
     with backend("triton"):
         check_prefix_continuation(selective_scan_fn, 1e-5, l=24, cut=9, device=DEVICE)
+
+
+@needs_triton
+def test_auto_tiles_follow_the_grid_size():
+    """Wide tiles (4 states a thread) when every SM gets two programs, narrow ones (more programs) otherwise;
+    tiles a caller set are kept."""
+    from mambakit.ops import _triton_selective_scan as k
+
+    wide, narrow = torch.empty(4, 3072, 1), torch.empty(1, 3072, 1)  # 384 and 96 programs of 32 channels
+    assert k._auto_tiles(dict(k.FWD_CONFIG), wide, k._NARROW_FWD)["nk"] == 4
+    cfg = k._auto_tiles(dict(k.FWD_CONFIG), narrow, k._NARROW_FWD)
+    assert (cfg["block_d"], cfg["nk"], cfg["chunk"], cfg["seg"]) == (4, 1, 16, 128)
+    assert k._auto_tiles(dict(k.FWD_CONFIG, nk=2), wide, k._NARROW_FWD)["nk"] == 2

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mambakit.ops.dispatch import num_sms
+
 
 @triton.jit
 def _softplus(x):
@@ -322,9 +324,26 @@ def _scan_bwd_kernel(
 
 # nk: states per thread; chunk: steps per loop iteration (registers per thread ~ nk * chunk per tile);
 # seg: steps between saved states. num_warps None: block_d * (n / nk) / 32, so that every thread owns one
-# (channel, j) pair. The GPU script (scripts/gpu_check_mamba1.py) times variants of these.
-FWD_CONFIG = dict(block_d=8, nk=1, chunk=16, seg=128, num_warps=None)
-BWD_CONFIG = dict(block_d=8, nk=1, chunk=16, num_warps=None)
+# (channel, j) pair. block_d / nk / chunk None: chosen per call by _auto_tiles. The GPU script
+# (scripts/gpu_check_mamba1.py) times variants of these.
+FWD_CONFIG = dict(block_d=None, nk=None, chunk=None, seg=128, num_warps=None)
+BWD_CONFIG = dict(block_d=None, nk=None, chunk=None, num_warps=None)
+
+# Measured on an H200 (notes/gpu_run2, bf16, n = 16): with >= 2 programs per SM, wide programs with 4 states
+# per thread are fastest (b4 d3072 l4096: fwd 1.14 ms vs 2.92 ms for (8, 1, 16), fwd+bwd 10.5 vs 15.8 ms);
+# with fewer programs (b1 d3072 l65536: 96 of them) the sequential walk is latency-bound and more, narrower
+# programs win (fwd 10.8 ms for (4, 1, 16) vs 13.7 ms for (32, 4, 4)).
+_WIDE = dict(block_d=32, nk=4, chunk=4)
+_NARROW_FWD = dict(block_d=4, nk=1, chunk=16)
+_NARROW_BWD = dict(block_d=8, nk=1, chunk=16)
+
+
+def _auto_tiles(cfg: dict, u: torch.Tensor, narrow: dict) -> dict:
+    """Fills the config's None tiles from the grid size: the wide tiles when they give every SM two programs."""
+    b, d = u.shape[0], u.shape[1]
+    preset = _WIDE if b * triton.cdiv(d, _WIDE["block_d"]) >= 2 * num_sms(u.device) else narrow
+    return {k: (preset[k] if v is None and k in preset else v) for k, v in cfg.items()}
+
 
 # Every buffer a kernel fills is allocated through these two, so that tests can poison them with NaN.
 _empty, _empty_like = torch.empty, torch.empty_like
@@ -367,7 +386,7 @@ def _opt(t, fallback):
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_states, **overrides):
     """Returns out (like u), last_state (b, d, n) fp32, the saved states (b, nseg, d, n) fp32 or None, and
     the steps between saved states (the backward needs it). ``overrides``: keys of FWD_CONFIG."""
-    cfg = _config(FWD_CONFIG, **overrides)
+    cfg = _auto_tiles(_config(FWD_CONFIG, **overrides), u, _NARROW_FWD)
     b, d, l = u.shape
     n = A.shape[1]
     meta = _blocks(u, A, B, cfg, cfg["chunk"])
@@ -391,7 +410,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_s
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dlast, softplus, **overrides):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz contiguous in the inputs'
     dtypes, the rest fp32 with dB/dC in B's layout (the caller casts). ``overrides``: keys of BWD_CONFIG."""
-    cfg = _config(BWD_CONFIG, **overrides)
+    cfg = _auto_tiles(_config(BWD_CONFIG, **overrides), u, _NARROW_BWD)
     b, d, l = u.shape
     n = A.shape[1]
     g = B.shape[1] if B.dim() == 4 else 1

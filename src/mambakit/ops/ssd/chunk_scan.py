@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mambakit.ops.ssd.state_passing import dot_precision, num_sms
+from mambakit.ops.dispatch import num_sms
+from mambakit.ops.ssd.state_passing import dot_precision
 
 
 @triton.jit

@@ -22,11 +22,11 @@ through the carried state (the chunk's own inputs add their part in chunk_scan's
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from mambakit.ops.dispatch import num_sms
 
 
 @triton.jit
@@ -174,14 +174,6 @@ def _state_bwd_kernel(
         Cs = (Ck.to(tl.float32) * scale[:, None]).to(dtype)
         G = tl.dot(dyT.to(dtype), Cs, G, input_precision=DOT_PREC)
     tl.store(dinit_ptr + final_off, G, mask=mask_pn)
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of the GPU (132 on an H100, assumed under the interpreter)."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _state_blocks(Q, batch, nheads, headdim, dstate, blocks, dtype, device):

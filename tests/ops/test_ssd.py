@@ -305,3 +305,16 @@ def _bad(**over):
 def test_bad_inputs_raise(fn, case, match):
     with backend("torch"), pytest.raises(ValueError, match=match):
         fn(**case())
+
+
+@needs_triton
+def test_measured_tiles_apply_only_where_measured():
+    """The H200-tuned tiles are used for 16-bit inputs at headdim <= 64, dstate <= 128, chunk % 128 == 0;
+    a caller's blocks win; other shapes keep the general defaults."""
+    from mambakit.ops.ssd.chunk_scan import _TUNED_16BIT, _with_tuned
+
+    assert _with_tuned("dbc", None, 256, 64, 128, torch.bfloat16) == _TUNED_16BIT["dbc"]
+    assert _with_tuned("fwd", {"BLOCK_M": 64}, 256, 64, 128, torch.float16)["BLOCK_M"] == 64
+    for Q, p, n, dtype in ((256, 64, 128, torch.float32), (64, 64, 128, torch.bfloat16),
+                           (256, 128, 128, torch.bfloat16), (256, 64, 256, torch.bfloat16)):
+        assert _with_tuned("dx", None, Q, p, n, dtype) == {}

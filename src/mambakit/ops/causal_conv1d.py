@@ -18,6 +18,7 @@ public ops.
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops._dtypes import as_dtype, compute_dtype
 from mambakit.ops._checks import check_floating, check_same_device, check_seq_idx, check_shape, check_tensor, fail
 from mambakit.ops.dispatch import current_backend, use_triton
 
@@ -195,15 +196,11 @@ def _check_update_inputs(x, conv_state, weight, bias, activation, cache_seqlens,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _conv_torch(x, weight, bias, seq_idx, initial_states, activation):
     """out: (batch, dim, seqlen) in the compute dtype (fp32, or fp64 for fp64 inputs), before the final cast."""
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     pad = (initial_states.to(cdt) if initial_states is not None
            else x.new_zeros(batch, dim, width - 1, dtype=cdt))
     ext = torch.cat([pad, x.to(cdt)], dim=-1)  # (batch, dim, width - 1 + seqlen)
@@ -242,15 +239,15 @@ def _update_torch(x3, conv_state, weight, bias, activation, cache_seqlens, conv_
     batch, dim, seqlen = x3.shape
     width = weight.shape[1]
     state_len = conv_state.shape[2]
-    cdt = _compute_dtype(x3)
+    cdt = compute_dtype(x3)
     if seqlen == 1 and cache_seqlens is None and conv_state_indices is None:
         # The plain decode step: a multiply-add over the window is several times cheaper than F.conv1d
         # (per-call overhead dominates at one token on CPU).
-        window = torch.cat([conv_state[:, :, 1:], x3.to(conv_state.dtype)], dim=-1)  # (batch, dim, state_len)
+        window = torch.cat([conv_state[:, :, 1:], as_dtype(x3, conv_state.dtype)], dim=-1)  # (b, dim, state_len)
         conv_state.copy_(window)
-        out = (window[:, :, state_len - width:].to(cdt) * weight.to(cdt)).sum(-1, keepdim=True)  # (b, d, 1)
+        out = (as_dtype(window[:, :, state_len - width:], cdt) * as_dtype(weight, cdt)).sum(-1, keepdim=True)
         if bias is not None:
-            out = out + bias.to(cdt)[:, None]
+            out = out + as_dtype(bias, cdt)[:, None]  # (b, d, 1)
         return F.silu(out) if activation is not None else out
     rows = conv_state if conv_state_indices is None else conv_state[conv_state_indices.long()]
     if cache_seqlens is None:
@@ -1085,8 +1082,11 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     if _use_conv_kernels(x, weight.shape[1]):
         # one launch, no copies or casts: the kernel reads any strides and dtypes (decode speed is launch-bound)
         out = _update_triton(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    elif not torch.is_grad_enabled():  # decoding runs under inference_mode: skip entering no_grad
+        out = as_dtype(_update_torch(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices),
+                       x.dtype)
     else:
         with torch.no_grad():
-            out = _update_torch(x3, conv_state, weight, bias, activation, cache_seqlens,
-                                conv_state_indices).to(x.dtype)
+            out = as_dtype(_update_torch(x3, conv_state, weight, bias, activation, cache_seqlens,
+                                         conv_state_indices), x.dtype)
     return out.squeeze(-1) if x.dim() == 2 else out

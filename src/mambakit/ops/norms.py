@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambakit.ops._dtypes import as_dtype, compute_dtype
 from mambakit.ops._checks import check_floating, check_same_device, check_shape, check_tensor, fail
 from mambakit.ops.dispatch import use_triton
 
@@ -112,34 +113,34 @@ def _check_norm_inputs(x, weight, bias, eps, **same_shape):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _rms_norm_torch(x, weight, bias, residual, prenorm, residual_in_fp32, eps):
-    cdt = _compute_dtype(x)
-    s = x.to(cdt) if residual is None else x.to(cdt) + residual.to(cdt)  # (..., hidden)
-    y = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * weight.to(cdt)
+    cdt = compute_dtype(x)
+    s = as_dtype(x, cdt) if residual is None else as_dtype(x, cdt) + as_dtype(residual, cdt)  # (..., hidden)
+    # F.rms_norm: s * rsqrt(mean(s^2) + eps) * weight in one op (fewer per-op costs when decoding on a CPU)
+    y = F.rms_norm(s, (s.shape[-1],), as_dtype(weight, cdt), eps)
     if bias is not None:
-        y = y + bias.to(cdt)
-    y = y.to(_out_dtype(x))
-    return (y, s.to(_residual_dtype(x, residual, residual_in_fp32))) if prenorm else y
+        y = y + as_dtype(bias, cdt)
+    y = as_dtype(y, _out_dtype(x))
+    return (y, as_dtype(s, _residual_dtype(x, residual, residual_in_fp32))) if prenorm else y
 
 
 def _rmsnorm_gated_torch(x, weight, bias, z, eps, group_size, norm_before_gate):
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     hidden = x.shape[-1]
-    v = x.to(cdt)
-    gate = F.silu(z.to(cdt)) if z is not None else None
+    v = as_dtype(x, cdt)
+    gate = F.silu(as_dtype(z, cdt)) if z is not None else None
     if gate is not None and not norm_before_gate:
         v = v * gate
-    grouped = v.view(*v.shape[:-1], hidden // group_size, group_size)  # (..., ngroups, group_size)
-    y = (grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)).view(v.shape) * weight.to(cdt)
+    if group_size == hidden:  # one group (the usual Mamba-2 layer): the weight goes into the fused op
+        y = F.rms_norm(v, (hidden,), as_dtype(weight, cdt), eps)
+    else:
+        grouped = v.view(*v.shape[:-1], hidden // group_size, group_size)  # (..., ngroups, group_size)
+        y = F.rms_norm(grouped, (group_size,), None, eps).view(v.shape) * as_dtype(weight, cdt)
     if bias is not None:
-        y = y + bias.to(cdt)
+        y = y + as_dtype(bias, cdt)
     if gate is not None and norm_before_gate:
         y = y * gate
-    return y.to(x.dtype)
+    return as_dtype(y, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

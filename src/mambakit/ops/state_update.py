@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._dtypes import as_dtype, compute_dtype
 from ._checks import check_same_device, check_shape, check_tensor, fail
 from .dispatch import use_triton
 
@@ -132,32 +133,38 @@ def _tied(dt, A, dt_bias) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 def _update_torch(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus):
-    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = compute_dtype(x)
     b, h, p = x.shape
-    g = B.shape[1]
-    s = (state if idx is None else state[idx.long()]).to(f)  # (b, h, p, n)
+    g, n = B.shape[1], B.shape[2]
+    r = h // g  # heads per group: B and C broadcast over them (no repeat_interleave copy)
+    # a contiguous state in the compute dtype is updated in place; anything else goes through a copy
+    inplace = idx is None and state.dtype == f and state.is_contiguous()
+    s = state if inplace else (state if idx is None else state[idx.long()]).to(f).contiguous()
     if _tied(dt, A, dt_bias):  # one exp per head
-        dt = dt[..., :1].to(f) + (0 if dt_bias is None else dt_bias[..., :1].to(f))  # (b, h, 1)
-        A = A[:, :1, :1].to(f)  # (h, 1, 1)
+        dt = as_dtype(dt[..., :1], f) + (0 if dt_bias is None else as_dtype(dt_bias[..., :1], f))  # (b, h, 1)
+        A = as_dtype(A[:, :1, :1], f)  # (h, 1, 1)
     else:
-        dt = dt.to(f) + (0 if dt_bias is None else dt_bias.to(f))
-        A = A.to(f)
+        dt = as_dtype(dt, f) + (0 if dt_bias is None else as_dtype(dt_bias, f))
+        A = as_dtype(A, f)
     if softplus:
         dt = F.softplus(dt)
-    Bh = B.to(f).repeat_interleave(h // g, dim=1).unsqueeze(2)  # (b, h, 1, n)
-    Ch = C.to(f).repeat_interleave(h // g, dim=1).unsqueeze(2)
-    xf = x.to(f)
-    s = s * torch.exp(dt.unsqueeze(-1) * A) + (dt * xf).unsqueeze(-1) * Bh
-    out = torch.matmul(s, Ch.transpose(-1, -2)).squeeze(-1)  # (b, h, p)
+    xf = as_dtype(x, f)
+    dA = torch.exp(dt.unsqueeze(-1) * A)  # (b, h, p or 1, n or 1)
+    s5 = s.view(b, g, r, p, n)
+    s5.mul_(dA.view(b, g, r, dA.shape[-2], dA.shape[-1]))
+    s5.addcmul_((dt * xf).view(b, g, r, p, 1), as_dtype(B, f).reshape(b, g, 1, 1, n))  # no outer-product temp
+    # one matrix-vector product per (batch, group): (r*p, n) @ (n, 1), no broadcast over the heads
+    out = torch.matmul(s5.view(b, g, r * p, n), as_dtype(C, f).reshape(b, g, n, 1)).view(b, h, p)
     if D is not None:
-        out = out + D.to(f) * xf
+        out = out + as_dtype(D, f) * xf
     if z is not None:
-        out = out * F.silu(z.to(f))
-    if idx is None:
-        state.copy_(s)
-    else:
-        state[idx.long()] = s.to(state.dtype)
-    out = out.to(x.dtype)
+        out = out * F.silu(as_dtype(z, f))
+    if not inplace:
+        if idx is None:
+            state.copy_(s)
+        else:
+            state[idx.long()] = s.to(state.dtype)
+    out = as_dtype(out, x.dtype)
     return out.squeeze(1) if mamba1 else out
 
 

@@ -78,3 +78,41 @@ def check_seq_idx(seq_idx: torch.Tensor | None, batch: int, seqlen: int, device:
         fail("seq_idx must be non-decreasing along the sequence (one id per packed sequence, in order)")
     if version is not None:
         _last_ordered_seq_idx = (weakref.ref(seq_idx), version)
+
+
+class PassedChecks:
+    """The argument layouts that passed an op's input checks, so that a decode loop calling the op again with
+    the same layouts skips them (on a CPU the checks cost as much as a small layer's arithmetic).
+
+    A layout is each tensor's (shape, dtype, device) and every other argument's value. Use it only for checks
+    that depend on nothing else: ranks, shapes, dtypes, devices, option values. At most ``maxsize`` layouts
+    are kept; then the set starts again.
+    """
+
+    def __init__(self, maxsize: int = 256):
+        self._seen: set = set()
+        self._maxsize = maxsize
+
+    @staticmethod
+    def layout(*args):
+        """A hashable key of the arguments, or None when one of them cannot be keyed (never memoised)."""
+        key = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                key.append((a.shape, a.dtype, a.device))
+            elif a is None or isinstance(a, (bool, int, float, str)):
+                key.append(a)
+            else:
+                return None
+        return tuple(key)
+
+    def __contains__(self, key) -> bool:
+        return key is not None and key in self._seen
+
+    def add(self, key) -> None:
+        if key is None:
+            return
+        if len(self._seen) >= self._maxsize:
+            self._seen.clear()
+        self._seen.add(key)
+

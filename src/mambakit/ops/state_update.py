@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dtypes import as_dtype, compute_dtype
-from ._checks import check_same_device, check_shape, check_tensor, fail
+from ._checks import PassedChecks, check_same_device, check_shape, check_tensor, fail
 from .dispatch import use_triton
 
 try:
@@ -68,32 +68,63 @@ def _per_head(t, p, extra=()):
     return t.reshape(*t.shape, *([1] * (1 + len(extra)))).expand(*t.shape, p, *extra)
 
 
+_PASSED = PassedChecks()
+
+
 def _normalize(state, x, dt, A, B, C, D, z, dt_bias, idx):
-    """Returns (state4, x, dt, A, B, C, D, z, dt_bias, idx, squeeze) in the Mamba-2 form (see module doc)."""
-    check_tensor("state", state, (3, 4), "(batch, dim, dstate) or (batch, nheads, headdim, dstate)")
+    """Returns (state4, x, dt, A, B, C, D, z, dt_bias, idx, mamba1) in the Mamba-2 form (see module doc),
+    after checking the inputs (once per argument layout)."""
+    key = PassedChecks.layout(state, x, dt, A, B, C, D, z, dt_bias, idx)
+    if key not in _PASSED:
+        _check_inputs(state, x, dt, A, B, C, D, z, dt_bias, idx)
+        _PASSED.add(key)
+    return _mamba2_form(state, x, dt, A, B, C, D, z, dt_bias, idx)
+
+
+def _mamba2_form(state, x, dt, A, B, C, D, z, dt_bias, idx):
+    """The inputs as views in the Mamba-2 form; per-head values expanded with stride 0 (no copies)."""
     mamba1 = state.dim() == 3
     if mamba1:  # one head of `dim` channels, one group
-        check_tensor("x", x, 2, "(batch, dim)")
-        state, x = state.unsqueeze(1), x.unsqueeze(1)
-        dt = check_tensor("dt", dt, 2, "(batch, dim)").unsqueeze(1)
-        A = check_tensor("A", A, 2, "(dim, dstate)").unsqueeze(0)
-        B = check_tensor("B", B, 2, "(batch, dstate)").unsqueeze(1)
-        C = check_tensor("C", C, 2, "(batch, dstate)").unsqueeze(1)
-        D = None if D is None else check_tensor("D", D, 1, "(dim,)").unsqueeze(0)
-        z = None if z is None else check_tensor("z", z, 2, "(batch, dim)").unsqueeze(1)
-        dt_bias = None if dt_bias is None else check_tensor("dt_bias", dt_bias, 1, "(dim,)").unsqueeze(0)
-    _, h, p, n = state.shape
-    check_tensor("x", x, 3, "(batch, nheads, headdim)")
+        state, x, dt, B, C, A = state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), B.unsqueeze(1), \
+            C.unsqueeze(1), A.unsqueeze(0)
+        D = None if D is None else D.unsqueeze(0)
+        z = None if z is None else z.unsqueeze(1)
+        dt_bias = None if dt_bias is None else dt_bias.unsqueeze(0)
+    p, n = state.shape[2], state.shape[3]
+    dt = _per_head(dt, p) if dt.dim() == 2 else dt
+    A = _per_head(A, p, (n,)) if A.dim() == 1 else A
+    dt_bias = _per_head(dt_bias, p) if dt_bias is not None and dt_bias.dim() == 1 else dt_bias
+    D = _per_head(D, p) if D is not None and D.dim() == 1 else D
+    return state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1
+
+
+def _check_inputs(state, x, dt, A, B, C, D, z, dt_bias, idx):
+    """Ranks in the form given, then shapes, dtypes and devices in the Mamba-2 form."""
+    check_tensor("state", state, (3, 4), "(batch, dim, dstate) or (batch, nheads, headdim, dstate)")
+    if state.dim() == 3:
+        for name, t, rank, dims in (("x", x, 2, "(batch, dim)"), ("dt", dt, 2, "(batch, dim)"),
+                                    ("A", A, 2, "(dim, dstate)"), ("B", B, 2, "(batch, dstate)"),
+                                    ("C", C, 2, "(batch, dstate)"), ("D", D, 1, "(dim,)"),
+                                    ("z", z, 2, "(batch, dim)"), ("dt_bias", dt_bias, 1, "(dim,)")):
+            if t is not None:
+                check_tensor(name, t, rank, dims)
+    else:
+        check_tensor("x", x, 3, "(batch, nheads, headdim)")
+        for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("dt_bias", dt_bias)):
+            if t is not None:
+                check_tensor(name, t, tuple(range(1, 5)), "")
+    _, h, p, n = (state.unsqueeze(1) if state.dim() == 3 else state).shape
     b = x.shape[0]
-    check_shape("x", x, (b, h, p), "(batch, nheads, headdim)")
-    if dt.dim() == 2:
-        dt = _per_head(check_shape("dt", dt, (b, h), "(batch, nheads)"), p)
-    if A.dim() == 1:
-        A = _per_head(check_shape("A", A, (h,), "(nheads,)"), p, (n,))
-    if dt_bias is not None and dt_bias.dim() == 1:
-        dt_bias = _per_head(check_shape("dt_bias", dt_bias, (h,), "(nheads,)"), p)
-    if D is not None and D.dim() == 1:
-        D = _per_head(check_shape("D", D, (h,), "(nheads,)"), p)
+    check_shape("x", x if state.dim() == 4 else x.unsqueeze(1), (b, h, p), "(batch, nheads, headdim)")
+    if state.dim() == 4:
+        if dt.dim() == 2:
+            check_shape("dt", dt, (b, h), "(batch, nheads)")
+        if A.dim() == 1:
+            check_shape("A", A, (h,), "(nheads,)")
+        for name, t in (("dt_bias", dt_bias), ("D", D)):
+            if t is not None and t.dim() == 1:
+                check_shape(name, t, (h,), "(nheads,)")
+    state, x, dt, A, B, C, D, z, dt_bias, idx, _ = _mamba2_form(state, x, dt, A, B, C, D, z, dt_bias, idx)
     check_shape("dt", dt, (b, h, p), "(batch, nheads, headdim) or (batch, nheads)")
     check_shape("A", A, (h, p, n), "(nheads, headdim, dstate) or (nheads,)")
     check_tensor("B", B, 3, "(batch, ngroups, dstate)")
@@ -119,7 +150,6 @@ def _normalize(state, x, dt, A, B, C, D, z, dt_bias, idx):
             fail(f"state_batch_indices must be int32 or int64, got {idx.dtype}")
     elif state.shape[0] != b:
         fail(f"state has batch {state.shape[0]} but x has batch {b}; pass state_batch_indices to pick rows")
-    return state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1
 
 
 def _tied(dt, A, dt_bias) -> bool:

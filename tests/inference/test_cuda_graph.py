@@ -78,10 +78,11 @@ def test_graph_state_continuation_and_eos(model, fake_graphs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_real_cuda_graph_matches_eager():
+@pytest.mark.parametrize("layer", ["mamba1", "mamba2", "hybrid"])
+def test_real_cuda_graph_matches_eager(layer):
     from gen_helpers import build
 
-    model = build("mamba2", dtype=torch.float32).cuda()
+    model = build(layer, dtype=torch.float32).cuda()
     prompt = random_ids(2, 9, seed=33).cuda()
     kw = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
     eager = generate(model, prompt, **kw)

@@ -154,3 +154,20 @@ def test_bad_mamba2_groups_raise():
     with pytest.raises(ValueError, match="divisible by ngroups"):
         selective_state_update(torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3), torch.randn(2, 4), -torch.rand(4),
                                torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+
+
+@pytest.mark.parametrize("layout", ["fp16 state", "non-contiguous fp32 state"])
+def test_mamba1_form_state_copies_back(layout):
+    """The Mamba-1 fast path of the PyTorch backend with states it cannot update in place."""
+    x = mamba1_inputs()
+    b, d, n = x["h0"].shape
+    if layout == "fp16 state":
+        state, ref_state = x["h0"].half(), x["h0"].half().float()
+    else:  # (b, d, n) view of (b, n, d) memory
+        state = x["h0"].float().transpose(1, 2).contiguous().transpose(1, 2)
+        ref_state = state.clone()
+    with backend("torch"):
+        got = step_through(selective_state_update, x, state, torch.float32)
+    ref = step_through(selective_state_update_ref, x, ref_state, torch.float32)
+    tol = 2e-3 if layout == "fp16 state" else 1e-6
+    assert rel_err(got, ref) < tol and rel_err(state.float(), ref_state) < tol

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import RMSNormGated
+from ..ops._dtypes import compute_dtype
 from .comm import copy_to_group, gather_last_dim, reduce_from_group, sum_over_sharers, sum_over_sharers_autograd
 
 
@@ -253,7 +254,7 @@ class GroupSpanningRMSNormGated(RMSNormGated):
         set_sharded_param(self, "weight", full.weight, weight_spec, group)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cdt = compute_dtype(x)
         v = x.to(cdt)
         gate = F.silu(z.to(cdt)) if z is not None else None
         if gate is not None and not self.norm_before_gate:

@@ -116,3 +116,10 @@ class PassedChecks:
             self._seen.clear()
         self._seen.add(key)
 
+    def once(self, check, *args) -> None:
+        """``check(*args)``, unless these arguments' layout passed it before."""
+        key = self.layout(*args)
+        if key not in self:
+            check(*args)
+            self.add(key)
+

@@ -15,6 +15,8 @@ Reading order: references -> input checks -> PyTorch path -> Triton kernels -> l
 public ops.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +60,7 @@ def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None, r
     """
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x)
     pad = (initial_states.to(cdt) if initial_states is not None
            else x.new_zeros(batch, dim, width - 1, dtype=cdt))
     ext = torch.cat([pad, x.to(cdt)], dim=-1)  # (batch, dim, width - 1 + seqlen)
@@ -97,7 +99,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
     x3 = x.unsqueeze(-1) if squeeze else x
     batch, dim, seqlen = x3.shape
     width = weight.shape[1]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x)
     out = x3.new_empty(batch, dim, seqlen, dtype=cdt)
     for i in range(batch):
         row = i if conv_state_indices is None else int(conv_state_indices[i])
@@ -1080,19 +1082,15 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
 
     Returns out shaped like x, in x's dtype. Not differentiable (a decoding op).
     """
-    key = PassedChecks.layout(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-    if key not in _PASSED_UPDATE:  # a decode loop repeats one layout: check it once
-        _check_update_inputs(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-        _PASSED_UPDATE.add(key)
+    # a decode loop repeats one layout: check it once
+    _PASSED_UPDATE.once(_check_update_inputs, x, conv_state, weight, bias, activation, cache_seqlens,
+                        conv_state_indices)
     x3 = x.unsqueeze(-1) if x.dim() == 2 else x  # (batch, dim, seqlen), a view
     if _use_conv_kernels(x, weight.shape[1]):
         # one launch, no copies or casts: the kernel reads any strides and dtypes (decode speed is launch-bound)
         out = _update_triton(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-    elif not torch.is_grad_enabled():  # decoding runs under inference_mode: skip entering no_grad
-        out = as_dtype(_update_torch(x3, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices),
-                       x.dtype)
-    else:
-        with torch.no_grad():
+    else:  # decoding runs under inference_mode: no_grad is entered only when autograd is on
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             out = as_dtype(_update_torch(x3, conv_state, weight, bias, activation, cache_seqlens,
                                          conv_state_indices), x.dtype)
     return out.squeeze(-1) if x.dim() == 2 else out

@@ -96,25 +96,24 @@ def rmsnorm_gated_ref(x, weight, bias=None, z=None, eps=1e-6, group_size=None, n
 _PASSED = PassedChecks()
 
 
-def _check_norm_inputs(x, weight, bias, eps, **same_shape):
-    """Checked once per layout (eps only when it is a number: its check reads the value)."""
-    extra = [v for item in same_shape.items() for v in item]  # (name, tensor) pairs, flattened
-    key = PassedChecks.layout(x, weight, bias, eps, *extra) if isinstance(eps, (int, float)) else None
-    if key in _PASSED:
-        return
-    _check_norm_layout(x, weight, bias, eps, **same_shape)
-    _PASSED.add(key)
+def _check_norm_inputs(x, weight, bias, eps, name=None, other=None):
+    """Checked once per layout; an eps that is not a number is checked every time (its check reads the value).
+    ``other``: residual or z, named ``name``, which must be shaped like x."""
+    if isinstance(eps, (int, float)):
+        _PASSED.once(_check_norm_layout, x, weight, bias, eps, name, other)
+    else:
+        _check_norm_layout(x, weight, bias, eps, name, other)
 
 
-def _check_norm_layout(x, weight, bias, eps, **same_shape):
+def _check_norm_layout(x, weight, bias, eps, name, other):
     check_tensor("x", x, tuple(range(1, 9)), "(..., hidden)")
     hidden = x.shape[-1]
     check_shape("weight", weight, (hidden,), "(hidden,)")
     if bias is not None:
         check_shape("bias", bias, (hidden,), "(hidden,)")
-    for name, t in same_shape.items():
-        if t is not None:
-            check_shape(name, t, tuple(x.shape), "(..., hidden), like x")
+    same_shape = {name: other} if other is not None else {}
+    for key, t in same_shape.items():
+        check_shape(key, t, tuple(x.shape), "(..., hidden), like x")
     check_floating(x=x, weight=weight, bias=bias, **same_shape)
     check_same_device("x", x, weight=weight, bias=bias, **same_shape)
     if not eps >= 0:
@@ -424,7 +423,7 @@ def rms_norm_fn(x, weight, bias=None, residual=None, prenorm=False, residual_in_
     ``residual_in_fp32``, else x's dtype: the official Block calls
     ``hidden, residual = rms_norm_fn(hidden, w, None, residual=residual, prenorm=True, residual_in_fp32=...)``.
     """
-    _check_norm_inputs(x, weight, bias, eps, residual=residual)
+    _check_norm_inputs(x, weight, bias, eps, "residual", residual)
     if _use_norm_kernels(x):
         return _RMSNormFn.apply(x, weight, bias, residual, prenorm, residual_in_fp32, eps)
     return _rms_norm_torch(x, weight, bias, residual, prenorm, residual_in_fp32, eps)
@@ -438,7 +437,7 @@ def rmsnorm_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_bef
     (``norm_before_gate``) or the input before normalising (Mamba-2: norm_before_gate=False).
     Returns y: (..., hidden) in x's dtype.
     """
-    _check_norm_inputs(x, weight, bias, eps, z=z)
+    _check_norm_inputs(x, weight, bias, eps, "z", z)
     hidden = x.shape[-1]
     group_size = hidden if group_size is None else group_size
     if not (isinstance(group_size, int) and group_size > 0 and hidden % group_size == 0):

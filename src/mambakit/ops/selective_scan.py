@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._dtypes import compute_dtype
 from ._checks import check_same_device, check_seq_idx, check_shape, check_tensor, fail
 from .dispatch import use_triton
 
@@ -48,7 +49,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Computes in float64 when u is float64, else float32. Returns out (b, d, l) in u's dtype, and with
     ``return_last_state`` also last_state (b, d, n) in the compute dtype. Differentiable (slowly).
     """
-    f = torch.float64 if u.dtype == torch.float64 else torch.float32
+    f = compute_dtype(u)
     b, d, l = u.shape
     n = A.shape[1]
     uf, dt, A, B, C = u.to(f), delta.to(f), A.to(f), B.to(f), C.to(f)
@@ -166,7 +167,7 @@ def _bc_layout(M: torch.Tensor, g: int, e: int, n: int, f: torch.dtype) -> torch
 
 
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, initial_state, seq_idx) -> _Prepared:
-    f = torch.float64 if u.dtype == torch.float64 else torch.float32
+    f = compute_dtype(u)
     b, d, l = u.shape
     n = A.shape[1]
     g = B.shape[1] if B.dim() == 4 else 1

@@ -40,7 +40,7 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     """Straightforward version of :func:`selective_state_update` (same signature, also in place)."""
     state4, x, dt, A, B, C, D, z, dt_bias, idx, mamba1 = _normalize(state, x, dt, A, B, C, D, z, dt_bias,
                                                                      state_batch_indices)
-    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    f = compute_dtype(x)
     b, h, p = x.shape
     rows = torch.arange(b, device=x.device) if idx is None else idx.long()
     dt = dt.to(f) if dt_bias is None else dt.to(f) + dt_bias.to(f)
@@ -68,22 +68,14 @@ def _per_head(t, p, extra=()):
     return t.reshape(*t.shape, *([1] * (1 + len(extra)))).expand(*t.shape, p, *extra)
 
 
-_PASSED = PassedChecks()
+_PASSED = PassedChecks()  # a decode loop repeats one argument layout: its checks run once
 
 
 def _normalize(state, x, dt, A, B, C, D, z, dt_bias, idx):
     """Returns (state4, x, dt, A, B, C, D, z, dt_bias, idx, mamba1) in the Mamba-2 form (see module doc),
     after checking the inputs (once per argument layout)."""
-    _check_once(state, x, dt, A, B, C, D, z, dt_bias, idx)
+    _PASSED.once(_check_inputs, state, x, dt, A, B, C, D, z, dt_bias, idx)
     return _mamba2_form(state, x, dt, A, B, C, D, z, dt_bias, idx)
-
-
-def _check_once(state, x, dt, A, B, C, D, z, dt_bias, idx) -> None:
-    """_check_inputs, skipped for an argument layout that passed before (a decode loop repeats one)."""
-    key = PassedChecks.layout(state, x, dt, A, B, C, D, z, dt_bias, idx)
-    if key not in _PASSED:
-        _check_inputs(state, x, dt, A, B, C, D, z, dt_bias, idx)
-        _PASSED.add(key)
 
 
 def _mamba2_form(state, x, dt, A, B, C, D, z, dt_bias, idx):
@@ -323,6 +315,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if use_triton(x):
         return _update_triton(*_normalize(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices), dt_softplus)
     if isinstance(state, torch.Tensor) and state.dim() == 3 and state_batch_indices is None:
-        _check_once(state, x, dt, A, B, C, D, z, dt_bias, None)
+        _PASSED.once(_check_inputs, state, x, dt, A, B, C, D, z, dt_bias, None)
         return _update_torch_mamba1(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return _update_torch(*_normalize(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices), dt_softplus)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops._dtypes import compute_dtype
 from mambakit.ops._checks import check_floating, check_same_device, check_seq_idx, check_shape, check_tensor, fail
 
 
@@ -38,7 +39,7 @@ class SSDArgs:
     @property
     def compute_dtype(self) -> torch.dtype:
         """fp32 internal math whatever the input dtype; float64 inputs stay float64 (tests' reference)."""
-        return torch.float64 if self.x.dtype == torch.float64 else torch.float32
+        return compute_dtype(self.x)
 
 
 def check_inputs(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,

@@ -9,7 +9,9 @@ Mamba-1 and Mamba-2 at the 130m shape (d_model 768, 24 layers, vocab 50277), the
 - decode ms/token at batch 1 = (time to generate 129 tokens - time to generate 1) / 128, cg=True and cg=False;
 - batch 64 after 2048-token prompts: decode tokens/s = 64 * 128 / (t(129) - t(1)), and the prefill time t(1);
 - kernels launched by one eager decode step (torch.profiler), per layer;
-- a 1M-token prompt prefilled in chunks (Mamba-2 130m): time and peak memory.
+- a 1M-token prompt prefilled in chunks (Mamba-2 130m): time and peak memory;
+- the fused decode step (mambakit.ops.decode) against the unfused one: logits, b1/b8 ms per token, kernels per
+  layer, the slowest kernels of a step, and GEMV launch variants (GEMV_CONFIG).
 Checks first that graph decoding gives the eager decode's logits and that decoding matches a full forward.
 Prints a table last; writes JSON to --out (a directory, or a .json path).
 """
@@ -25,6 +27,7 @@ import time
 
 import torch
 
+import mambakit.ops.decode as fused_decode
 from mambakit import MambaConfig, MambaLMHeadModel
 from mambakit.inference.cuda_graph import clear_graph_cache
 from mambakit.inference.generate import generate
@@ -96,8 +99,8 @@ def decode_ms(model, batch: int, prompt_len: int, cg: bool, repeats: int = 3) ->
     return (t129 - t1) / 128 * 1e3, t1
 
 
-def kernels_per_step(model) -> int:
-    """CUDA kernels launched by one eager decode step (batch 1); on CPU (--smoke), aten ops."""
+def profiled_step(model) -> list:
+    """Profiler events of one eager decode step at batch 1 (CUDA kernels on a GPU, CPU ops in --smoke)."""
     from torch.profiler import ProfilerActivity, profile
 
     prompt = torch.randint(0, VOCAB, (1, 8), device=DEVICE)
@@ -110,9 +113,72 @@ def kernels_per_step(model) -> int:
         with profile(activities=[activity]) as prof:
             model.decode_step(tok, cache)
             sync()
+    return list(prof.events())
+
+
+def kernels_per_step(model) -> int:
+    """CUDA kernels launched by one eager decode step (batch 1); on CPU (--smoke), aten ops."""
+    events = profiled_step(model)
     if DEVICE != "cuda":
-        return sum(1 for e in prof.events() if e.name.startswith("aten::"))
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        return sum(1 for e in events if e.name.startswith("aten::"))
+    return sum(1 for e in events if e.device_type.name == "CUDA")
+
+
+class unfused:
+    """Context: decode steps take the unfused path (no batch is small enough for the fused one)."""
+
+    def __enter__(self):
+        self.saved = fused_decode.MAX_FUSED_BATCH
+        fused_decode.MAX_FUSED_BATCH = 0
+
+    def __exit__(self, *exc):
+        fused_decode.MAX_FUSED_BATCH = self.saved
+
+
+def fused_vs_unfused(model, new: int = 16) -> dict:
+    """Logits of the fused and unfused decode steps on the same forced tokens (batch 2, eager)."""
+    prompt = torch.randint(0, VOCAB, (2, 32), device=DEVICE)
+    kw = dict(max_new_tokens=new, output_scores=True, return_dict_in_generate=True)
+    with unfused():
+        ref = generate(model, prompt, cg=False, **kw)
+    out = generate(model, prompt, cg=False, teacher_outputs=ref.sequences, **kw)
+    return {"fused_vs_unfused_rel_err": max(rel(a, b) for a, b in zip(out.scores, ref.scores))}
+
+
+def kernel_profile(model, top: int = 8) -> list:
+    """The kernels of one eager batch-1 decode step with the most GPU time: (name, calls, total us)."""
+    if DEVICE != "cuda":
+        return []
+    agg = {}
+    for e in profiled_step(model):
+        if e.device_type.name == "CUDA":
+            n, t = agg.get(e.name[:60], (0, 0.0))
+            agg[e.name[:60]] = (n + 1, t + e.device_time)
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(k, n, round(t, 1)) for k, (n, t) in rows]
+
+
+GEMV_VARIANTS = [dict(programs_per_sm=2), dict(programs_per_sm=8), dict(tile=8192), dict(tile=8192, num_warps=8),
+                 dict(tile=16384, num_warps=8), dict(programs_per_sm=8, tile=2048, num_warps=2),
+                 dict(programs_per_sm=16, tile=8192, num_warps=4)]
+
+
+def gemv_variants(model, r: dict, deadline: float) -> None:
+    """b1 cg ms/token for each GEMV launch variant (the graph is captured again for each)."""
+    base = dict(fused_decode.GEMV_CONFIG)
+    for v in GEMV_VARIANTS:
+        if time.perf_counter() > deadline:
+            break
+        fused_decode.GEMV_CONFIG.update(v)
+        clear_graph_cache(model)
+        try:
+            ms, _ = decode_ms(model, 1, 16, True)
+            r.setdefault("gemv_variants", {})[str(v)] = ms
+            print(f"  gemv {v}: {ms:.3f} ms/token", flush=True)
+        finally:
+            fused_decode.GEMV_CONFIG.clear()
+            fused_decode.GEMV_CONFIG.update(base)
+    clear_graph_cache(model)
 
 
 def long_prompt(model, length: int = 1 << 20, chunk: int = 1 << 16) -> dict:
@@ -133,12 +199,35 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
     r = results.setdefault(name, {})
     r["check"] = check(model)
     print(f"[{name}] check {r['check']}", flush=True)
+    r["check"].update(fused_vs_unfused(model))
+    print(f"[{name}] check {r['check']}", flush=True)
     r["kernels_per_decode_step"] = kernels_per_step(model)
     r["kernels_per_layer"] = r["kernels_per_decode_step"] / model.config.n_layer
+    with unfused():
+        r["unfused_kernels_per_layer"] = kernels_per_step(model) / model.config.n_layer
+    r["top_kernels_fused"] = kernel_profile(model)
+    with unfused():
+        r["top_kernels_unfused"] = kernel_profile(model)
+    for k in ("top_kernels_fused", "top_kernels_unfused"):
+        print(f"[{name}] {k}: {r[k]}", flush=True)
     for cg in (True, False):
         ms, _ = decode_ms(model, 1, 16, cg)
         r[f"b1_ms_per_token_cg={cg}"] = ms
         print(f"[{name}] b1 cg={cg}: {ms:.3f} ms/token", flush=True)
+    clear_graph_cache(model)
+    with unfused():
+        r["unfused_b1_ms_per_token_cg=True"], _ = decode_ms(model, 1, 16, True)
+    clear_graph_cache(model)
+    print(f"[{name}] unfused b1 cg: {r['unfused_b1_ms_per_token_cg=True']:.3f} ms/token", flush=True)
+    for batch in (4, 8):
+        r[f"b{batch}_ms_per_token_cg=True"], _ = decode_ms(model, batch, 16, True)
+        clear_graph_cache(model)
+        with unfused():
+            r[f"unfused_b{batch}_ms_per_token_cg=True"], _ = decode_ms(model, batch, 16, True)
+        clear_graph_cache(model)
+        print(f"[{name}] b{batch} cg fused {r[f'b{batch}_ms_per_token_cg=True']:.3f} "
+              f"unfused {r[f'unfused_b{batch}_ms_per_token_cg=True']:.3f} ms/token", flush=True)
+    gemv_variants(model, r, deadline)
     if big_batch and time.perf_counter() < deadline:
         batch, length = (64, 2048) if DEVICE == "cuda" else (4, 64)
         ms, prefill = decode_ms(model, batch, length, True, repeats=2)
@@ -156,17 +245,24 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
 
 
 def table(results: dict) -> str:
-    head = (f"{'model':<13} {'b1 cg ms/tok':>12} {'goal':>5} {'peer':>6} {'b1 eager':>9} {'b64 tok/s':>10} "
-            f"{'prefill ms':>10} {'kern/layer':>10} {'cg err':>8}")
+    head = (f"{'model':<13} {'b1 cg ms/tok':>12} {'unfused':>8} {'goal':>5} {'peer':>6} {'b1 eager':>9} "
+            f"{'b8 fused':>8} {'unfused':>8} {'b64 tok/s':>10} {'prefill ms':>10} {'kern/layer':>10} {'unfused':>8} "
+            f"{'cg err':>8} {'fused err':>9}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         if not isinstance(r, dict) or "check" not in r:
             continue
         f = lambda k, fmt: format(r[k], fmt) if k in r else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
-        lines.append(f"{name:<13} {f('b1_ms_per_token_cg=True', '12.3f')} {GOALS[name]:>5.2f} {PEER[name]:>6.3f} "
-                     f"{f('b1_ms_per_token_cg=False', '9.3f')} {f('b64_after_2048_tok_per_s', '10.0f')} "
+        lines.append(f"{name:<13} {f('b1_ms_per_token_cg=True', '12.3f')} {f('unfused_b1_ms_per_token_cg=True', '8.3f')} "
+                     f"{GOALS[name]:>5.2f} {PEER[name]:>6.3f} {f('b1_ms_per_token_cg=False', '9.3f')} "
+                     f"{f('b8_ms_per_token_cg=True', '8.3f')} {f('unfused_b8_ms_per_token_cg=True', '8.3f')} "
+                     f"{f('b64_after_2048_tok_per_s', '10.0f')} "
                      f"{f('prefill_b64x2048_ms', '10.1f')} {f('kernels_per_layer', '10.1f')} "
-                     f"{r['check']['cg_vs_eager_rel_err']:8.1e}")
+                     f"{f('unfused_kernels_per_layer', '8.1f')} {r['check']['cg_vs_eager_rel_err']:8.1e} "
+                     f"{r['check'].get('fused_vs_unfused_rel_err', float('nan')):9.1e}")
+        if r.get("gemv_variants"):
+            lines.append("    gemv variants (b1 cg ms/tok): " + ", ".join(
+                f"{k}={v:.3f}" for k, v in r["gemv_variants"].items()))
     return "\n".join(lines)
 
 

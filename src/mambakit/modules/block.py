@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import RMSNorm, rms_norm_fn
+from ..ops.decode import fused_decode_applies
 
 
 class GatedMLP(nn.Module):
@@ -67,12 +68,27 @@ class Block(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
                 inference_params=None, **mixer_kwargs):
         """hidden_states, residual: (batch, seqlen, dim) -> (mixer output, updated residual)."""
-        hidden_states, residual = add_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
-        hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
+        fused = self._fused_decode(hidden_states, residual, inference_params, mixer_kwargs)
+        if fused is not None:
+            hidden_states, residual = fused
+        else:
+            hidden_states, residual = add_norm(hidden_states, residual, self.norm, self.residual_in_fp32)
+            hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
         if self.mlp is not None:
             hidden_states, residual = add_norm(hidden_states, residual, self.norm2, self.residual_in_fp32)
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
+
+    def _fused_decode(self, hidden_states, residual, inference_params, mixer_kwargs):
+        """(mixer output, residual) from the mixer's fused decode step (add + norm + mixer in 3-4 kernels) when
+        it applies: one token after a cached prefix, an RMSNorm, a small batch on the GPU (``ops.decode``);
+        else None."""
+        step = getattr(self.mixer, "fused_step", None)
+        if (step is None or inference_params is None or inference_params.seqlen_offset == 0 or mixer_kwargs
+                or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or type(self.norm) is not RMSNorm
+                or not fused_decode_applies(hidden_states)):
+            return None
+        return step(hidden_states, residual, self.norm, self.residual_in_fp32, inference_params)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..cache import InferenceParams
 from ..ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+from ..ops.decode import conv_linear, linear, mamba1_conv_state_update, norm_linear
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
                       seq_idx_from_cu_seqlens)
 
@@ -132,10 +133,39 @@ class Mamba(nn.Module):
                                  activation=self.activation)  # (b, d_inner)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner)
-        A, D, dt_bias = decode_constants(self, (self.A_log, self.D, self.dt_proj.bias), lambda: (
-            -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
+        A, D, dt_bias = self._step_constants()
         y = selective_state_update(ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def _step_constants(self):
+        """fp32 A (d_inner, d_state), D and dt bias (d_inner,), cached between decode steps."""
+        return decode_constants(self, (self.A_log, self.D, self.dt_proj.bias), lambda: (
+            -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
+
+    def fused_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, norm, residual_in_fp32: bool,
+                   inference_params: InferenceParams):
+        """The block's residual add + RMSNorm and this decode step in 4 kernels (``ops.decode``) instead of 7.
+
+        hidden_states, residual: (batch, 1, d_model); norm: the block's RMSNorm. Returns (out, residual), both
+        (batch, 1, d_model), or None where this layer's modules are not the plain ones (tensor-parallel
+        shards), and then the caller runs the unfused step.
+        """
+        if any(type(m) is not nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)):
+            return None
+        b = hidden_states.shape[0]
+        conv_state, ssm_state = cache_slot(inference_params, self.layer_idx, lambda: self.allocate_inference_cache(b, 0))
+        if conv_state.shape[0] != b or ssm_state.shape[0] != b:
+            return None
+        cw = conv_weight(self.conv1d)
+        xz, residual = norm_linear(hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
+                                   residual=None if residual is None else residual[:, 0],
+                                   residual_in_fp32=residual_in_fp32, bias=self.in_proj.bias,
+                                   conv_state=conv_state, conv_start=0)  # (b, 2*d_inner); window gets x
+        x_dbl = conv_linear(conv_state, cw, self.conv1d.bias, self.x_proj.weight, self.x_proj.bias)  # (b, r + 2n)
+        A, D, dt_bias = self._step_constants()
+        y = mamba1_conv_state_update(x_dbl, conv_state, cw, self.conv1d.bias, self.dt_proj.weight, dt_bias,
+                                     ssm_state, A, D, z=xz[:, self.d_inner:])  # (b, d_inner)
+        return linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1), residual.unsqueeze(1)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zeroed (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, d_state)) for this layer."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..cache import InferenceParams
 from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
                    selective_state_update)
+from ..ops.decode import gated_norm_linear, linear, mamba2_conv_state_update, norm_linear
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
                       silu_gate,
                       seq_idx_from_cu_seqlens, varlen_conv_windows)
@@ -176,10 +177,7 @@ class Mamba2(nn.Module):
                                    activation=self.activation)  # (b, conv_dim)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         b = x.shape[0]
-        A, D, dt_bias = decode_constants(self, (self.A_log, self.D, self.dt_bias), lambda: (
-            -torch.exp(self.A_log.float()),  # (nheads,)
-            (self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D).float(),
-            self.dt_bias.float()))
+        A, D, dt_bias = self._step_constants()
         if self.dt_limit != (0.0, float("inf")):
             # The official step ignores dt_limit; apply it so that decoding matches the full forward.
             dt = F.softplus(dt.float() + dt_bias).clamp(*self.dt_limit)
@@ -195,6 +193,43 @@ class Mamba2(nn.Module):
         if d_mlp > 0:
             y = torch.cat([silu_gate(x0, z0), y], dim=-1)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def _step_constants(self):
+        """fp32 A (nheads,), D (nheads,) or (nheads, headdim), dt bias (nheads,), cached between decode steps."""
+        return decode_constants(self, (self.A_log, self.D, self.dt_bias), lambda: (
+            -torch.exp(self.A_log.float()),
+            (self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D).float(),
+            self.dt_bias.float()))
+
+    def fused_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, norm, residual_in_fp32: bool,
+                   inference_params: InferenceParams):
+        """The block's residual add + RMSNorm and this decode step in 3 kernels (``ops.decode``) instead of 6.
+
+        hidden_states, residual: (batch, 1, d_model); norm: the block's RMSNorm. Returns (out, residual), both
+        (batch, 1, d_model), or None where the layer is not covered (a gated-MLP part, d_ssm < d_inner, or
+        tensor-parallel shards), and then the caller runs the unfused step.
+        """
+        if self.d_ssm != self.d_inner or type(self.in_proj) is not nn.Linear or type(self.out_proj) is not nn.Linear:
+            return None
+        b = hidden_states.shape[0]
+        conv_state, ssm_state = cache_slot(inference_params, self.layer_idx, lambda: self.allocate_inference_cache(b, 0))
+        if conv_state.shape[0] != b or ssm_state.shape[0] != b:
+            return None
+        zxbcdt, residual = norm_linear(hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
+                                       residual=None if residual is None else residual[:, 0],
+                                       residual_in_fp32=residual_in_fp32, bias=self.in_proj.bias,
+                                       conv_state=conv_state, conv_start=self.d_ssm)  # [z, xBC, dt]; window gets xBC
+        A, D, dt_bias = self._step_constants()
+        y = mamba2_conv_state_update(zxbcdt, conv_state, conv_weight(self.conv1d), self.conv1d.bias, ssm_state, A, D,
+                                     dt_bias, self.dt_limit, self.ngroups, dt_start=self.d_ssm + self.conv_dim,
+                                     z_start=None if self.rmsnorm else 0)  # (b, d_ssm)
+        if self.rmsnorm:
+            out = gated_norm_linear(y, zxbcdt[:, :self.d_ssm], self.norm.weight, self.norm.eps,
+                                    self.norm.group_size or self.d_ssm, self.norm.norm_before_gate,
+                                    self.out_proj.weight, self.out_proj.bias)
+        else:
+            out = linear(y, self.out_proj.weight, self.out_proj.bias)
+        return out.unsqueeze(1), residual.unsqueeze(1)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zeroed (conv_state (b, conv_dim, d_conv), ssm_state (b, nheads, headdim, d_state))."""

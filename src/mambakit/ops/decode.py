@@ -1,0 +1,501 @@
+"""Fused decode step: one Mamba layer's token in 3 (Mamba-2) or 4 (Mamba-1) launches instead of 6 or 7.
+
+At batch 1 a CUDA-graph decode step is bound by the number of kernels, not by bytes: every launch costs a few
+microseconds however little it does, and the unfused step launches one kernel per op (residual add + RMSNorm,
+in_proj, conv update, [x_proj, dt_proj,] state update, [gated norm,] out_proj). The fused step:
+
+    Mamba-2: [add + RMSNorm + in_proj + conv-window shift] [conv + SiLU + state update]
+             [gated RMSNorm + out_proj]
+    Mamba-1: [add + RMSNorm + in_proj + conv-window shift] [conv + SiLU + x_proj]
+             [conv + SiLU + dt_proj + softplus + state update + D + gate] [out_proj]
+
+Linear layers are matrix-vector products (``_gemv_kernel``): a program computes a block of outputs for every
+row and recomputes the input's prologue (norm statistics, conv) itself, a re-read of a d_model or d_inner
+vector from L2 against a block of weights from memory. The conv window (b, channels, width) is shifted by the
+kernel that produces the new column (in_proj's): every column has one owner, and the later kernels only read
+the updated window (the conv of the new token is sum_k w_k window_k), so no kernel reads a window that another
+one is writing.
+
+Numerics follow the unfused ops: statistics and accumulation in fp32, and intermediates are rounded to the
+activation dtype where the unfused step stores them (normalised input, conv output, dt_proj output), so the
+fused and unfused steps differ only in summation order.
+
+The fused path serves small batches on the GPU (``fused_decode_applies``); larger batches are matrix products
+that cuBLAS does better, and the CPU runs the unfused ops. Reading order: references (the unfused ops
+composed) -> Triton kernels -> launchers -> public functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .causal_conv1d import causal_conv1d_update
+from .dispatch import num_sms, use_triton
+from .norms import rms_norm_fn, rmsnorm_fn
+from .state_update import selective_state_update
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references need no Triton
+    triton = None
+
+MAX_FUSED_BATCH = 8  # rows per fused step; above it the linear layers are matrix products (cuBLAS)
+# GEMV launch: programs per SM aimed at, elements of a weight tile, the largest K slice, warps.
+# scripts/gpu_check_generate.py times variants of these.
+GEMV_CONFIG = dict(programs_per_sm=4, tile=4096, max_block_k=1024, num_warps=4)
+
+
+def fused_decode_applies(x: torch.Tensor) -> bool:
+    """True when a decode step on ``x`` (batch, 1, d_model) should take the fused path: Triton's backend,
+    a small batch, and a dtype the kernels compute in fp32 (not fp64)."""
+    return x.dim() == 3 and x.shape[0] <= MAX_FUSED_BATCH and x.dtype != torch.float64 and use_triton(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References: the unfused ops composed (the specification)
+# ----------------------------------------------------------------------------------------------------------
+
+def _shift_window_ref(conv_state, cols):
+    """conv_state (b, c, w) <- [conv_state[..., 1:], cols (b, c)], in place."""
+    conv_state.copy_(torch.cat([conv_state[:, :, 1:], cols.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
+
+
+def _conv_window_ref(conv_state, conv_weight, conv_bias, dtype):
+    """silu(sum_k w_k window_k + bias) of the (already shifted) window: (b, c) in ``dtype``."""
+    acc = (conv_state.float() * conv_weight.float()).sum(-1)
+    if conv_bias is not None:
+        acc = acc + conv_bias.float()
+    return F.silu(acc).to(dtype)
+
+
+def norm_linear_ref(x, weight, norm_weight, eps, residual=None, residual_in_fp32=False, bias=None,
+                    conv_state=None, conv_start=0):
+    """out = linear(rmsnorm(x + residual)); the conv window takes out[:, conv_start:conv_start + c].
+
+    x, residual: (b, k); weight: (n, k); norm_weight: (k,); conv_state: (b, c, w) or None.
+    Returns (out (b, n), residual out (b, k) in the dtype ``rms_norm_fn(..., prenorm=True)`` gives).
+    """
+    h, res = rms_norm_fn(x, norm_weight, None, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32,
+                         eps=eps)
+    out = F.linear(h, weight, bias)
+    if conv_state is not None:
+        _shift_window_ref(conv_state, out[:, conv_start:conv_start + conv_state.shape[1]])
+    return out, res
+
+
+def conv_linear_ref(conv_state, conv_weight, conv_bias, weight, bias=None):
+    """linear(silu(conv of the shifted window)): conv_state (b, k, w), weight (n, k) -> (b, n)."""
+    return F.linear(_conv_window_ref(conv_state, conv_weight, conv_bias, weight.dtype), weight, bias)
+
+
+def gated_norm_linear_ref(y, z, norm_weight, eps, group_size, norm_before_gate, weight, bias=None):
+    """linear(gated RMSNorm(y, z)): y, z (b, k) -> (b, n)."""
+    return F.linear(rmsnorm_fn(y, norm_weight, None, z=z, eps=eps, group_size=group_size,
+                               norm_before_gate=norm_before_gate), weight, bias)
+
+
+def mamba2_conv_state_update_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
+                                 dt_limit, ngroups, dt_start, z_start=None):
+    """Mamba-2's conv + state update from in_proj's output; the window already holds the new column.
+
+    zxbcdt: (b, d_in_proj); conv_state: (b, conv_dim, w) with conv_dim = h*p + 2*g*n; ssm_state: (b, h, p, n);
+    A, dt_bias: (h,) fp32; D: (h,) or (h, p); z_start: where z's columns start when the state update gates
+    (no gated norm after it). Returns y (b, h*p) in zxbcdt's dtype; ssm_state is updated in place.
+    """
+    b, h, p, n = ssm_state.shape
+    xBC = _conv_window_ref(conv_state, conv_weight, conv_bias, zxbcdt.dtype)  # (b, conv_dim)
+    x, B, C = torch.split(xBC, [h * p, ngroups * n, ngroups * n], dim=-1)
+    dt = zxbcdt[:, dt_start:dt_start + h]
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt, dt_bias = F.softplus(dt.float() + dt_bias).clamp(*dt_limit), None
+    z = None if z_start is None else zxbcdt[:, z_start:z_start + h * p].reshape(b, h, p)
+    y = selective_state_update(ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, ngroups, n),
+                               C.reshape(b, ngroups, n), D, z=z, dt_bias=dt_bias, dt_softplus=dt_bias is not None)
+    return y.reshape(b, h * p)
+
+
+def mamba1_conv_state_update_ref(x_dbl, conv_state, conv_weight, conv_bias, dt_proj_weight, dt_bias, ssm_state,
+                                 A, D, z):
+    """Mamba-1's conv + dt_proj + state update; the window already holds the new column.
+
+    x_dbl: (b, r + 2n) x_proj's output [dt, B, C]; conv_state: (b, d, w); dt_proj_weight: (d, r); dt_bias, D:
+    (d,) fp32; A: (d, n) fp32; z: (b, d) or None; ssm_state: (b, d, n). Returns y (b, d) in x_dbl's dtype.
+    """
+    n = ssm_state.shape[-1]
+    r = dt_proj_weight.shape[1]
+    x = _conv_window_ref(conv_state, conv_weight, conv_bias, x_dbl.dtype)  # (b, d)
+    dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+    return selective_state_update(ssm_state, x, F.linear(dt, dt_proj_weight), A, B, C, D, z=z, dt_bias=dt_bias,
+                                  dt_softplus=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _softplus(x):
+        # torch's threshold (linear above 20); exp(x) below -15 where log(1 + exp(x)) rounds to 0 in fp32
+        return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+    @triton.jit
+    def _window_conv(base, ch, mask_c, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr, HAS_CB: tl.constexpr,
+                     D_CONV: tl.constexpr, BLOCK_J: tl.constexpr):
+        """silu(sum_k w[ch, k] window[ch, k] + bias[ch]) in fp32 for channels ch (BLOCK_C,)."""
+        j = tl.arange(0, BLOCK_J)
+        m2 = mask_c[:, None] & (j < D_CONV)[None, :]
+        c64 = ch.to(tl.int64)[:, None]
+        win = tl.load(base + c64 * s_wc + j[None, :] * s_wk, mask=m2, other=0.0).to(tl.float32)
+        cw = tl.load(cw_ptr + c64 * s_cwc + j[None, :] * s_cwk, mask=m2, other=0.0).to(tl.float32)
+        a = tl.sum(win * cw, axis=1)
+        if HAS_CB:
+            a += tl.load(cb_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+        return a * tl.sigmoid(a)
+
+    @triton.jit
+    def _gemv_input(k, mask_k, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+                    win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                    PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_CB: tl.constexpr,
+                    D_CONV: tl.constexpr, BLOCK_J: tl.constexpr):
+        """The (BLOCK_M, BLOCK_K) input slice before normalisation, fp32, and the gate silu(z) (PRO 2)."""
+        m64 = offs_m.to(tl.int64)[:, None]
+        m2 = mask_m[:, None] & mask_k[None, :]
+        gate = tl.zeros(m2.shape, dtype=tl.float32)
+        if PRO == 3:  # conv of the window: (BLOCK_M, BLOCK_K, BLOCK_J)
+            j = tl.arange(0, BLOCK_J)[None, None, :]
+            m3 = m2[:, :, None] & (j < D_CONV)
+            k3 = k.to(tl.int64)[None, :, None]
+            win = tl.load(win_ptr + m64[:, :, None] * s_wb + k3 * s_wc + j * s_wk, mask=m3, other=0.0)
+            cw = tl.load(cw_ptr + k3 * s_cwc + j * s_cwk, mask=m3, other=0.0)
+            v = tl.sum(win.to(tl.float32) * cw.to(tl.float32), axis=2)
+            if HAS_CB:
+                v += tl.load(cb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            v = v * tl.sigmoid(v)
+        else:
+            v = tl.load(x_ptr + m64 * s_xm + k[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_RES:
+                v += tl.load(r_ptr + m64 * s_rm + k[None, :], mask=m2, other=0.0).to(tl.float32)
+            if PRO == 2:
+                zv = tl.load(z_ptr + m64 * s_zm + k[None, :], mask=m2, other=0.0).to(tl.float32)
+                gate = zv * tl.sigmoid(zv)
+                if not NORM_BEFORE_GATE:
+                    v = v * gate
+        return v, gate
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, ro_ptr, win_ptr, cw_ptr, cb_ptr,
+        M, N, K, eps, GROUP, SHIFT_START, SHIFT_COLS,
+        s_xm, s_rm, s_zm, s_wn, s_om, s_rom, s_wb, s_wc, s_wk, s_cwc, s_cwk,
+        PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_CB: tl.constexpr, SHIFT: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, NG: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out (M, N) = prologue(input) @ w.T (+ bias). PRO: 0 plain input, 1 RMSNorm of x (+ residual; program 0
+        writes the sum to ro), 2 gated RMSNorm per group of GROUP channels (NG groups at most), 3 conv + SiLU of
+        a window (M, K, D_CONV). SHIFT: output columns SHIFT_START.. SHIFT_START + SHIFT_COLS enter the window."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        m64 = offs_m.to(tl.int64)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        ar_k = tl.arange(0, BLOCK_K)
+        g_ar = tl.arange(0, NG)
+        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd_g = tl.zeros([BLOCK_M, NG], dtype=tl.float32)
+        if PRO == 1:  # mean square per row; program 0 also writes x + residual
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + ar_k
+                v, _ = _gemv_input(k, k < K, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+                                   win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                                   PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
+                ss += tl.sum(v * v, axis=1)
+                if pid == 0:
+                    tl.store(ro_ptr + m64[:, None] * s_rom + k[None, :], v.to(ro_ptr.dtype.element_ty),
+                             mask=mask_m[:, None] & (k < K)[None, :])
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+        if PRO == 2:  # mean square per row and group
+            ss_g = tl.zeros([BLOCK_M, NG], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + ar_k
+                v, _ = _gemv_input(k, k < K, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+                                   win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                                   PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
+                in_g = (k // GROUP)[None, None, :] == g_ar[None, :, None]  # (1, NG, BLOCK_K)
+                ss_g += tl.sum(tl.where(in_g, (v * v)[:, None, :], 0.0), axis=2)
+            rstd_g = 1.0 / tl.sqrt(ss_g / GROUP + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ar_k
+            mask_k = k < K
+            v, gate = _gemv_input(k, mask_k, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+                                  win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                                  PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
+            if PRO == 1:
+                v = v * rstd[:, None] * tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            if PRO == 2:
+                in_g = (k // GROUP)[None, None, :] == g_ar[None, :, None]
+                r = tl.sum(tl.where(in_g, rstd_g[:, :, None], 0.0), axis=1)  # (BLOCK_M, BLOCK_K)
+                v = v * r * tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+                if NORM_BEFORE_GATE:
+                    v = v * gate
+            v = v.to(out_ptr.dtype.element_ty).to(tl.float32)  # the unfused op stores its output here
+            w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(v[:, None, :] * w[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + m64[:, None] * s_om + n64[None, :], out, mask=mask_m[:, None] & mask_n[None, :])
+        if SHIFT:
+            if (pid * BLOCK_N < SHIFT_START + SHIFT_COLS) & (pid * BLOCK_N + BLOCK_N > SHIFT_START):
+                c = offs_n - SHIFT_START
+                j = tl.arange(0, BLOCK_J)[None, None, :]
+                mc = (mask_n & (c >= 0) & (c < SHIFT_COLS))[None, :, None] & mask_m[:, None, None]
+                ptrs = win_ptr + m64[:, None, None] * s_wb + c.to(tl.int64)[None, :, None] * s_wc + j * s_wk
+                old = tl.load(ptrs + s_wk, mask=mc & (j < D_CONV - 1), other=0.0)
+                new = tl.where(j == D_CONV - 1, out[:, :, None].to(win_ptr.dtype.element_ty), old)
+                tl.debug_barrier()  # every old value is read before any is overwritten
+                tl.store(ptrs, new, mask=mc & (j < D_CONV))
+
+    @triton.jit
+    def _m2_update_kernel(
+        zx_ptr, win_ptr, cw_ptr, cb_ptr, st_ptr, A_ptr, D_ptr, bias_ptr, out_ptr,
+        P, NSTATE, HEADS_PER_GROUP, D_SSM, GN, DT_START, Z_START, dt_lo, dt_hi,
+        s_zxb, s_wb, s_wc, s_wk, s_cwc, s_cwk, s_sb, s_sh, s_sp, s_sn, s_Dh, s_Dp, s_ob,
+        HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_LIMIT: tl.constexpr,
+        D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One program per (block of headdim rows, batch row, head): conv of x/B/C from the window, then the
+        Mamba-2 state update (per-head dt and A) and y = <state, C> + D x (* silu(z))."""
+        pid_p = tl.program_id(0)
+        pid_b = tl.program_id(1).to(tl.int64)
+        pid_h = tl.program_id(2)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < NSTATE
+        grp = pid_h // HEADS_PER_GROUP
+        dty = zx_ptr.dtype.element_ty
+        wbase = win_ptr + pid_b * s_wb
+        xv = _window_conv(wbase, pid_h * P + offs_p, mask_p, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                          HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
+        Bv = _window_conv(wbase, D_SSM + grp * NSTATE + offs_n, mask_n, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                          HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
+        Cv = _window_conv(wbase, D_SSM + GN + grp * NSTATE + offs_n, mask_n, s_wc, s_wk, cw_ptr, s_cwc, s_cwk,
+                          cb_ptr, HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
+        dt = tl.load(zx_ptr + pid_b * s_zxb + DT_START + pid_h).to(tl.float32)
+        dt = _softplus(dt + tl.load(bias_ptr + pid_h).to(tl.float32))
+        if DT_LIMIT:
+            dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+        dA = tl.exp(dt * tl.load(A_ptr + pid_h).to(tl.float32))
+        p64 = offs_p.to(tl.int64)
+        mask_pn = mask_p[:, None] & mask_n[None, :]
+        s_ptrs = st_ptr + pid_b * s_sb + pid_h * s_sh + p64[:, None] * s_sp + offs_n[None, :] * s_sn
+        s = tl.load(s_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
+        s = s * dA + (dt * xv)[:, None] * Bv[None, :]
+        tl.store(s_ptrs, s.to(st_ptr.dtype.element_ty), mask=mask_pn)
+        y = tl.sum(s * Cv[None, :], axis=1)
+        if HAS_D:
+            y += tl.load(D_ptr + pid_h * s_Dh + p64 * s_Dp, mask=mask_p, other=0.0).to(tl.float32) * xv
+        col = pid_h * P + p64
+        if HAS_Z:
+            zv = tl.load(zx_ptr + pid_b * s_zxb + Z_START + col, mask=mask_p, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(out_ptr + pid_b * s_ob + col, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+    @triton.jit
+    def _m1_update_kernel(
+        xd_ptr, z_ptr, win_ptr, cw_ptr, cb_ptr, wdt_ptr, bias_ptr, st_ptr, A_ptr, D_ptr, out_ptr,
+        DIM, NSTATE, R,
+        s_xdb, s_zb, s_wb, s_wc, s_wk, s_cwc, s_cwk, s_wdd, s_wdr, s_sb, s_sd, s_sn, s_Ad, s_An, s_ob,
+        HAS_CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """One program per (block of channels, batch row): conv from the window, dt = dt_proj(x_dbl[:r]) + bias,
+        softplus, the Mamba-1 state update (A per channel and state) and y = <state, C> + D x (* silu(z))."""
+        pid_d = tl.program_id(0)
+        pid_b = tl.program_id(1).to(tl.int64)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < DIM
+        d64 = offs_d.to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < NSTATE
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        dty = xd_ptr.dtype.element_ty
+        xv = _window_conv(win_ptr + pid_b * s_wb, offs_d, mask_d, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                          HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
+        xd = xd_ptr + pid_b * s_xdb
+        dt_in = tl.load(xd + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        wdt = tl.load(wdt_ptr + d64[:, None] * s_wdd + offs_r[None, :] * s_wdr,
+                      mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        dt = tl.sum(wdt * dt_in[None, :], axis=1).to(dty).to(tl.float32)  # dt_proj's output, as stored unfused
+        if HAS_BIAS:
+            dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dt = _softplus(dt)
+        Bv = tl.load(xd + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        Cv = tl.load(xd + R + NSTATE + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        A = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+        s_ptrs = st_ptr + pid_b * s_sb + d64[:, None] * s_sd + offs_n[None, :] * s_sn
+        s = tl.load(s_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
+        s = s * tl.exp(dt[:, None] * A) + (dt * xv)[:, None] * Bv[None, :]
+        tl.store(s_ptrs, s.to(st_ptr.dtype.element_ty), mask=mask_dn)
+        y = tl.sum(s * Cv[None, :], axis=1)
+        if HAS_D:
+            y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * xv
+        if HAS_Z:
+            zv = tl.load(z_ptr + pid_b * s_zb + d64, mask=mask_d, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(out_ptr + pid_b * s_ob + d64, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def _gemv_tiles(m: int, n: int, k: int, device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): enough programs to keep every SM reading weights, and a (BLOCK_M, BLOCK_N,
+    BLOCK_K) product tile of about GEMV_CONFIG["tile"] elements."""
+    cfg = GEMV_CONFIG
+    bm = triton.next_power_of_2(m)
+    bn = max(4, min(64, triton.next_power_of_2(triton.cdiv(n, cfg["programs_per_sm"] * num_sms(device)))))
+    bk = max(16, min(cfg["max_block_k"], cfg["tile"] // (bm * bn), triton.next_power_of_2(k)))
+    return bm, bn, bk
+
+
+def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=None, norm_weight=None, eps=0.0,
+          group=1, ngroups=1, norm_before_gate=False, window=None, conv_weight=None, conv_bias=None,
+          shift_start=0, shift=False, rows=None):
+    """Launches _gemv_kernel; x: (m, k) (None for the conv prologue, which reads ``window`` (m, k, w))."""
+    n, k = weight.shape
+    m = rows if x is None else x.shape[0]
+    out = torch.empty(m, n, device=weight.device, dtype=out_dtype)
+    bm, bn, bk = _gemv_tiles(m, n, k, weight.device)
+    dummy = weight
+    x_, r_, z_, win_ = (t if t is not None else dummy for t in (x, residual, z, window))
+    cw_ = conv_weight if conv_weight is not None else dummy
+    d_conv = window.shape[-1] if window is not None else 1
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x_, r_, z_, norm_weight if norm_weight is not None else dummy, weight,
+        bias if bias is not None else dummy, out, res_out if res_out is not None else out, win_, cw_,
+        conv_bias if conv_bias is not None else dummy,
+        m, n, k, eps, group, shift_start, window.shape[1] if window is not None else 0,
+        x_.stride(0), r_.stride(0), z_.stride(0), weight.stride(0), out.stride(0),
+        res_out.stride(0) if res_out is not None else 0,
+        *(window.stride() if window is not None else (0, 0, 0)),
+        *(cw_.stride() if conv_weight is not None else (0, 0)),
+        PRO=pro, HAS_RES=residual is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
+        HAS_CB=conv_bias is not None, SHIFT=shift, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv),
+        NG=triton.next_power_of_2(ngroups), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=GEMV_CONFIG["num_warps"],
+    )
+    return out
+
+
+def _rows_contiguous(*ts):
+    """Kernels index rows by stride and columns by position: each tensor's last dim must be contiguous."""
+    return all(t is None or t.stride(-1) == 1 for t in ts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public functions (the modules' fused decode steps call these)
+# ----------------------------------------------------------------------------------------------------------
+
+def norm_linear(x, weight, norm_weight, eps, residual=None, residual_in_fp32=False, bias=None, conv_state=None,
+                conv_start=0):
+    """Residual add + RMSNorm + linear in one kernel (see ``norm_linear_ref`` for shapes and results)."""
+    if not (use_triton(x) and _rows_contiguous(x, residual, weight)):
+        return norm_linear_ref(x, weight, norm_weight, eps, residual, residual_in_fp32, bias, conv_state, conv_start)
+    res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+    res_out = torch.empty(x.shape, device=x.device, dtype=res_dtype)
+    out = _gemv(x, weight, bias, pro=1, out_dtype=x.dtype, residual=residual, res_out=res_out,
+                norm_weight=norm_weight, eps=eps, window=conv_state, shift_start=conv_start,
+                shift=conv_state is not None)
+    return out, res_out
+
+
+def conv_linear(conv_state, conv_weight, conv_bias, weight, bias=None):
+    """conv + SiLU of the shifted window, then linear, in one kernel (see ``conv_linear_ref``)."""
+    if not (use_triton(conv_state) and _rows_contiguous(weight)):
+        return conv_linear_ref(conv_state, conv_weight, conv_bias, weight, bias)
+    return _gemv(None, weight, bias, pro=3, out_dtype=weight.dtype, window=conv_state, conv_weight=conv_weight,
+                 conv_bias=conv_bias, rows=conv_state.shape[0])
+
+
+def gated_norm_linear(y, z, norm_weight, eps, group_size, norm_before_gate, weight, bias=None):
+    """Gated RMSNorm + linear in one kernel (see ``gated_norm_linear_ref``)."""
+    k = y.shape[-1]
+    ngroups = k // group_size
+    if not (use_triton(y) and _rows_contiguous(y, z, weight) and ngroups <= 16):
+        return gated_norm_linear_ref(y, z, norm_weight, eps, group_size, norm_before_gate, weight, bias)
+    return _gemv(y, weight, bias, pro=2, out_dtype=y.dtype, z=z, norm_weight=norm_weight, eps=eps,
+                 group=group_size, ngroups=ngroups, norm_before_gate=norm_before_gate)
+
+
+def linear(x, weight, bias=None):
+    """F.linear, as one GEMV kernel on the fused path (cuBLAS may split a long K into two kernels)."""
+    if not (use_triton(x) and _rows_contiguous(x, weight)):
+        return F.linear(x, weight, bias)
+    return _gemv(x, weight, bias, pro=0, out_dtype=x.dtype)
+
+
+def mamba2_conv_state_update(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, dt_limit,
+                             ngroups, dt_start, z_start=None):
+    """Mamba-2's conv + state update in one kernel (see ``mamba2_conv_state_update_ref``)."""
+    if not (use_triton(zxbcdt) and _rows_contiguous(zxbcdt)):
+        return mamba2_conv_state_update_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
+                                            dt_limit, ngroups, dt_start, z_start)
+    b, h, p, n = ssm_state.shape
+    out = torch.empty(b, h * p, device=zxbcdt.device, dtype=zxbcdt.dtype)
+    bn = triton.next_power_of_2(n)
+    bp = min(triton.next_power_of_2(p), max(1, 4096 // bn))
+    d_conv = conv_state.shape[-1]
+    lo, hi = (float(v) for v in dt_limit)
+    D_strides = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else D.stride())
+    _m2_update_kernel[(triton.cdiv(p, bp), b, h)](
+        zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
+        ssm_state, A, D if D is not None else A, dt_bias, out,
+        p, n, h // ngroups, h * p, ngroups * n, dt_start, z_start if z_start is not None else 0, lo, hi,
+        zxbcdt.stride(0), *conv_state.stride(), *conv_weight.stride(), *ssm_state.stride(), *D_strides,
+        out.stride(0),
+        HAS_CB=conv_bias is not None, HAS_D=D is not None, HAS_Z=z_start is not None,
+        DT_LIMIT=(lo, hi) != (0.0, float("inf")), D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv),
+        BLOCK_P=bp, BLOCK_N=bn, num_warps=4,
+    )
+    return out
+
+
+def mamba1_conv_state_update(x_dbl, conv_state, conv_weight, conv_bias, dt_proj_weight, dt_bias, ssm_state, A, D,
+                             z):
+    """Mamba-1's conv + dt_proj + state update in one kernel (see ``mamba1_conv_state_update_ref``)."""
+    if not (use_triton(x_dbl) and _rows_contiguous(x_dbl, z)):
+        return mamba1_conv_state_update_ref(x_dbl, conv_state, conv_weight, conv_bias, dt_proj_weight, dt_bias,
+                                            ssm_state, A, D, z)
+    b, d, n = ssm_state.shape
+    r = dt_proj_weight.shape[1]
+    out = torch.empty(b, d, device=x_dbl.device, dtype=x_dbl.dtype)
+    bn = triton.next_power_of_2(n)
+    br = triton.next_power_of_2(r)
+    bd = max(1, min(32, 4096 // max(bn, br)))
+    d_conv = conv_state.shape[-1]
+    _m1_update_kernel[(triton.cdiv(d, bd), b)](
+        x_dbl, z if z is not None else x_dbl, conv_state, conv_weight,
+        conv_bias if conv_bias is not None else conv_weight, dt_proj_weight,
+        dt_bias if dt_bias is not None else conv_weight, ssm_state, A, D if D is not None else A, out,
+        d, n, r,
+        x_dbl.stride(0), z.stride(0) if z is not None else 0, *conv_state.stride(), *conv_weight.stride(),
+        *dt_proj_weight.stride(), *ssm_state.stride(), *A.stride(), out.stride(0),
+        HAS_CB=conv_bias is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv), BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, num_warps=4,
+    )
+    return out

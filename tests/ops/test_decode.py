@@ -1,0 +1,174 @@
+"""Fused decode step (ops.decode): each fused kernel against the unfused ops it replaces, then whole models
+decoding with the fused path against the unfused one (logits and every cached state).
+
+The kernels run through Triton's interpreter on CPU (tiny shapes); on a GPU (MAMBAKIT_TEST_DEVICE=cuda)
+the same tests run the compiled kernels.
+"""
+import pytest
+import torch
+
+import mambakit.ops.decode as dec
+from mambakit import MambaConfig, MambaLMHeadModel
+from mambakit.cache import InferenceParams
+from mambakit.ops.dispatch import backend
+from numerics import DEVICE, rel_err, triton_ok
+
+pytestmark = pytest.mark.skipif(not triton_ok, reason="no triton")
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def rnd(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, dtype=torch.float32) * scale + shift).to(DEVICE, dtype)
+
+
+def both(fn, *args, **kwargs):
+    """fn on the unfused ops (torch backend) and on the fused kernels, from copies of every tensor argument
+    (the window and state arguments are updated in place). Returns (unfused, fused, unfused args, fused args)."""
+    def clone(a):
+        return a.clone() if isinstance(a, torch.Tensor) else a
+    a_ref, a_k = [clone(a) for a in args], [clone(a) for a in args]
+    kw_ref, kw_k = {k: clone(v) for k, v in kwargs.items()}, {k: clone(v) for k, v in kwargs.items()}
+    with backend("torch"):
+        ref = fn(*a_ref, **kw_ref)
+    with backend("triton"):
+        out = fn(*a_k, **kw_k)
+    return ref, out, (a_ref, kw_ref), (a_k, kw_k)
+
+
+def close(out, ref, dtype, what):
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for o, r in zip(outs, refs):
+        assert o.dtype == r.dtype and o.shape == r.shape, what
+        assert rel_err(o, r) < TOL[dtype], f"{what}: rel err {rel_err(o, r):.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual,fp32,bias,window", [(False, False, False, False), (True, False, True, True),
+                                                        (False, True, False, True), (True, True, False, False)])
+def test_norm_linear(dtype, residual, fp32, bias, window):
+    b, k, n, c, w = 3, 40, 70, 20, 4
+    x, wt, nw = rnd(b, k, dtype=dtype), rnd(n, k, dtype=dtype, scale=0.2), rnd(k, dtype=dtype, shift=1.0)
+    res = rnd(b, k, dtype=torch.float32 if fp32 else dtype) if residual else None
+    conv = rnd(b, c, w, dtype=dtype) if window else None
+    ref, out, (_, kr), (_, kk) = both(dec.norm_linear, x, wt, nw, 1e-5, residual=res, residual_in_fp32=fp32,
+                                      bias=rnd(n, dtype=dtype) if bias else None, conv_state=conv, conv_start=30)
+    close(out, ref, dtype, "out, residual")
+    if window:  # the window took columns 30..49 of the output, oldest value dropped
+        close(kk["conv_state"], kr["conv_state"], dtype, "window")
+        assert torch.equal(kk["conv_state"][:, :, :-1], conv[:, :, 1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_linear(dtype):
+    b, k, n, w = 2, 48, 21, 4
+    conv = rnd(b, k, w, dtype=dtype)
+    args = (conv, rnd(k, w, dtype=dtype, scale=0.5), rnd(k, dtype=dtype), rnd(n, k, dtype=dtype, scale=0.2))
+    ref, out, _, _ = both(dec.conv_linear, *args)
+    close(out, ref, dtype, "x_proj(conv)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size,before", [(48, False), (24, False), (12, True)])
+def test_gated_norm_linear(dtype, group_size, before):
+    b, k, n = 2, 48, 30
+    args = (rnd(b, k, dtype=dtype), rnd(b, k, dtype=dtype), rnd(k, dtype=dtype, shift=1.0), 1e-5, group_size,
+            before, rnd(n, k, dtype=dtype, scale=0.2))
+    ref, out, _, _ = both(dec.gated_norm_linear, *args)
+    close(out, ref, dtype, "out_proj(gated norm)")
+
+
+def test_linear():
+    x, wt, bias = rnd(3, 50), rnd(17, 50), rnd(17)
+    ref, out, _, _ = both(dec.linear, x, wt, bias)
+    close(out, ref, torch.float32, "linear")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ngroups,d_hdim,dt_limit,gate", [(1, False, (0.0, float("inf")), False),
+                                                           (2, True, (0.05, 0.5), True)])
+def test_mamba2_conv_state_update(dtype, ngroups, d_hdim, dt_limit, gate):
+    b, h, p, n, w = 2, 4, 8, 16, 4
+    d_ssm, conv_dim = h * p, h * p + 2 * ngroups * n
+    zx = rnd(b, d_ssm + conv_dim + h, dtype=dtype)  # [z, xBC, dt]
+    args = (zx, rnd(b, conv_dim, w, dtype=dtype), rnd(conv_dim, w, dtype=dtype, scale=0.5), rnd(conv_dim, dtype=dtype),
+            rnd(b, h, p, n, dtype=dtype), -torch.exp(rnd(h)), rnd(h, p) if d_hdim else rnd(h), rnd(h, scale=0.5),
+            dt_limit, ngroups)
+    ref, out, (ar, _), (ak, _) = both(dec.mamba2_conv_state_update, *args, dt_start=d_ssm + conv_dim,
+                                      z_start=0 if gate else None)
+    close(out, ref, dtype, "y")
+    close(ak[4], ar[4], dtype, "ssm_state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba1_conv_state_update(dtype):
+    b, d, n, r, w = 2, 24, 8, 5, 4
+    args = (rnd(b, r + 2 * n, dtype=dtype), rnd(b, d, w, dtype=dtype), rnd(d, w, dtype=dtype, scale=0.5),
+            rnd(d, dtype=dtype), rnd(d, r, dtype=dtype, scale=0.5), rnd(d, scale=0.3), rnd(b, d, n, dtype=dtype),
+            -torch.exp(rnd(d, n, scale=0.5)), rnd(d), rnd(b, d, dtype=dtype))
+    ref, out, (ar, _), (ak, _) = both(dec.mamba1_conv_state_update, *args)
+    close(out, ref, dtype, "y")
+    close(ak[6], ar[6], dtype, "ssm_state")
+
+
+# ---- whole models ------------------------------------------------------------------------------------------
+
+MODELS = {
+    "mamba1": dict(ssm_cfg={"d_state": 8}),
+    "mamba2": dict(ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 8}),
+    "mamba2-g2-hdimD-limit-fp32res": dict(
+        ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 8, "ngroups": 2, "D_has_hdim": True,
+                 "dt_limit": (0.01, 0.3), "chunk_size": 8}, residual_in_fp32=True),
+    "mamba2-no-gated-norm": dict(ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16, "rmsnorm": False,
+                                          "chunk_size": 8}),
+}
+
+
+def _decode(model, ids, steps, fused):
+    """Prefill (PyTorch backend), then ``steps`` greedy decode steps on the fused or unfused path."""
+    params = InferenceParams(max_seqlen=ids.shape[1] + steps, max_batch_size=ids.shape[0])
+    with torch.no_grad():
+        with backend("torch"):
+            logits = model(ids, inference_params=params, num_last_tokens=1).logits[:, -1]
+        params.seqlen_offset += ids.shape[1]
+        out = []
+        for _ in range(steps):
+            tok = logits.argmax(-1, keepdim=True)
+            with backend("triton" if fused else "torch"):
+                logits = model.decode_step(tok, params)
+            params.seqlen_offset += 1
+            out.append(logits)
+    return torch.stack(out, 1), params
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_fused_decode_equals_unfused(name, monkeypatch):
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=60, pad_vocab_size_multiple=16, **MODELS[name])
+    model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
+    calls = []
+    gemv = dec._gemv
+    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: calls.append(k["pro"]) or gemv(*a, **k))
+    ids = torch.randint(0, 60, (2, 5)).to(DEVICE)
+    ref, p_ref = _decode(model, ids, 3, fused=False)
+    assert not calls
+    out, p_fused = _decode(model, ids, 3, fused=True)
+    mamba1 = name == "mamba1"
+    # per layer and step: norm+in_proj, then conv+x_proj and out_proj (Mamba-1) or gated norm+out_proj (Mamba-2)
+    assert len(calls) == 2 * 3 * (3 if mamba1 else 2)
+    assert rel_err(out, ref) < 1e-5
+    for i, (conv, ssm) in p_ref.key_value_memory_dict.items():
+        conv_k, ssm_k = p_fused.key_value_memory_dict[i]
+        assert rel_err(conv_k, conv) < 1e-6 and rel_err(ssm_k, ssm) < 1e-5, f"layer {i} states"
+
+
+def test_large_batch_takes_unfused_path(monkeypatch):
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=1, vocab_size=60, pad_vocab_size_multiple=16, **MODELS["mamba2"])
+    model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
+    monkeypatch.setattr(dec, "MAX_FUSED_BATCH", 1)
+    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: pytest.fail("fused kernel used above MAX_FUSED_BATCH"))
+    ids = torch.randint(0, 60, (2, 4)).to(DEVICE)
+    ref, _ = _decode(model, ids, 1, fused=False)
+    out, _ = _decode(model, ids, 1, fused=True)
+    assert rel_err(out, ref) < 1e-5

@@ -158,18 +158,19 @@ def kernel_profile(model, top: int = 8) -> list:
     return [(k, n, round(t, 1)) for k, (n, t) in rows]
 
 
-GEMV_VARIANTS = [dict(programs_per_sm=2), dict(programs_per_sm=8), dict(tile=8192), dict(tile=8192, num_warps=8),
-                 dict(tile=16384, num_warps=8), dict(programs_per_sm=8, tile=2048, num_warps=2),
-                 dict(programs_per_sm=16, tile=8192, num_warps=4)]
+GEMV_VARIANTS = [dict(programs_per_sm=2), dict(programs_per_sm=8), dict(programs_per_sm=16), dict(block_k=128),
+                 dict(block_k=512), dict(num_stages=2), dict(num_stages=4), dict(num_warps=8),
+                 dict(programs_per_sm=8, block_k=512), dict(update_tile=2048), dict(update_tile=1024)]
 
 
 def gemv_variants(model, r: dict, deadline: float) -> None:
     """b1 cg ms/token for each GEMV launch variant (the graph is captured again for each)."""
-    base = dict(fused_decode.GEMV_CONFIG)
+    base, tile = dict(fused_decode.GEMV_CONFIG), fused_decode.UPDATE_TILE
     for v in GEMV_VARIANTS:
         if time.perf_counter() > deadline:
             break
-        fused_decode.GEMV_CONFIG.update(v)
+        fused_decode.GEMV_CONFIG.update({k: x for k, x in v.items() if k != "update_tile"})
+        fused_decode.UPDATE_TILE = v.get("update_tile", tile)
         clear_graph_cache(model)
         try:
             ms, _ = decode_ms(model, 1, 16, True)
@@ -178,6 +179,7 @@ def gemv_variants(model, r: dict, deadline: float) -> None:
         finally:
             fused_decode.GEMV_CONFIG.clear()
             fused_decode.GEMV_CONFIG.update(base)
+            fused_decode.UPDATE_TILE = tile
     clear_graph_cache(model)
 
 

@@ -41,10 +41,11 @@ try:
 except ImportError:  # the references need no Triton
     triton = None
 
-MAX_FUSED_BATCH = 8  # rows per fused step; above it the linear layers are matrix products (cuBLAS)
-# GEMV launch: programs per SM aimed at, elements of a weight tile, the largest K slice, warps.
+MAX_FUSED_BATCH = 8  # rows per fused step (<= 16, the dot's row tile); above it the linear layers are matrix products (cuBLAS)
+# GEMV launch: programs per SM aimed at, K slice per dot, pipeline depth, warps.
 # scripts/gpu_check_generate.py times variants of these.
-GEMV_CONFIG = dict(programs_per_sm=4, tile=4096, max_block_k=1024, num_warps=4)
+GEMV_CONFIG = dict(programs_per_sm=4, block_k=256, num_stages=3, num_warps=4)
+UPDATE_TILE = 4096  # state elements per program of the conv + state update kernels
 
 
 def fused_decode_applies(x: torch.Tensor) -> bool:
@@ -161,26 +162,27 @@ if triton is not None:
                     win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
                     PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_CB: tl.constexpr,
                     D_CONV: tl.constexpr, BLOCK_J: tl.constexpr):
-        """The (BLOCK_M, BLOCK_K) input slice before normalisation, fp32, and the gate silu(z) (PRO 2)."""
-        m64 = offs_m.to(tl.int64)[:, None]
-        m2 = mask_m[:, None] & mask_k[None, :]
+        """The input slice (rows offs_m, columns k) before normalisation, fp32, and the gate silu(z) (PRO 2):
+        (BLOCK_M, BLOCK_K) tiles for the products, (BLOCK_S,) slices of one row for the statistics."""
+        m64 = offs_m.to(tl.int64)
+        m2 = mask_m & mask_k
         gate = tl.zeros(m2.shape, dtype=tl.float32)
-        if PRO == 3:  # conv of the window: (BLOCK_M, BLOCK_K, BLOCK_J)
+        if PRO == 3:  # conv of the window, (BLOCK_M, BLOCK_K) tiles only (no statistics pass)
             j = tl.arange(0, BLOCK_J)[None, None, :]
             m3 = m2[:, :, None] & (j < D_CONV)
-            k3 = k.to(tl.int64)[None, :, None]
+            k3 = k.to(tl.int64)[:, :, None]
             win = tl.load(win_ptr + m64[:, :, None] * s_wb + k3 * s_wc + j * s_wk, mask=m3, other=0.0)
             cw = tl.load(cw_ptr + k3 * s_cwc + j * s_cwk, mask=m3, other=0.0)
             v = tl.sum(win.to(tl.float32) * cw.to(tl.float32), axis=2)
             if HAS_CB:
-                v += tl.load(cb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+                v += tl.load(cb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)
             v = v * tl.sigmoid(v)
         else:
-            v = tl.load(x_ptr + m64 * s_xm + k[None, :], mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + m64 * s_xm + k, mask=m2, other=0.0).to(tl.float32)
             if HAS_RES:
-                v += tl.load(r_ptr + m64 * s_rm + k[None, :], mask=m2, other=0.0).to(tl.float32)
+                v += tl.load(r_ptr + m64 * s_rm + k, mask=m2, other=0.0).to(tl.float32)
             if PRO == 2:
-                zv = tl.load(z_ptr + m64 * s_zm + k[None, :], mask=m2, other=0.0).to(tl.float32)
+                zv = tl.load(z_ptr + m64 * s_zm + k, mask=m2, other=0.0).to(tl.float32)
                 gate = zv * tl.sigmoid(zv)
                 if not NORM_BEFORE_GATE:
                     v = v * gate
@@ -189,15 +191,20 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, ro_ptr, win_ptr, cw_ptr, cb_ptr,
-        M, N, K, eps, GROUP, SHIFT_START, SHIFT_COLS,
+        M, N, K, eps, GROUP, NGROUPS, SHIFT_START, SHIFT_COLS,
         s_xm, s_rm, s_zm, s_wn, s_om, s_rom, s_wb, s_wc, s_wk, s_cwc, s_cwk,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_CB: tl.constexpr, SHIFT: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, NG: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """out (M, N) = prologue(input) @ w.T (+ bias). PRO: 0 plain input, 1 RMSNorm of x (+ residual; program 0
-        writes the sum to ro), 2 gated RMSNorm per group of GROUP channels (NG groups at most), 3 conv + SiLU of
-        a window (M, K, D_CONV). SHIFT: output columns SHIFT_START.. SHIFT_START + SHIFT_COLS enter the window."""
+        writes the sum to ro), 2 gated RMSNorm per group of GROUP channels (NGROUPS <= NG), 3 conv + SiLU of a
+        window (M, K, D_CONV). SHIFT: output columns SHIFT_START.. SHIFT_START + SHIFT_COLS enter the window.
+
+        The statistics come first, a row (ROWS <= BLOCK_M of them, M real) in slices of BLOCK_S; the products are
+        one tl.dot per K slice on rows padded to BLOCK_M (16, the dot's minimum), so the weight loads are
+        software-pipelined over NUM_STAGES slices."""
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -206,50 +213,48 @@ if triton is not None:
         mask_n = offs_n < N
         n64 = offs_n.to(tl.int64)
         ar_k = tl.arange(0, BLOCK_K)
+        ar_s = tl.arange(0, BLOCK_S)
         g_ar = tl.arange(0, NG)
-        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-        rstd_g = tl.zeros([BLOCK_M, NG], dtype=tl.float32)
-        if PRO == 1:  # mean square per row; program 0 also writes x + residual
-            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + ar_k
-                v, _ = _gemv_input(k, k < K, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
-                                   win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                                   PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
-                ss += tl.sum(v * v, axis=1)
-                if pid == 0:
-                    tl.store(ro_ptr + m64[:, None] * s_rom + k[None, :], v.to(ro_ptr.dtype.element_ty),
-                             mask=mask_m[:, None] & (k < K)[None, :])
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
-        if PRO == 2:  # mean square per row and group
-            ss_g = tl.zeros([BLOCK_M, NG], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + ar_k
-                v, _ = _gemv_input(k, k < K, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
-                                   win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                                   PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
-                in_g = (k // GROUP)[None, None, :] == g_ar[None, :, None]  # (1, NG, BLOCK_K)
-                ss_g += tl.sum(tl.where(in_g, (v * v)[:, None, :], 0.0), axis=2)
-            rstd_g = 1.0 / tl.sqrt(ss_g / GROUP + eps)
+        rstd = tl.zeros([BLOCK_M, NG], dtype=tl.float32)  # per row and group (one group for PRO 1)
+        if PRO == 1 or PRO == 2:
+            span = K if PRO == 1 else GROUP
+            for m in tl.static_range(ROWS):
+                if m < M:
+                    for g in range(NGROUPS if PRO == 2 else 1):
+                        ss = tl.zeros([BLOCK_S], dtype=tl.float32)
+                        for k0 in range(0, span, BLOCK_S):
+                            k = g * span + k0 + ar_s
+                            mk = (k0 + ar_s) < span
+                            v, _ = _gemv_input(k, mk, tl.zeros([BLOCK_S], dtype=tl.int32) + m, True, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+                                               win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
+                                               PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
+                            ss += v * v
+                            if PRO == 1 and pid == 0:
+                                tl.store(ro_ptr + m * s_rom + k, v.to(ro_ptr.dtype.element_ty), mask=mk)
+                        r = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / span + eps)
+                        rstd = tl.where((offs_m[:, None] == m) & (g_ar[None, :] == g), r, rstd)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + ar_k
             mask_k = k < K
-            v, gate = _gemv_input(k, mask_k, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+            v, gate = _gemv_input(k[None, :], mask_k[None, :], offs_m[:, None], mask_m[:, None],
+                                  x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
                                   win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
                                   PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
-            if PRO == 1:
-                v = v * rstd[:, None] * tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-            if PRO == 2:
-                in_g = (k // GROUP)[None, None, :] == g_ar[None, :, None]
-                r = tl.sum(tl.where(in_g, rstd_g[:, :, None], 0.0), axis=1)  # (BLOCK_M, BLOCK_K)
+            if PRO == 1 or PRO == 2:
+                if NG == 1:
+                    r = rstd
+                else:
+                    in_g = (k // GROUP)[None, None, :] == g_ar[None, :, None]  # (1, NG, BLOCK_K)
+                    r = tl.sum(tl.where(in_g, rstd[:, :, None], 0.0), axis=1)  # (BLOCK_M, BLOCK_K)
                 v = v * r * tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-                if NORM_BEFORE_GATE:
+                if PRO == 2 and NORM_BEFORE_GATE:
                     v = v * gate
-            v = v.to(out_ptr.dtype.element_ty).to(tl.float32)  # the unfused op stores its output here
-            w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(v[:, None, :] * w[None, :, :], axis=2)
+            # the unfused op stores its output in the activation dtype: the dot takes it rounded the same way
+            a = v.to(out_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + n64[None, :] * s_wn + k[:, None], mask=mask_n[None, :] & mask_k[:, None],
+                        other=0.0)  # (BLOCK_K, BLOCK_N)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out = acc.to(out_ptr.dtype.element_ty)
@@ -363,14 +368,11 @@ if triton is not None:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def _gemv_tiles(m: int, n: int, k: int, device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): enough programs to keep every SM reading weights, and a (BLOCK_M, BLOCK_N,
-    BLOCK_K) product tile of about GEMV_CONFIG["tile"] elements."""
+def _gemv_tiles(n: int, device) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): enough programs to keep every SM reading weights (GEMV_CONFIG["programs_per_sm"])."""
     cfg = GEMV_CONFIG
-    bm = triton.next_power_of_2(m)
-    bn = max(4, min(64, triton.next_power_of_2(triton.cdiv(n, cfg["programs_per_sm"] * num_sms(device)))))
-    bk = max(16, min(cfg["max_block_k"], cfg["tile"] // (bm * bn), triton.next_power_of_2(k)))
-    return bm, bn, bk
+    bn = max(16, min(128, triton.next_power_of_2(triton.cdiv(n, cfg["programs_per_sm"] * num_sms(device)))))
+    return bn, cfg["block_k"]
 
 
 def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=None, norm_weight=None, eps=0.0,
@@ -380,23 +382,26 @@ def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=Non
     n, k = weight.shape
     m = rows if x is None else x.shape[0]
     out = torch.empty(m, n, device=weight.device, dtype=out_dtype)
-    bm, bn, bk = _gemv_tiles(m, n, k, weight.device)
+    bn, bk = _gemv_tiles(n, weight.device)
     dummy = weight
     x_, r_, z_, win_ = (t if t is not None else dummy for t in (x, residual, z, window))
     cw_ = conv_weight if conv_weight is not None else dummy
     d_conv = window.shape[-1] if window is not None else 1
+    span = k if pro == 1 else group
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x_, r_, z_, norm_weight if norm_weight is not None else dummy, weight,
         bias if bias is not None else dummy, out, res_out if res_out is not None else out, win_, cw_,
         conv_bias if conv_bias is not None else dummy,
-        m, n, k, eps, group, shift_start, window.shape[1] if window is not None else 0,
+        m, n, k, eps, group, ngroups, shift_start, window.shape[1] if window is not None else 0,
         x_.stride(0), r_.stride(0), z_.stride(0), weight.stride(0), out.stride(0),
         res_out.stride(0) if res_out is not None else 0,
         *(window.stride() if window is not None else (0, 0, 0)),
         *(cw_.stride() if conv_weight is not None else (0, 0)),
         PRO=pro, HAS_RES=residual is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
         HAS_CB=conv_bias is not None, SHIFT=shift, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv),
-        NG=triton.next_power_of_2(ngroups), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        NG=triton.next_power_of_2(ngroups) if pro == 2 else 1, ROWS=triton.next_power_of_2(m),
+        BLOCK_S=min(triton.next_power_of_2(span), 4096), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+        NUM_STAGES=GEMV_CONFIG["num_stages"], DOT_PREC="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=GEMV_CONFIG["num_warps"],
     )
     return out
@@ -458,7 +463,7 @@ def mamba2_conv_state_update(zxbcdt, conv_state, conv_weight, conv_bias, ssm_sta
     b, h, p, n = ssm_state.shape
     out = torch.empty(b, h * p, device=zxbcdt.device, dtype=zxbcdt.dtype)
     bn = triton.next_power_of_2(n)
-    bp = min(triton.next_power_of_2(p), max(1, 4096 // bn))
+    bp = min(triton.next_power_of_2(p), max(1, UPDATE_TILE // bn))
     d_conv = conv_state.shape[-1]
     lo, hi = (float(v) for v in dt_limit)
     D_strides = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else D.stride())
@@ -486,7 +491,7 @@ def mamba1_conv_state_update(x_dbl, conv_state, conv_weight, conv_bias, dt_proj_
     out = torch.empty(b, d, device=x_dbl.device, dtype=x_dbl.dtype)
     bn = triton.next_power_of_2(n)
     br = triton.next_power_of_2(r)
-    bd = max(1, min(32, 4096 // max(bn, br)))
+    bd = max(1, min(32, UPDATE_TILE // max(bn, br)))
     d_conv = conv_state.shape[-1]
     _m1_update_kernel[(triton.cdiv(d, bd), b)](
         x_dbl, z if z is not None else x_dbl, conv_state, conv_weight,

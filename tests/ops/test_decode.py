@@ -50,22 +50,15 @@ def test_norm_linear(dtype, residual, fp32, bias, window):
     b, k, n, c, w = 3, 40, 70, 20, 4
     x, wt, nw = rnd(b, k, dtype=dtype), rnd(n, k, dtype=dtype, scale=0.2), rnd(k, dtype=dtype, shift=1.0)
     res = rnd(b, k, dtype=torch.float32 if fp32 else dtype) if residual else None
-    conv = rnd(b, c, w, dtype=dtype) if window else None
+    conv = dict(conv_state=rnd(b, c, w, dtype=dtype), conv_start=30, conv_weight=rnd(c, w, dtype=dtype, scale=0.5),
+                conv_bias=rnd(c, dtype=dtype) if bias else None) if window else {}
     ref, out, (_, kr), (_, kk) = both(dec.norm_linear, x, wt, nw, 1e-5, residual=res, residual_in_fp32=fp32,
-                                      bias=rnd(n, dtype=dtype) if bias else None, conv_state=conv, conv_start=30)
-    close(out, ref, dtype, "out, residual")
+                                      bias=rnd(n, dtype=dtype) if bias else None, **conv)
+    close(out, ref, dtype, "out, residual (, conv out)")
+    assert len(out) == (3 if window else 2)
     if window:  # the window took columns 30..49 of the output, oldest value dropped
         close(kk["conv_state"], kr["conv_state"], dtype, "window")
-        assert torch.equal(kk["conv_state"][:, :, :-1], conv[:, :, 1:])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_linear(dtype):
-    b, k, n, w = 2, 48, 21, 4
-    conv = rnd(b, k, w, dtype=dtype)
-    args = (conv, rnd(k, w, dtype=dtype, scale=0.5), rnd(k, dtype=dtype), rnd(n, k, dtype=dtype, scale=0.2))
-    ref, out, _, _ = both(dec.conv_linear, *args)
-    close(out, ref, dtype, "x_proj(conv)")
+        assert torch.equal(kk["conv_state"][:, :, :-1], conv["conv_state"][:, :, 1:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,28 +80,27 @@ def test_linear():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ngroups,d_hdim,dt_limit,gate", [(1, False, (0.0, float("inf")), False),
                                                            (2, True, (0.05, 0.5), True)])
-def test_mamba2_conv_state_update(dtype, ngroups, d_hdim, dt_limit, gate):
-    b, h, p, n, w = 2, 4, 8, 16, 4
+def test_mamba2_state_update(dtype, ngroups, d_hdim, dt_limit, gate):
+    b, h, p, n = 2, 4, 8, 16
     d_ssm, conv_dim = h * p, h * p + 2 * ngroups * n
     zx = rnd(b, d_ssm + conv_dim + h, dtype=dtype)  # [z, xBC, dt]
-    args = (zx, rnd(b, conv_dim, w, dtype=dtype), rnd(conv_dim, w, dtype=dtype, scale=0.5), rnd(conv_dim, dtype=dtype),
-            rnd(b, h, p, n, dtype=dtype), -torch.exp(rnd(h)), rnd(h, p) if d_hdim else rnd(h), rnd(h, scale=0.5),
-            dt_limit, ngroups)
-    ref, out, (ar, _), (ak, _) = both(dec.mamba2_conv_state_update, *args, dt_start=d_ssm + conv_dim,
+    args = (zx, rnd(b, conv_dim, dtype=dtype), rnd(b, h, p, n, dtype=dtype), -torch.exp(rnd(h)),
+            rnd(h, p) if d_hdim else rnd(h), rnd(h, scale=0.5), dt_limit, ngroups)
+    ref, out, (ar, _), (ak, _) = both(dec.mamba2_state_update, *args, dt_start=d_ssm + conv_dim,
                                       z_start=0 if gate else None)
     close(out, ref, dtype, "y")
-    close(ak[4], ar[4], dtype, "ssm_state")
+    close(ak[2], ar[2], dtype, "ssm_state")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mamba1_conv_state_update(dtype):
-    b, d, n, r, w = 2, 24, 8, 5, 4
-    args = (rnd(b, r + 2 * n, dtype=dtype), rnd(b, d, w, dtype=dtype), rnd(d, w, dtype=dtype, scale=0.5),
-            rnd(d, dtype=dtype), rnd(d, r, dtype=dtype, scale=0.5), rnd(d, scale=0.3), rnd(b, d, n, dtype=dtype),
-            -torch.exp(rnd(d, n, scale=0.5)), rnd(d), rnd(b, d, dtype=dtype))
-    ref, out, (ar, _), (ak, _) = both(dec.mamba1_conv_state_update, *args)
+def test_mamba1_state_update(dtype):
+    b, d, n, r = 2, 24, 8, 5
+    args = (rnd(b, d, dtype=dtype), rnd(b, r + 2 * n, dtype=dtype), rnd(d, r, dtype=dtype, scale=0.5),
+            rnd(d, scale=0.3), rnd(b, d, n, dtype=dtype), -torch.exp(rnd(d, n, scale=0.5)), rnd(d),
+            rnd(b, d, dtype=dtype))
+    ref, out, (ar, _), (ak, _) = both(dec.mamba1_state_update, *args)
     close(out, ref, dtype, "y")
-    close(ak[6], ar[6], dtype, "ssm_state")
+    close(ak[4], ar[4], dtype, "ssm_state")
 
 
 # ---- whole models ------------------------------------------------------------------------------------------
@@ -154,7 +146,7 @@ def test_model_fused_decode_equals_unfused(name, monkeypatch):
     assert not calls
     out, p_fused = _decode(model, ids, 3, fused=True)
     mamba1 = name == "mamba1"
-    # per layer and step: norm+in_proj, then conv+x_proj and out_proj (Mamba-1) or gated norm+out_proj (Mamba-2)
+    # per layer and step: norm+in_proj, then x_proj and out_proj (Mamba-1) or gated norm+out_proj (Mamba-2)
     assert len(calls) == 2 * 3 * (3 if mamba1 else 2)
     assert rel_err(out, ref) < 1e-5
     for i, (conv, ssm) in p_ref.key_value_memory_dict.items():

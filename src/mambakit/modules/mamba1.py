@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..cache import InferenceParams
 from ..ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
-from ..ops.decode import conv_linear, linear, mamba1_conv_state_update, norm_linear
+from ..ops.decode import linear, mamba1_state_update, norm_linear
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
                       seq_idx_from_cu_seqlens)
 
@@ -156,15 +156,14 @@ class Mamba(nn.Module):
         conv_state, ssm_state = cache_slot(inference_params, self.layer_idx, lambda: self.allocate_inference_cache(b, 0))
         if conv_state.shape[0] != b or ssm_state.shape[0] != b:
             return None
-        cw = conv_weight(self.conv1d)
-        xz, residual = norm_linear(hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
-                                   residual=None if residual is None else residual[:, 0],
-                                   residual_in_fp32=residual_in_fp32, bias=self.in_proj.bias,
-                                   conv_state=conv_state, conv_start=0)  # (b, 2*d_inner); window gets x
-        x_dbl = conv_linear(conv_state, cw, self.conv1d.bias, self.x_proj.weight, self.x_proj.bias)  # (b, r + 2n)
+        xz, residual, x = norm_linear(hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
+                                      residual=None if residual is None else residual[:, 0],
+                                      residual_in_fp32=residual_in_fp32, bias=self.in_proj.bias,
+                                      conv_state=conv_state, conv_start=0, conv_weight=conv_weight(self.conv1d),
+                                      conv_bias=self.conv1d.bias)  # (b, 2*d_inner), x = conv output (b, d_inner)
+        x_dbl = linear(x, self.x_proj.weight, self.x_proj.bias)  # (b, dt_rank + 2*d_state)
         A, D, dt_bias = self._step_constants()
-        y = mamba1_conv_state_update(x_dbl, conv_state, cw, self.conv1d.bias, self.dt_proj.weight, dt_bias,
-                                     ssm_state, A, D, z=xz[:, self.d_inner:])  # (b, d_inner)
+        y = mamba1_state_update(x, x_dbl, self.dt_proj.weight, dt_bias, ssm_state, A, D, z=xz[:, self.d_inner:])
         return linear(y, self.out_proj.weight, self.out_proj.bias).unsqueeze(1), residual.unsqueeze(1)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):

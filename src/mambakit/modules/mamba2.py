@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..cache import InferenceParams
 from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
                    selective_state_update)
-from ..ops.decode import gated_norm_linear, linear, mamba2_conv_state_update, norm_linear
+from ..ops.decode import gated_norm_linear, linear, mamba2_state_update, norm_linear
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
                       silu_gate,
                       seq_idx_from_cu_seqlens, varlen_conv_windows)
@@ -215,14 +215,14 @@ class Mamba2(nn.Module):
         conv_state, ssm_state = cache_slot(inference_params, self.layer_idx, lambda: self.allocate_inference_cache(b, 0))
         if conv_state.shape[0] != b or ssm_state.shape[0] != b:
             return None
-        zxbcdt, residual = norm_linear(hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
-                                       residual=None if residual is None else residual[:, 0],
-                                       residual_in_fp32=residual_in_fp32, bias=self.in_proj.bias,
-                                       conv_state=conv_state, conv_start=self.d_ssm)  # [z, xBC, dt]; window gets xBC
+        zxbcdt, residual, xBC = norm_linear(
+            hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
+            residual=None if residual is None else residual[:, 0], residual_in_fp32=residual_in_fp32,
+            bias=self.in_proj.bias, conv_state=conv_state, conv_start=self.d_ssm, conv_weight=conv_weight(self.conv1d),
+            conv_bias=self.conv1d.bias)  # [z, xBC, dt] (b, d_in_proj); xBC = conv output (b, conv_dim)
         A, D, dt_bias = self._step_constants()
-        y = mamba2_conv_state_update(zxbcdt, conv_state, conv_weight(self.conv1d), self.conv1d.bias, ssm_state, A, D,
-                                     dt_bias, self.dt_limit, self.ngroups, dt_start=self.d_ssm + self.conv_dim,
-                                     z_start=None if self.rmsnorm else 0)  # (b, d_ssm)
+        y = mamba2_state_update(zxbcdt, xBC, ssm_state, A, D, dt_bias, self.dt_limit, self.ngroups,
+                                dt_start=self.d_ssm + self.conv_dim, z_start=None if self.rmsnorm else 0)  # (b, d_ssm)
         if self.rmsnorm:
             out = gated_norm_linear(y, zxbcdt[:, :self.d_ssm], self.norm.weight, self.norm.eps,
                                     self.norm.group_size or self.d_ssm, self.norm.norm_before_gate,

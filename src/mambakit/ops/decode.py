@@ -4,17 +4,15 @@ At batch 1 a CUDA-graph decode step is bound by the number of kernels, not by by
 microseconds however little it does, and the unfused step launches one kernel per op (residual add + RMSNorm,
 in_proj, conv update, [x_proj, dt_proj,] state update, [gated norm,] out_proj). The fused step:
 
-    Mamba-2: [add + RMSNorm + in_proj + conv-window shift] [conv + SiLU + state update]
-             [gated RMSNorm + out_proj]
-    Mamba-1: [add + RMSNorm + in_proj + conv-window shift] [conv + SiLU + x_proj]
-             [conv + SiLU + dt_proj + softplus + state update + D + gate] [out_proj]
+    Mamba-2: [add + RMSNorm + in_proj + conv window + conv]  [state update]  [gated RMSNorm + out_proj]
+    Mamba-1: [add + RMSNorm + in_proj + conv window + conv]  [x_proj]
+             [dt_proj + softplus + state update + D + gate]  [out_proj]
 
 Linear layers are matrix-vector products (``_gemv_kernel``): a program computes a block of outputs for every
-row and recomputes the input's prologue (norm statistics, conv) itself, a re-read of a d_model or d_inner
-vector from L2 against a block of weights from memory. The conv window (b, channels, width) is shifted by the
-kernel that produces the new column (in_proj's): every column has one owner, and the later kernels only read
-the updated window (the conv of the new token is sum_k w_k window_k), so no kernel reads a window that another
-one is writing.
+row, its weights streamed through a pipelined tl.dot, after recomputing the row statistics of its prologue (a
+re-read of a d_model or d_inner vector from L2). The program that produces a conv channel's new input (in
+in_proj) also shifts that channel's window and computes its conv + SiLU output, so every window column has one
+owner and nothing reads a window that another program is writing.
 
 Numerics follow the unfused ops: statistics and accumulation in fp32, and intermediates are rounded to the
 activation dtype where the unfused step stores them (normalised input, conv output, dt_proj output), so the
@@ -72,23 +70,21 @@ def _conv_window_ref(conv_state, conv_weight, conv_bias, dtype):
 
 
 def norm_linear_ref(x, weight, norm_weight, eps, residual=None, residual_in_fp32=False, bias=None,
-                    conv_state=None, conv_start=0):
-    """out = linear(rmsnorm(x + residual)); the conv window takes out[:, conv_start:conv_start + c].
+                    conv_state=None, conv_start=0, conv_weight=None, conv_bias=None):
+    """out = linear(rmsnorm(x + residual)); with a conv window, it takes out[:, conv_start:conv_start + c] and
+    the new conv + SiLU output is returned too.
 
-    x, residual: (b, k); weight: (n, k); norm_weight: (k,); conv_state: (b, c, w) or None.
-    Returns (out (b, n), residual out (b, k) in the dtype ``rms_norm_fn(..., prenorm=True)`` gives).
+    x, residual: (b, k); weight: (n, k); norm_weight: (k,); conv_state: (b, c, w); conv_weight: (c, w).
+    Returns (out (b, n), residual out (b, k) in the dtype ``rms_norm_fn(..., prenorm=True)`` gives), plus
+    conv_out (b, c) in out's dtype when conv_state is given.
     """
     h, res = rms_norm_fn(x, norm_weight, None, residual=residual, prenorm=True, residual_in_fp32=residual_in_fp32,
                          eps=eps)
     out = F.linear(h, weight, bias)
-    if conv_state is not None:
-        _shift_window_ref(conv_state, out[:, conv_start:conv_start + conv_state.shape[1]])
-    return out, res
-
-
-def conv_linear_ref(conv_state, conv_weight, conv_bias, weight, bias=None):
-    """linear(silu(conv of the shifted window)): conv_state (b, k, w), weight (n, k) -> (b, n)."""
-    return F.linear(_conv_window_ref(conv_state, conv_weight, conv_bias, weight.dtype), weight, bias)
+    if conv_state is None:
+        return out, res
+    _shift_window_ref(conv_state, out[:, conv_start:conv_start + conv_state.shape[1]])
+    return out, res, _conv_window_ref(conv_state, conv_weight, conv_bias, out.dtype)
 
 
 def gated_norm_linear_ref(y, z, norm_weight, eps, group_size, norm_before_gate, weight, bias=None):
@@ -97,16 +93,13 @@ def gated_norm_linear_ref(y, z, norm_weight, eps, group_size, norm_before_gate, 
                                norm_before_gate=norm_before_gate), weight, bias)
 
 
-def mamba2_conv_state_update_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
-                                 dt_limit, ngroups, dt_start, z_start=None):
-    """Mamba-2's conv + state update from in_proj's output; the window already holds the new column.
+def mamba2_state_update_ref(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups, dt_start, z_start=None):
+    """Mamba-2's state update from the conv output xBC (b, h*p + 2*g*n) and in_proj's output zxbcdt (dt, z).
 
-    zxbcdt: (b, d_in_proj); conv_state: (b, conv_dim, w) with conv_dim = h*p + 2*g*n; ssm_state: (b, h, p, n);
-    A, dt_bias: (h,) fp32; D: (h,) or (h, p); z_start: where z's columns start when the state update gates
-    (no gated norm after it). Returns y (b, h*p) in zxbcdt's dtype; ssm_state is updated in place.
+    ssm_state: (b, h, p, n) updated in place; A, dt_bias: (h,) fp32; D: (h,) or (h, p); z_start: where z's
+    columns start when the state update gates (no gated norm after it). Returns y (b, h*p) in xBC's dtype.
     """
     b, h, p, n = ssm_state.shape
-    xBC = _conv_window_ref(conv_state, conv_weight, conv_bias, zxbcdt.dtype)  # (b, conv_dim)
     x, B, C = torch.split(xBC, [h * p, ngroups * n, ngroups * n], dim=-1)
     dt = zxbcdt[:, dt_start:dt_start + h]
     if tuple(dt_limit) != (0.0, float("inf")):
@@ -117,17 +110,12 @@ def mamba2_conv_state_update_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm
     return y.reshape(b, h * p)
 
 
-def mamba1_conv_state_update_ref(x_dbl, conv_state, conv_weight, conv_bias, dt_proj_weight, dt_bias, ssm_state,
-                                 A, D, z):
-    """Mamba-1's conv + dt_proj + state update; the window already holds the new column.
-
-    x_dbl: (b, r + 2n) x_proj's output [dt, B, C]; conv_state: (b, d, w); dt_proj_weight: (d, r); dt_bias, D:
-    (d,) fp32; A: (d, n) fp32; z: (b, d) or None; ssm_state: (b, d, n). Returns y (b, d) in x_dbl's dtype.
-    """
+def mamba1_state_update_ref(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, z):
+    """Mamba-1's dt_proj + state update: x (b, d) the conv output, x_dbl (b, r + 2n) x_proj's [dt, B, C];
+    dt_proj_weight: (d, r); dt_bias, D: (d,) fp32; A: (d, n) fp32; z: (b, d) or None; ssm_state: (b, d, n).
+    Returns y (b, d) in x's dtype."""
     n = ssm_state.shape[-1]
-    r = dt_proj_weight.shape[1]
-    x = _conv_window_ref(conv_state, conv_weight, conv_bias, x_dbl.dtype)  # (b, d)
-    dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+    dt, B, C = torch.split(x_dbl, [dt_proj_weight.shape[1], n, n], dim=-1)
     return selective_state_update(ssm_state, x, F.linear(dt, dt_proj_weight), A, B, C, D, z=z, dt_bias=dt_bias,
                                   dt_softplus=True)
 
@@ -144,63 +132,37 @@ if triton is not None:
         return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
 
     @triton.jit
-    def _window_conv(base, ch, mask_c, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr, HAS_CB: tl.constexpr,
-                     D_CONV: tl.constexpr, BLOCK_J: tl.constexpr):
-        """silu(sum_k w[ch, k] window[ch, k] + bias[ch]) in fp32 for channels ch (BLOCK_C,)."""
-        j = tl.arange(0, BLOCK_J)
-        m2 = mask_c[:, None] & (j < D_CONV)[None, :]
-        c64 = ch.to(tl.int64)[:, None]
-        win = tl.load(base + c64 * s_wc + j[None, :] * s_wk, mask=m2, other=0.0).to(tl.float32)
-        cw = tl.load(cw_ptr + c64 * s_cwc + j[None, :] * s_cwk, mask=m2, other=0.0).to(tl.float32)
-        a = tl.sum(win * cw, axis=1)
-        if HAS_CB:
-            a += tl.load(cb_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-        return a * tl.sigmoid(a)
-
-    @triton.jit
     def _gemv_input(k, mask_k, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
-                    win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                    PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_CB: tl.constexpr,
-                    D_CONV: tl.constexpr, BLOCK_J: tl.constexpr):
+                    PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
         """The input slice (rows offs_m, columns k) before normalisation, fp32, and the gate silu(z) (PRO 2):
         (BLOCK_M, BLOCK_K) tiles for the products, (BLOCK_S,) slices of one row for the statistics."""
         m64 = offs_m.to(tl.int64)
         m2 = mask_m & mask_k
         gate = tl.zeros(m2.shape, dtype=tl.float32)
-        if PRO == 3:  # conv of the window, (BLOCK_M, BLOCK_K) tiles only (no statistics pass)
-            j = tl.arange(0, BLOCK_J)[None, None, :]
-            m3 = m2[:, :, None] & (j < D_CONV)
-            k3 = k.to(tl.int64)[:, :, None]
-            win = tl.load(win_ptr + m64[:, :, None] * s_wb + k3 * s_wc + j * s_wk, mask=m3, other=0.0)
-            cw = tl.load(cw_ptr + k3 * s_cwc + j * s_cwk, mask=m3, other=0.0)
-            v = tl.sum(win.to(tl.float32) * cw.to(tl.float32), axis=2)
-            if HAS_CB:
-                v += tl.load(cb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)
-            v = v * tl.sigmoid(v)
-        else:
-            v = tl.load(x_ptr + m64 * s_xm + k, mask=m2, other=0.0).to(tl.float32)
-            if HAS_RES:
-                v += tl.load(r_ptr + m64 * s_rm + k, mask=m2, other=0.0).to(tl.float32)
-            if PRO == 2:
-                zv = tl.load(z_ptr + m64 * s_zm + k, mask=m2, other=0.0).to(tl.float32)
-                gate = zv * tl.sigmoid(zv)
-                if not NORM_BEFORE_GATE:
-                    v = v * gate
+        v = tl.load(x_ptr + m64 * s_xm + k, mask=m2, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(r_ptr + m64 * s_rm + k, mask=m2, other=0.0).to(tl.float32)
+        if PRO == 2:
+            zv = tl.load(z_ptr + m64 * s_zm + k, mask=m2, other=0.0).to(tl.float32)
+            gate = zv * tl.sigmoid(zv)
+            if not NORM_BEFORE_GATE:
+                v = v * gate
         return v, gate
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, ro_ptr, win_ptr, cw_ptr, cb_ptr,
+        x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, ro_ptr, win_ptr, cw_ptr, cb_ptr, co_ptr,
         M, N, K, eps, GROUP, NGROUPS, SHIFT_START, SHIFT_COLS,
-        s_xm, s_rm, s_zm, s_wn, s_om, s_rom, s_wb, s_wc, s_wk, s_cwc, s_cwk,
+        s_xm, s_rm, s_zm, s_wn, s_om, s_rom, s_wb, s_wc, s_wk, s_cwc, s_cwk, s_com,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_CB: tl.constexpr, SHIFT: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, NG: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         """out (M, N) = prologue(input) @ w.T (+ bias). PRO: 0 plain input, 1 RMSNorm of x (+ residual; program 0
-        writes the sum to ro), 2 gated RMSNorm per group of GROUP channels (NGROUPS <= NG), 3 conv + SiLU of a
-        window (M, K, D_CONV). SHIFT: output columns SHIFT_START.. SHIFT_START + SHIFT_COLS enter the window.
+        writes the sum to ro), 2 gated RMSNorm per group of GROUP channels (NGROUPS <= NG). SHIFT: output
+        columns SHIFT_START.. SHIFT_START + SHIFT_COLS enter the window (M, SHIFT_COLS, D_CONV), and the conv +
+        SiLU of the new window goes to co (M, SHIFT_COLS).
 
         The statistics come first, a row (ROWS <= BLOCK_M of them, M real) in slices of BLOCK_S; the products are
         one tl.dot per K slice on rows padded to BLOCK_M (16, the dot's minimum), so the weight loads are
@@ -226,8 +188,7 @@ if triton is not None:
                             k = g * span + k0 + ar_s
                             mk = (k0 + ar_s) < span
                             v, _ = _gemv_input(k, mk, tl.zeros([BLOCK_S], dtype=tl.int32) + m, True, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
-                                               win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                                               PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
+                                               PRO, HAS_RES, NORM_BEFORE_GATE)
                             ss += v * v
                             if PRO == 1 and pid == 0:
                                 tl.store(ro_ptr + m * s_rom + k, v.to(ro_ptr.dtype.element_ty), mask=mk)
@@ -239,8 +200,7 @@ if triton is not None:
             mask_k = k < K
             v, gate = _gemv_input(k[None, :], mask_k[None, :], offs_m[:, None], mask_m[:, None],
                                   x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
-                                  win_ptr, s_wb, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                                  PRO, HAS_RES, NORM_BEFORE_GATE, HAS_CB, D_CONV, BLOCK_J)
+                                  PRO, HAS_RES, NORM_BEFORE_GATE)
             if PRO == 1 or PRO == 2:
                 if NG == 1:
                     r = rstd
@@ -263,23 +223,33 @@ if triton is not None:
             if (pid * BLOCK_N < SHIFT_START + SHIFT_COLS) & (pid * BLOCK_N + BLOCK_N > SHIFT_START):
                 c = offs_n - SHIFT_START
                 j = tl.arange(0, BLOCK_J)[None, None, :]
-                mc = (mask_n & (c >= 0) & (c < SHIFT_COLS))[None, :, None] & mask_m[:, None, None]
-                ptrs = win_ptr + m64[:, None, None] * s_wb + c.to(tl.int64)[None, :, None] * s_wc + j * s_wk
+                mc2 = (mask_n & (c >= 0) & (c < SHIFT_COLS))[None, :] & mask_m[:, None]  # (BLOCK_M, BLOCK_N)
+                mc = mc2[:, :, None]
+                c64 = tl.where(mask_n & (c >= 0), c, 0).to(tl.int64)
+                ptrs = win_ptr + m64[:, None, None] * s_wb + c64[None, :, None] * s_wc + j * s_wk
                 old = tl.load(ptrs + s_wk, mask=mc & (j < D_CONV - 1), other=0.0)
                 new = tl.where(j == D_CONV - 1, out[:, :, None].to(win_ptr.dtype.element_ty), old)
                 tl.debug_barrier()  # every old value is read before any is overwritten
                 tl.store(ptrs, new, mask=mc & (j < D_CONV))
+                cw = tl.load(cw_ptr + c64[None, :, None] * s_cwc + j * s_cwk, mask=mc & (j < D_CONV),
+                             other=0.0).to(tl.float32)
+                conv = tl.sum(new.to(tl.float32) * cw, axis=2)  # (BLOCK_M, BLOCK_N)
+                if HAS_CB:
+                    conv += tl.load(cb_ptr + c64, mask=mask_n & (c >= 0) & (c < SHIFT_COLS),
+                                    other=0.0).to(tl.float32)[None, :]
+                conv = conv * tl.sigmoid(conv)
+                tl.store(co_ptr + m64[:, None] * s_com + c64[None, :], conv.to(co_ptr.dtype.element_ty), mask=mc2)
 
     @triton.jit
     def _m2_update_kernel(
-        zx_ptr, win_ptr, cw_ptr, cb_ptr, st_ptr, A_ptr, D_ptr, bias_ptr, out_ptr,
+        zx_ptr, xbc_ptr, st_ptr, A_ptr, D_ptr, bias_ptr, out_ptr,
         P, NSTATE, HEADS_PER_GROUP, D_SSM, GN, DT_START, Z_START, dt_lo, dt_hi,
-        s_zxb, s_wb, s_wc, s_wk, s_cwc, s_cwk, s_sb, s_sh, s_sp, s_sn, s_Dh, s_Dp, s_ob,
-        HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_LIMIT: tl.constexpr,
-        D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+        s_zxb, s_xbcb, s_sb, s_sh, s_sp, s_sn, s_Dh, s_Dp, s_ob,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
-        """One program per (block of headdim rows, batch row, head): conv of x/B/C from the window, then the
-        Mamba-2 state update (per-head dt and A) and y = <state, C> + D x (* silu(z))."""
+        """One program per (block of headdim rows, batch row, head): the Mamba-2 state update (per-head dt and
+        A, dt from in_proj's output, x/B/C from the conv output) and y = <state, C> + D x (* silu(z))."""
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         pid_h = tl.program_id(2)
@@ -288,20 +258,17 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         mask_n = offs_n < NSTATE
         grp = pid_h // HEADS_PER_GROUP
-        dty = zx_ptr.dtype.element_ty
-        wbase = win_ptr + pid_b * s_wb
-        xv = _window_conv(wbase, pid_h * P + offs_p, mask_p, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                          HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
-        Bv = _window_conv(wbase, D_SSM + grp * NSTATE + offs_n, mask_n, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                          HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
-        Cv = _window_conv(wbase, D_SSM + GN + grp * NSTATE + offs_n, mask_n, s_wc, s_wk, cw_ptr, s_cwc, s_cwk,
-                          cb_ptr, HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
+        xbc = xbc_ptr + pid_b * s_xbcb
+        p64 = offs_p.to(tl.int64)
+        col = pid_h * P + p64
+        xv = tl.load(xbc + col, mask=mask_p, other=0.0).to(tl.float32)
+        Bv = tl.load(xbc + D_SSM + grp * NSTATE + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        Cv = tl.load(xbc + D_SSM + GN + grp * NSTATE + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         dt = tl.load(zx_ptr + pid_b * s_zxb + DT_START + pid_h).to(tl.float32)
         dt = _softplus(dt + tl.load(bias_ptr + pid_h).to(tl.float32))
         if DT_LIMIT:
             dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
         dA = tl.exp(dt * tl.load(A_ptr + pid_h).to(tl.float32))
-        p64 = offs_p.to(tl.int64)
         mask_pn = mask_p[:, None] & mask_n[None, :]
         s_ptrs = st_ptr + pid_b * s_sb + pid_h * s_sh + p64[:, None] * s_sp + offs_n[None, :] * s_sn
         s = tl.load(s_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
@@ -310,7 +277,6 @@ if triton is not None:
         y = tl.sum(s * Cv[None, :], axis=1)
         if HAS_D:
             y += tl.load(D_ptr + pid_h * s_Dh + p64 * s_Dp, mask=mask_p, other=0.0).to(tl.float32) * xv
-        col = pid_h * P + p64
         if HAS_Z:
             zv = tl.load(zx_ptr + pid_b * s_zxb + Z_START + col, mask=mask_p, other=0.0).to(tl.float32)
             y *= zv * tl.sigmoid(zv)
@@ -318,15 +284,14 @@ if triton is not None:
 
     @triton.jit
     def _m1_update_kernel(
-        xd_ptr, z_ptr, win_ptr, cw_ptr, cb_ptr, wdt_ptr, bias_ptr, st_ptr, A_ptr, D_ptr, out_ptr,
+        x_ptr, xd_ptr, z_ptr, wdt_ptr, bias_ptr, st_ptr, A_ptr, D_ptr, out_ptr,
         DIM, NSTATE, R,
-        s_xdb, s_zb, s_wb, s_wc, s_wk, s_cwc, s_cwk, s_wdd, s_wdr, s_sb, s_sd, s_sn, s_Ad, s_An, s_ob,
-        HAS_CB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-        D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_R: tl.constexpr,
+        s_xb, s_xdb, s_zb, s_wdd, s_wdr, s_sb, s_sd, s_sn, s_Ad, s_An, s_ob,
+        HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """One program per (block of channels, batch row): conv from the window, dt = dt_proj(x_dbl[:r]) + bias,
-        softplus, the Mamba-1 state update (A per channel and state) and y = <state, C> + D x (* silu(z))."""
+        """One program per (block of channels, batch row): dt = dt_proj(x_dbl[:r]) + bias, softplus, the Mamba-1
+        state update (A per channel and state) and y = <state, C> + D x (* silu(z)), x the conv output."""
         pid_d = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -337,8 +302,7 @@ if triton is not None:
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         dty = xd_ptr.dtype.element_ty
-        xv = _window_conv(win_ptr + pid_b * s_wb, offs_d, mask_d, s_wc, s_wk, cw_ptr, s_cwc, s_cwk, cb_ptr,
-                          HAS_CB, D_CONV, BLOCK_J).to(dty).to(tl.float32)
+        xv = tl.load(x_ptr + pid_b * s_xb + d64, mask=mask_d, other=0.0).to(tl.float32)
         xd = xd_ptr + pid_b * s_xdb
         dt_in = tl.load(xd + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         wdt = tl.load(wdt_ptr + d64[:, None] * s_wdd + offs_r[None, :] * s_wdr,
@@ -376,35 +340,35 @@ def _gemv_tiles(n: int, device) -> tuple[int, int]:
 
 
 def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=None, norm_weight=None, eps=0.0,
-          group=1, ngroups=1, norm_before_gate=False, window=None, conv_weight=None, conv_bias=None,
-          shift_start=0, shift=False, rows=None):
-    """Launches _gemv_kernel; x: (m, k) (None for the conv prologue, which reads ``window`` (m, k, w))."""
+          group=1, ngroups=1, norm_before_gate=False, window=None, conv_weight=None, conv_bias=None, shift_start=0):
+    """Launches _gemv_kernel on x: (m, k); returns out (m, n), and the conv output (m, c) with a ``window``."""
     n, k = weight.shape
-    m = rows if x is None else x.shape[0]
+    m = x.shape[0]
     out = torch.empty(m, n, device=weight.device, dtype=out_dtype)
     bn, bk = _gemv_tiles(n, weight.device)
     dummy = weight
     x_, r_, z_, win_ = (t if t is not None else dummy for t in (x, residual, z, window))
     cw_ = conv_weight if conv_weight is not None else dummy
+    conv_out = torch.empty(m, window.shape[1], device=weight.device, dtype=out_dtype) if window is not None else None
     d_conv = window.shape[-1] if window is not None else 1
     span = k if pro == 1 else group
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x_, r_, z_, norm_weight if norm_weight is not None else dummy, weight,
         bias if bias is not None else dummy, out, res_out if res_out is not None else out, win_, cw_,
-        conv_bias if conv_bias is not None else dummy,
+        conv_bias if conv_bias is not None else dummy, conv_out if conv_out is not None else out,
         m, n, k, eps, group, ngroups, shift_start, window.shape[1] if window is not None else 0,
         x_.stride(0), r_.stride(0), z_.stride(0), weight.stride(0), out.stride(0),
         res_out.stride(0) if res_out is not None else 0,
         *(window.stride() if window is not None else (0, 0, 0)),
-        *(cw_.stride() if conv_weight is not None else (0, 0)),
+        *(cw_.stride() if conv_weight is not None else (0, 0)), conv_out.stride(0) if conv_out is not None else 0,
         PRO=pro, HAS_RES=residual is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
-        HAS_CB=conv_bias is not None, SHIFT=shift, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv),
+        HAS_CB=conv_bias is not None, SHIFT=window is not None, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv),
         NG=triton.next_power_of_2(ngroups) if pro == 2 else 1, ROWS=triton.next_power_of_2(m),
         BLOCK_S=min(triton.next_power_of_2(span), 4096), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
         NUM_STAGES=GEMV_CONFIG["num_stages"], DOT_PREC="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=GEMV_CONFIG["num_warps"],
     )
-    return out
+    return out if conv_out is None else (out, conv_out)
 
 
 def _rows_contiguous(*ts):
@@ -417,30 +381,22 @@ def _rows_contiguous(*ts):
 # ----------------------------------------------------------------------------------------------------------
 
 def norm_linear(x, weight, norm_weight, eps, residual=None, residual_in_fp32=False, bias=None, conv_state=None,
-                conv_start=0):
-    """Residual add + RMSNorm + linear in one kernel (see ``norm_linear_ref`` for shapes and results)."""
+                conv_start=0, conv_weight=None, conv_bias=None):
+    """Residual add + RMSNorm + linear (+ conv window and conv) in one kernel (see ``norm_linear_ref``)."""
     if not (use_triton(x) and _rows_contiguous(x, residual, weight)):
-        return norm_linear_ref(x, weight, norm_weight, eps, residual, residual_in_fp32, bias, conv_state, conv_start)
+        return norm_linear_ref(x, weight, norm_weight, eps, residual, residual_in_fp32, bias, conv_state, conv_start,
+                               conv_weight, conv_bias)
     res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
     res_out = torch.empty(x.shape, device=x.device, dtype=res_dtype)
     out = _gemv(x, weight, bias, pro=1, out_dtype=x.dtype, residual=residual, res_out=res_out,
-                norm_weight=norm_weight, eps=eps, window=conv_state, shift_start=conv_start,
-                shift=conv_state is not None)
-    return out, res_out
-
-
-def conv_linear(conv_state, conv_weight, conv_bias, weight, bias=None):
-    """conv + SiLU of the shifted window, then linear, in one kernel (see ``conv_linear_ref``)."""
-    if not (use_triton(conv_state) and _rows_contiguous(weight)):
-        return conv_linear_ref(conv_state, conv_weight, conv_bias, weight, bias)
-    return _gemv(None, weight, bias, pro=3, out_dtype=weight.dtype, window=conv_state, conv_weight=conv_weight,
-                 conv_bias=conv_bias, rows=conv_state.shape[0])
+                norm_weight=norm_weight, eps=eps, window=conv_state, conv_weight=conv_weight, conv_bias=conv_bias,
+                shift_start=conv_start)
+    return (out, res_out) if conv_state is None else (out[0], res_out, out[1])
 
 
 def gated_norm_linear(y, z, norm_weight, eps, group_size, norm_before_gate, weight, bias=None):
     """Gated RMSNorm + linear in one kernel (see ``gated_norm_linear_ref``)."""
-    k = y.shape[-1]
-    ngroups = k // group_size
+    ngroups = y.shape[-1] // group_size
     if not (use_triton(y) and _rows_contiguous(y, z, weight) and ngroups <= 16):
         return gated_norm_linear_ref(y, z, norm_weight, eps, group_size, norm_before_gate, weight, bias)
     return _gemv(y, weight, bias, pro=2, out_dtype=y.dtype, z=z, norm_weight=norm_weight, eps=eps,
@@ -448,59 +404,49 @@ def gated_norm_linear(y, z, norm_weight, eps, group_size, norm_before_gate, weig
 
 
 def linear(x, weight, bias=None):
-    """F.linear, as one GEMV kernel on the fused path (cuBLAS may split a long K into two kernels)."""
+    """F.linear, as one GEMV kernel on the fused path (cuBLAS splits a long K into two kernels)."""
     if not (use_triton(x) and _rows_contiguous(x, weight)):
         return F.linear(x, weight, bias)
     return _gemv(x, weight, bias, pro=0, out_dtype=x.dtype)
 
 
-def mamba2_conv_state_update(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, dt_limit,
-                             ngroups, dt_start, z_start=None):
-    """Mamba-2's conv + state update in one kernel (see ``mamba2_conv_state_update_ref``)."""
-    if not (use_triton(zxbcdt) and _rows_contiguous(zxbcdt)):
-        return mamba2_conv_state_update_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
-                                            dt_limit, ngroups, dt_start, z_start)
+def mamba2_state_update(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups, dt_start, z_start=None):
+    """Mamba-2's state update in one kernel (see ``mamba2_state_update_ref``)."""
+    if not (use_triton(zxbcdt) and _rows_contiguous(zxbcdt, xBC)):
+        return mamba2_state_update_ref(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups, dt_start, z_start)
     b, h, p, n = ssm_state.shape
-    out = torch.empty(b, h * p, device=zxbcdt.device, dtype=zxbcdt.dtype)
+    out = torch.empty(b, h * p, device=xBC.device, dtype=xBC.dtype)
     bn = triton.next_power_of_2(n)
     bp = min(triton.next_power_of_2(p), max(1, UPDATE_TILE // bn))
-    d_conv = conv_state.shape[-1]
     lo, hi = (float(v) for v in dt_limit)
     D_strides = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else D.stride())
     _m2_update_kernel[(triton.cdiv(p, bp), b, h)](
-        zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
-        ssm_state, A, D if D is not None else A, dt_bias, out,
+        zxbcdt, xBC, ssm_state, A, D if D is not None else A, dt_bias, out,
         p, n, h // ngroups, h * p, ngroups * n, dt_start, z_start if z_start is not None else 0, lo, hi,
-        zxbcdt.stride(0), *conv_state.stride(), *conv_weight.stride(), *ssm_state.stride(), *D_strides,
-        out.stride(0),
-        HAS_CB=conv_bias is not None, HAS_D=D is not None, HAS_Z=z_start is not None,
-        DT_LIMIT=(lo, hi) != (0.0, float("inf")), D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv),
+        zxbcdt.stride(0), xBC.stride(0), *ssm_state.stride(), *D_strides, out.stride(0),
+        HAS_D=D is not None, HAS_Z=z_start is not None, DT_LIMIT=(lo, hi) != (0.0, float("inf")),
         BLOCK_P=bp, BLOCK_N=bn, num_warps=4,
     )
     return out
 
 
-def mamba1_conv_state_update(x_dbl, conv_state, conv_weight, conv_bias, dt_proj_weight, dt_bias, ssm_state, A, D,
-                             z):
-    """Mamba-1's conv + dt_proj + state update in one kernel (see ``mamba1_conv_state_update_ref``)."""
-    if not (use_triton(x_dbl) and _rows_contiguous(x_dbl, z)):
-        return mamba1_conv_state_update_ref(x_dbl, conv_state, conv_weight, conv_bias, dt_proj_weight, dt_bias,
-                                            ssm_state, A, D, z)
+def mamba1_state_update(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, z):
+    """Mamba-1's dt_proj + state update in one kernel (see ``mamba1_state_update_ref``)."""
+    if not (use_triton(x_dbl) and _rows_contiguous(x, x_dbl, z)):
+        return mamba1_state_update_ref(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, z)
     b, d, n = ssm_state.shape
     r = dt_proj_weight.shape[1]
-    out = torch.empty(b, d, device=x_dbl.device, dtype=x_dbl.dtype)
+    out = torch.empty(b, d, device=x.device, dtype=x.dtype)
     bn = triton.next_power_of_2(n)
     br = triton.next_power_of_2(r)
     bd = max(1, min(32, UPDATE_TILE // max(bn, br)))
-    d_conv = conv_state.shape[-1]
     _m1_update_kernel[(triton.cdiv(d, bd), b)](
-        x_dbl, z if z is not None else x_dbl, conv_state, conv_weight,
-        conv_bias if conv_bias is not None else conv_weight, dt_proj_weight,
-        dt_bias if dt_bias is not None else conv_weight, ssm_state, A, D if D is not None else A, out,
+        x, x_dbl, z if z is not None else x, dt_proj_weight, dt_bias if dt_bias is not None else x, ssm_state, A,
+        D if D is not None else A, out,
         d, n, r,
-        x_dbl.stride(0), z.stride(0) if z is not None else 0, *conv_state.stride(), *conv_weight.stride(),
-        *dt_proj_weight.stride(), *ssm_state.stride(), *A.stride(), out.stride(0),
-        HAS_CB=conv_bias is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv), BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, num_warps=4,
+        x.stride(0), x_dbl.stride(0), z.stride(0) if z is not None else 0, *dt_proj_weight.stride(),
+        *ssm_state.stride(), *A.stride(), out.stride(0),
+        HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, num_warps=4,
     )
     return out

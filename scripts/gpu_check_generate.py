@@ -158,15 +158,17 @@ def kernel_profile(model, top: int = 8) -> list:
     return [(k, n, round(t, 1)) for k, (n, t) in rows]
 
 
-GEMV_VARIANTS = [dict(programs_per_sm=2), dict(programs_per_sm=8), dict(programs_per_sm=16), dict(block_k=128),
-                 dict(block_k=512), dict(num_stages=2), dict(num_stages=4), dict(num_warps=8),
-                 dict(programs_per_sm=8, block_k=512), dict(update_tile=2048), dict(update_tile=1024)]
+SMALL_BATCHES = (4, 8)  # --small-batches: fused vs unfused at these batch sizes
+N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
+GEMV_VARIANTS = [dict(programs_per_sm=8), dict(block_k=128), dict(num_stages=4), dict(programs_per_sm=2),
+                 dict(programs_per_sm=16), dict(block_k=512), dict(num_stages=2), dict(num_warps=8),
+                 dict(update_tile=2048), dict(update_tile=1024)]
 
 
 def gemv_variants(model, r: dict, deadline: float) -> None:
     """b1 cg ms/token for each GEMV launch variant (the graph is captured again for each)."""
     base, tile = dict(fused_decode.GEMV_CONFIG), fused_decode.UPDATE_TILE
-    for v in GEMV_VARIANTS:
+    for v in GEMV_VARIANTS[:N_VARIANTS]:
         if time.perf_counter() > deadline:
             break
         fused_decode.GEMV_CONFIG.update({k: x for k, x in v.items() if k != "update_tile"})
@@ -221,7 +223,7 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
         r["unfused_b1_ms_per_token_cg=True"], _ = decode_ms(model, 1, 16, True)
     clear_graph_cache(model)
     print(f"[{name}] unfused b1 cg: {r['unfused_b1_ms_per_token_cg=True']:.3f} ms/token", flush=True)
-    for batch in (4, 8):
+    for batch in SMALL_BATCHES:
         r[f"b{batch}_ms_per_token_cg=True"], _ = decode_ms(model, batch, 16, True)
         clear_graph_cache(model)
         with unfused():
@@ -274,8 +276,12 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=220.0, help="seconds; later stages are skipped past it")
     p.add_argument("--skip-large", action="store_true", help="do not run the 2.8b shapes")
     p.add_argument("--smoke", action="store_true", help="dry run on CPU with tiny shapes (checks the script only)")
+    p.add_argument("--variants", type=int, default=None, help="time only the first N GEMV variants")
+    p.add_argument("--small-batches", default="4,8", help="batch sizes timed fused vs unfused (comma list)")
     args = p.parse_args(argv)
-    global DEVICE
+    global DEVICE, N_VARIANTS, SMALL_BATCHES
+    N_VARIANTS = args.variants
+    SMALL_BATCHES = tuple(int(b) for b in args.small_batches.split(",") if b)
     if args.smoke:
         DEVICE = "cpu"
     elif not torch.cuda.is_available():

@@ -136,6 +136,7 @@ def _decode(model, ids, steps, fused):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_fused_decode_equals_unfused(name, monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.setattr(dec, "MAX_FUSED_BATCH", 2)  # the kernels take several rows: test two
     cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=60, pad_vocab_size_multiple=16, **MODELS[name])
     model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
     calls = []
@@ -154,12 +155,13 @@ def test_model_fused_decode_equals_unfused(name, monkeypatch):
         assert rel_err(conv_k, conv) < 1e-6 and rel_err(ssm_k, ssm) < 1e-5, f"layer {i} states"
 
 
-def test_large_batch_takes_unfused_path(monkeypatch):
+@pytest.mark.parametrize("limit", ["MAX_FUSED_BATCH", "MAX_FUSED_WEIGHT"])
+def test_large_batch_or_layer_takes_unfused_path(monkeypatch, limit):
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=32, n_layer=1, vocab_size=60, pad_vocab_size_multiple=16, **MODELS["mamba2"])
     model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
-    monkeypatch.setattr(dec, "MAX_FUSED_BATCH", 1)
-    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: pytest.fail("fused kernel used above MAX_FUSED_BATCH"))
+    monkeypatch.setattr(dec, limit, 1)
+    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: pytest.fail(f"fused kernel used above {limit}"))
     ids = torch.randint(0, 60, (2, 4)).to(DEVICE)
     ref, _ = _decode(model, ids, 1, fused=False)
     out, _ = _decode(model, ids, 1, fused=True)

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import RMSNorm, rms_norm_fn
-from ..ops.decode import fused_decode_applies
 
 
 class GatedMLP(nn.Module):
@@ -85,9 +84,8 @@ class Block(nn.Module):
         else None."""
         step = getattr(self.mixer, "fused_step", None)
         if (step is None or inference_params is None or inference_params.seqlen_offset == 0 or mixer_kwargs
-                or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or type(self.norm) is not RMSNorm
-                or not fused_decode_applies(hidden_states)):
-            return None
+                or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or type(self.norm) is not RMSNorm):
+            return None  # the mixer's step decides the rest (backend, batch, layer size: ops.decode)
         return step(hidden_states, residual, self.norm, self.residual_in_fp32, inference_params)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):

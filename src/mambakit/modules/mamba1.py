@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..cache import InferenceParams
 from ..ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
-from ..ops.decode import linear, mamba1_state_update, norm_linear
+from ..ops.decode import fused_decode_applies, linear, mamba1_state_update, norm_linear
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
                       seq_idx_from_cu_seqlens)
 
@@ -151,6 +151,8 @@ class Mamba(nn.Module):
         shards), and then the caller runs the unfused step.
         """
         if any(type(m) is not nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)):
+            return None
+        if not fused_decode_applies(hidden_states, self.in_proj.weight):
             return None
         b = hidden_states.shape[0]
         conv_state, ssm_state = cache_slot(inference_params, self.layer_idx, lambda: self.allocate_inference_cache(b, 0))

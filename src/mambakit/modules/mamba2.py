@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..cache import InferenceParams
 from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
                    selective_state_update)
-from ..ops.decode import gated_norm_linear, linear, mamba2_state_update, norm_linear
+from ..ops.decode import fused_decode_applies, gated_norm_linear, linear, mamba2_state_update, norm_linear
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
                       silu_gate,
                       seq_idx_from_cu_seqlens, varlen_conv_windows)
@@ -210,6 +210,8 @@ class Mamba2(nn.Module):
         tensor-parallel shards), and then the caller runs the unfused step.
         """
         if self.d_ssm != self.d_inner or type(self.in_proj) is not nn.Linear or type(self.out_proj) is not nn.Linear:
+            return None
+        if not fused_decode_applies(hidden_states, self.in_proj.weight):
             return None
         b = hidden_states.shape[0]
         conv_state, ssm_state = cache_slot(inference_params, self.layer_idx, lambda: self.allocate_inference_cache(b, 0))

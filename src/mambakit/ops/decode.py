@@ -39,17 +39,23 @@ try:
 except ImportError:  # the references need no Triton
     triton = None
 
-MAX_FUSED_BATCH = 8  # rows per fused step (<= 16, the dot's row tile); above it the linear layers are matrix products (cuBLAS)
+# Measured on an H200 (notes/gpu_run3): at batch 1 the fused step is faster for 130m models (Mamba-1 0.57 vs
+# 0.68 ms/token, Mamba-2 0.45-0.52 vs 0.55), slower at 2.8b, where cuBLAS reads the big weights faster than
+# this GEMV (4.4 vs 3.1 ms); at batch 4 Mamba-2 lost (0.79 vs 0.57). Hence batch 1 and small layers only.
+MAX_FUSED_BATCH = 1  # rows per fused step (the kernels take up to 16, the dot's row tile)
+MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26M) above which cuBLAS wins; above it the linear layers are matrix products (cuBLAS)
 # GEMV launch: programs per SM aimed at, K slice per dot, pipeline depth, warps.
 # scripts/gpu_check_generate.py times variants of these.
 GEMV_CONFIG = dict(programs_per_sm=4, block_k=256, num_stages=3, num_warps=4)
 UPDATE_TILE = 4096  # state elements per program of the conv + state update kernels
 
 
-def fused_decode_applies(x: torch.Tensor) -> bool:
+def fused_decode_applies(x: torch.Tensor, in_proj_weight: torch.Tensor | None = None) -> bool:
     """True when a decode step on ``x`` (batch, 1, d_model) should take the fused path: Triton's backend,
-    a small batch, and a dtype the kernels compute in fp32 (not fp64)."""
-    return x.dim() == 3 and x.shape[0] <= MAX_FUSED_BATCH and x.dtype != torch.float64 and use_triton(x)
+    a small batch, a dtype the kernels compute in fp32 (not fp64) and, when given, an in_proj weight small
+    enough that the step is bound by launches rather than by reading weights."""
+    return (x.dim() == 3 and x.shape[0] <= MAX_FUSED_BATCH and x.dtype != torch.float64 and use_triton(x)
+            and (in_proj_weight is None or in_proj_weight.numel() <= MAX_FUSED_WEIGHT))
 
 
 # ----------------------------------------------------------------------------------------------------------

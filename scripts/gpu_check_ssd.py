@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """GPU check of mambakit's SSD scan (``mamba_chunk_scan_combined``): correctness at full size, long sequences,
-timings against the official package's anchors (docs: /work/shared/ANCHORS.md), block-size variants per stage.
+timings against the official package's anchors (docs: /work/shared/ANCHORS.md), the time-split state kernels
+for long single sequences (issue 5: parts P, against the unsplit path), block-size variants per stage.
 
     python scripts/gpu_check_ssd.py --out OUT_DIR
 
@@ -11,6 +12,7 @@ parts still run. A short table is printed last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
@@ -48,7 +50,10 @@ T0 = time.time()
 DEV = "cuda"
 # --smoke shrinks every shape (CPU + TRITON_INTERPRET=1 works) to check the script itself
 SMALL = dict(long_l=1 << 17, huge_l=1 << 20, long_h=48, fp32=(2, 2048, 16), bf16=(2, 4096, 48), chunk=256,
-             low=torch.bfloat16)
+             low=torch.bfloat16, split=dict(b=1, l=65536, h=48, p=64, n=128, g=1), parts=(4, 8, 16))
+# state-kernel plans timed by time_split(); "old" is the default before the time split (BLOCK_N shrunk to 32,
+# 2 stages), "whole" the unsplit kernel with the measured 3 stages, "default" whatever state_plan picks
+SPLIT_CONFIGS = {"old": dict(TIME_SPLIT=1, num_stages=2), "whole": dict(TIME_SPLIT=1), "default": dict()}
 
 
 def bench_ms(fn) -> float:
@@ -85,8 +90,9 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def make(b, l, h, p, n, g, dtype, D_hdim=False, z=False, init=False, seed=0):
-    """Random inputs like a Mamba-2 layer's: activations in ``dtype``, A/D/dt_bias in fp32."""
+def make(b, l, h, p, n, g, dtype, D_hdim=False, z=False, init=False, seed=0, bias=(-4, -2)):
+    """Random inputs like a Mamba-2 layer's: activations in ``dtype``, A/D/dt_bias in fp32 (dt_bias uniform
+    in ``bias``: (-4, -2) gives dt ~ 0.05, whose state vanishes within a chunk or two; (-8, -6) dt ~ 0.001)."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
 
     def r(*shape, dt=dtype, scale=1.0):
@@ -95,7 +101,7 @@ def make(b, l, h, p, n, g, dtype, D_hdim=False, z=False, init=False, seed=0):
     t = dict(x=r(b, l, h, p), dt=r(b, l, h, scale=0.5), B=r(b, l, g, n), C=r(b, l, g, n),
              A=-torch.empty(h, device=DEV).uniform_(1, 16, generator=gen),
              D=r(h, p, dt=torch.float32) if D_hdim else r(h, dt=torch.float32),
-             dt_bias=torch.empty(h, device=DEV).uniform_(-4, -2, generator=gen))
+             dt_bias=torch.empty(h, device=DEV).uniform_(*bias, generator=gen))
     if z:
         t["z"] = r(b, l, h, p)
     if init:
@@ -197,6 +203,93 @@ def long_1m():
             "fwd_ms_first_call": ms, "ok": finite and max(errs) < 1e-3}
 
 
+@contextlib.contextmanager
+def state_blocks(blk):
+    """Run the state kernels with the plan overrides ``blk`` (TIME_SPLIT, BLOCK_N, num_stages ...)."""
+    from mambakit.ops.ssd import triton_path
+
+    saved = {k: dict(triton_path.BLOCKS[k]) for k in ("state_fwd", "state_bwd")}
+    for k in saved:
+        triton_path.BLOCKS[k].clear()
+        triton_path.BLOCKS[k].update(blk)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            triton_path.BLOCKS[k].clear()
+            triton_path.BLOCKS[k].update(v)
+
+
+def split_correct():
+    """b1 l65536 h48 with slowly decaying states (so the time split's corrections matter), initial state and
+    packed sequences (one boundary at a part boundary): fp32 and bf16, split (default plan) vs unsplit, all
+    against the unsplit fp32 kernels."""
+    from mambakit.ops.ssd.state_passing import state_plan
+
+    sh = SMALL["split"]
+    L = sh["l"]
+    nchunks = -(-L // SMALL["chunk"])
+    plan = state_plan(SMALL["chunk"], sh["b"], sh["h"], sh["p"], sh["n"], nchunks, {}, SMALL["low"],
+                      torch.device(DEV))
+    seq_idx = torch.zeros(sh["b"], L, dtype=torch.int32, device=DEV)
+    # one boundary at the last part boundary (a reset there leaves nothing to carry, the others must carry)
+    last_part = (plan["parts"] - 1) * plan["chunks_per_part"] * SMALL["chunk"]
+    for i, pos in enumerate(sorted((last_part, L // 3 + 7, L - L // 9 + 1))):
+        seq_idx[:, pos:] = i + 1
+    # activations in low precision, A / D / dt_bias / initial state fp32; the fp32 runs see the same values
+    t = make(**sh, dtype=SMALL["low"], z=True, init=True, bias=(-8, -6))
+    kw = dict(seq_idx=seq_idx)
+    with state_blocks(dict(TIME_SPLIT=1)):
+        ref = out_and_grads(t, "triton", cast=torch.float32, **kw)
+        whole16 = compare(out_and_grads(t, "triton", **kw), ref)
+    split32 = compare(out_and_grads(t, "triton", cast=torch.float32, **kw), ref)
+    split16 = compare(out_and_grads(t, "triton", **kw), ref)
+    worst16 = max(split16[k] / (whole16[k] + 1e-4) for k in split16)
+    return {"parts": plan["parts"], "fp32_split_rel_err": split32, "low_split_rel_err": split16,
+            "low_whole_rel_err": whole16, "max_fp32": max(split32.values()), "max_low_ratio": worst16,
+            "ok": max(split32.values()) < 1e-4 and worst16 < 2.0}
+
+
+def _state_stage_ms(blk, bias=(-4, -2)):
+    """state_fwd and state_bwd alone (with their passes B and C) at the split shape under the plan ``blk``."""
+    from mambakit.ops.ssd.chunk_cumsum import chunk_cumsum_fwd
+    from mambakit.ops.ssd.state_passing import state_bwd, state_fwd
+
+    t = make(**SMALL["split"], dtype=SMALL["low"], bias=bias)
+    Q = SMALL["chunk"]
+    dt_p, dA_cs = chunk_cumsum_fwd(t["dt"], t["A"], t["dt_bias"], True, (0.0, math.inf), False, Q)
+    states, _ = state_fwd(t["x"], t["B"], dt_p, dA_cs, None, None, Q, t["x"].dtype, dict(blk))
+    dy = torch.randn_like(t["x"])
+    return (bench_ms(lambda: state_fwd(t["x"], t["B"], dt_p, dA_cs, None, None, Q, t["x"].dtype, dict(blk))),
+            bench_ms(lambda: state_bwd(dy, t["C"], dA_cs, states, None, None, Q, dict(blk))))
+
+
+def time_split():
+    """At the split shape (b1 l65536 h48): state_fwd, state_bwd, fwd and fwd+bwd for the old plan, the unsplit
+    kernel with 3 stages, the default plan, P parts forced, and P=8 with 3 stages; then the default plan's
+    state stages with slowly decaying states (every chunk corrected: pass C's worst case)."""
+    from mambakit.ops.ssd.state_passing import state_plan
+
+    sh = SMALL["split"]
+    nchunks = -(-sh["l"] // SMALL["chunk"])
+    configs = dict(SPLIT_CONFIGS)
+    configs.update({f"P{p}": dict(TIME_SPLIT=p) for p in SMALL["parts"]})
+    configs[f"P{SMALL['parts'][1]} st3"] = dict(TIME_SPLIT=SMALL["parts"][1], num_stages=3)
+    res = {}
+    for name, blk in configs.items():
+        plan = state_plan(SMALL["chunk"], sh["b"], sh["h"], sh["p"], sh["n"], nchunks, dict(blk), SMALL["low"],
+                          torch.device(DEV))
+        sf, sb = _state_stage_ms(blk)
+        with state_blocks(blk):
+            f, fb = _bench_shape(sh)
+        res[name] = {"state_fwd_ms": sf, "state_bwd_ms": sb, "fwd_ms": f, "fwd_bwd_ms": fb,
+                     "plan": {k: plan[k] for k in ("parts", "BLOCK_N", "num_stages")}}
+        print(f"  {name}: {res[name]}", flush=True)
+    sf, sb = _state_stage_ms({}, bias=(-8, -6))
+    res["default slow decay"] = {"state_fwd_ms": sf, "state_bwd_ms": sb}
+    return res
+
+
 def _bench_shape(shape, n_rep=None):
     """Median ms of forward and forward+backward (gradients of x, dt, A, B, C, D, dt_bias)."""
     t = make(**shape, dtype=SMALL["low"])
@@ -264,7 +357,7 @@ def stages_and_variants():
             variants = VARIANTS.get(stage, [dict()])
             timings = []
             for blk in variants:
-                if time.time() - T0 > 100 and blk:  # keep the whole script under ~2 minutes
+                if time.time() - T0 > 85 and blk:  # keep the whole script under ~2 minutes
                     continue
                 try:
                     timings.append((bench_ms(lambda: fn(dict(blk))), blk))
@@ -282,7 +375,8 @@ def stages_and_variants():
 
 def _shrink():
     """--smoke: tiny shapes everywhere (heads, headdim and dstate stay those of the goal shapes)."""
-    SMALL.update(long_l=96, huge_l=256, long_h=2, fp32=(2, 80, 4), bf16=(1, 48, 4), chunk=16)
+    SMALL.update(long_l=96, huge_l=256, long_h=2, fp32=(2, 80, 4), bf16=(1, 48, 4), chunk=16,
+                 split=dict(b=1, l=16 * 12 + 5, h=2, p=16, n=16, g=1), parts=(2, 3, 4))
     if not torch.cuda.is_available():  # Triton 3.9's interpreter gets bf16 dots wrong; fp16 is fine
         SMALL["low"] = torch.float16
     GOALS[:] = [(dict(b=1, l=40, h=2, p=64, n=128, g=1), *g[1:]) for g in GOALS[:1]]
@@ -292,10 +386,17 @@ def _shrink():
 
 def table() -> str:
     lines = ["", f"=== mambakit SSD (mamba_chunk_scan_combined) on {RESULTS.get('device')} ==="]
-    for name in ("correct_fp32", "correct_bf16", "long_131k", "long_1m"):
-        r = RESULTS.get(name, {})
+    for name in ("correct_fp32", "correct_bf16", "split_correct", "long_131k", "long_1m"):
+        r = RESULTS.get(name)
+        if r is None:  # skipped
+            continue
         if "error" in r:
             lines.append(f"{name:14s} ERROR {r['error'][:150]}")
+        elif name == "split_correct":
+            worst = max(r["low_split_rel_err"], key=lambda k: r["low_split_rel_err"][k])
+            lines.append(f"{name:14s} {'ok  ' if r['ok'] else 'FAIL'} P={r['parts']} fp32 split vs whole max "
+                         f"{r['max_fp32']:.2e}; low split/whole err ratio max {r['max_low_ratio']:.2f} (worst "
+                         f"{worst}: {r['low_split_rel_err'][worst]:.2e} vs {r['low_whole_rel_err'][worst]:.2e})")
         elif name.startswith("correct"):
             worst = max(r["rel_err"], key=r["rel_err"].get)
             lines.append(f"{name:14s} {'ok  ' if r['ok'] else 'FAIL'} max rel err {r['max']:.2e} ({worst})")
@@ -314,6 +415,16 @@ def table() -> str:
             lines.append(f"{key:30s} {r['fwd_ms']:8.3f} {r['goal_fwd_ms']:6.2f} {r['official_fwd_ms']:8.3f} | "
                          f"{r['fwd_bwd_ms']:8.3f} {r['goal_fwd_bwd_ms']:6.2f} {r['official_fwd_bwd_ms']:8.3f} | "
                          f"{best:.3f}")
+    ts = RESULTS.get("time_split", {})
+    if "error" in ts:
+        lines.append(f"time_split ERROR {ts['error'][:150]}")
+    elif ts:
+        lines.append(f"time split at {RESULTS.get('_split_key', 'split shape')}: {'plan':22s} {'st_fwd':>7s} "
+                     f"{'st_bwd':>7s} {'fwd':>7s} {'f+b':>7s}")
+        for name, r in ts.items():
+            plan = " ".join(f"{k}={v}" for k, v in r.get("plan", {}).items())
+            lines.append(f"  {name:18s} {plan:28s} {r['state_fwd_ms']:7.3f} {r['state_bwd_ms']:7.3f} "
+                         f"{r.get('fwd_ms', float('nan')):7.3f} {r.get('fwd_bwd_ms', float('nan')):7.3f}")
     if isinstance(st, dict) and "error" not in st:
         for key, stages in st.items():
             parts = [f"{s} {v['default_ms']:.3f}->{v['best_ms']:.3f}" for s, v in stages.items() if isinstance(v, dict)]
@@ -336,8 +447,10 @@ def main(argv=None):
     elif not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --smoke)")
     RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    RESULTS["_split_key"] = "b{b} l{l} h{h} p{p} n{n} g{g}".format(**SMALL["split"])
     skip = set(filter(None, args.skip.split(",")))
-    for fn in (correct_fp32, correct_bf16, long_131k, long_1m, bench, stages_and_variants):
+    for fn in (correct_fp32, correct_bf16, split_correct, long_131k, long_1m, bench, time_split,
+               stages_and_variants):
         if fn.__name__ not in skip:
             part(fn)
     out = pathlib.Path(args.out)

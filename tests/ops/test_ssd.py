@@ -318,3 +318,114 @@ def test_measured_tiles_apply_only_where_measured():
     for Q, p, n, dtype in ((256, 64, 128, torch.float32), (64, 64, 128, torch.bfloat16),
                            (256, 128, 128, torch.bfloat16), (256, 64, 256, torch.bfloat16)):
         assert _with_tuned("dx", None, Q, p, n, dtype) == {}
+
+
+# ---------------------------------------------------------------- time-split state kernels (long sequences)
+
+
+@contextlib.contextmanager
+def state_blocks(**blk):
+    """Override the state kernels' plan (e.g. TIME_SPLIT=parts) for the calls inside the block."""
+    from mambakit.ops.ssd import triton_path
+
+    saved = {k: dict(triton_path.BLOCKS[k]) for k in ("state_fwd", "state_bwd")}
+    for k in saved:
+        triton_path.BLOCKS[k].update(blk)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            triton_path.BLOCKS[k].clear()
+            triton_path.BLOCKS[k].update(v)
+
+
+# the split tests run the kernels more often: fewer heads and batch rows than SHAPE on the interpreter
+SPLIT_SHAPE = dict(SHAPE, b=1, h=2) if DEVICE == "cpu" else SHAPE
+
+
+def slow_decay_inputs(l, g, **kw):
+    """Inputs whose state survives many chunks (dt ~ 0.02, |A| ~ 1), so that a wrong time-split correction
+    shows up (with the usual dt the carried state vanishes within a chunk or two)."""
+    t = make_inputs(**dict(SPLIT_SHAPE, l=l), g=g, **kw)
+    t["dt"] = t["dt"] - 3.0
+    return on_device(t)
+
+
+def test_state_plan_time_split_only_for_small_grids(monkeypatch):
+    """Grids that fill the GPU keep the former tiles; a small grid over many chunks is split in time; forced
+    unsplit, a long sequence on a small grid gets the shrunken dstate block with the measured 3 stages (16-bit),
+    a short one the former plan."""
+    pytest.importorskip("triton")
+    from mambakit.ops.ssd import state_passing as sp
+
+    monkeypatch.setattr(sp, "num_sms", lambda device: 132)  # H100/H200
+    plan = lambda b, l, h, dtype=torch.bfloat16, **blk: sp.state_plan(256, b, h, 64, 128, -(-l // 256), blk, dtype,
+                                                                      torch.device("cpu"))
+    for b, l, h in ((4, 4096, 48), (8, 2048, 80), (16, 512, 24)):
+        got = plan(b, l, h)
+        assert (got["parts"], got["BLOCK_N"], got["num_stages"]) == (1, 64, 2)
+    long = plan(1, 65536, 48)
+    assert long["parts"] == 8 and long["chunks_per_part"] == 32 and long["BLOCK_N"] == 64
+    assert plan(1, 65536, 48, TIME_SPLIT=3)["parts"] == 3
+    off = plan(1, 65536, 48, TIME_SPLIT=1)
+    assert (off["parts"], off["BLOCK_N"], off["num_stages"]) == (1, 32, 3)
+    assert plan(1, 65536, 48, torch.float32, TIME_SPLIT=1)["num_stages"] == 2
+    short = plan(1, 1024, 48)  # 4 chunks: too short to split, and the former plan
+    assert (short["parts"], short["BLOCK_N"], short["num_stages"]) == (1, 32, 2)
+    assert plan(1, 65536, 48, TIME_SPLIT=1000)["parts"] == 256  # at most one part per chunk
+
+
+@needs_triton
+@pytest.mark.parametrize("g, dtype, with_seq", [(1, torch.float32, True), (2, torch.float32, False),
+                                                (2, LOW, True)])
+def test_triton_time_split_matches_reference(g, dtype, with_seq):
+    """Forced 3-part split over 7 chunks (3 + 3 + 1, partial last chunk): outputs, final state and every
+    gradient under the tolerance rule, and equal to the unsplit kernels up to rounding."""
+    l = 6 * CHUNK + CHUNK // 2 + 3
+    t = slow_decay_inputs(l, g, D_hdim=g == 2)
+    opts = dict(dt_softplus=True)
+    if with_seq:
+        seq_idx = torch.zeros(SPLIT_SHAPE["b"], l, dtype=torch.int32, device=DEVICE)
+        seq_idx[:, 3 * CHUNK:] = 1  # at a part boundary ...
+        seq_idx[:, 4 * CHUNK + 5:] = 2  # ... inside a part's chunk ...
+        seq_idx[:, 6 * CHUNK + 2:] = 3  # ... and in the last part
+        opts["seq_idx"] = seq_idx
+    ref = run(ssd_chunked_torch, cast(t, torch.float64), chunk_size=CHUNK, **opts)
+    base = run(ssd_chunked_torch, cast(t, dtype), chunk_size=CHUNK, **opts)
+    with state_blocks(TIME_SPLIT=3):
+        split = run_triton(cast(t, dtype), CHUNK, **opts)
+    with state_blocks(TIME_SPLIT=1):
+        whole = run_triton(cast(t, dtype), CHUNK, **opts)
+    for k in ref:
+        assert split[k].dtype == base[k].dtype, k
+        assert_rule(k, split[k], base[k], ref[k], atol=1e-5 if dtype == torch.float32 else 2e-3)
+        assert rel_err(split[k], whole[k]) < (1e-5 if dtype == torch.float32 else 3e-3), k
+
+
+@needs_triton
+def test_triton_time_split_default_plan_no_init_no_final_grad():
+    """The default plan splits a small grid over 8+ chunks; without an initial state, and with a loss on the
+    outputs only (no d final_states), it equals the unsplit kernels."""
+    from mambakit.ops.ssd import state_passing as sp
+
+    l = 8 * CHUNK + 5
+    plan = sp.state_plan(CHUNK, SPLIT_SHAPE["b"], SPLIT_SHAPE["h"], SPLIT_SHAPE["p"], SPLIT_SHAPE["n"], 9, {},
+                         torch.float32, torch.device(DEVICE))
+    assert plan["parts"] > 1
+    t = slow_decay_inputs(l, 1, init=False)
+
+    def out_grads():
+        leaves = cast(t, torch.float32)
+        with backend("triton"), poisoned_allocations():
+            out = mamba_chunk_scan_combined(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"],
+                                            CHUNK, D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"],
+                                            dt_softplus=True)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+        names = [k for k in GRAD_NAMES if k in leaves]
+        return [out] + list(torch.autograd.grad((out * w).sum(), [leaves[k] for k in names]))
+
+    split = out_grads()
+    with state_blocks(TIME_SPLIT=1):
+        whole = out_grads()
+    for i, (a, b) in enumerate(zip(split, whole)):
+        assert rel_err(a, b) < 1e-5, i

@@ -18,6 +18,23 @@ Backward (reverse order over chunks), with G_{c+1} = dLoss/dS_{c+1}:
 It stores G_{c+1} for every chunk (the chunk-scan backward needs it for dx, dB, ddt), G_0 (= d initial_states)
 and sp_c = carry_c exp(dA_cs[c, Q-1]) <G_{c+1}, S_c>, the derivative with respect to the chunk's total decay
 through the carried state (the chunk's own inputs add their part in chunk_scan's backward).
+
+Time split (long sequences on a small grid). One program per (batch, head, tile) walks every chunk in order,
+so b1 l65536 h48 launches ~100 programs that each run a 256-step chain: the GPU waits on latency. When the
+grid is small the chunks are cut into P parts of consecutive chunks and the recurrence, being linear, is
+assembled from independent pieces (d_c = carry_c exp(dA_cs[c, Q-1]), part p = chunks [s_p, e_p)):
+  A. the fused kernel runs every part at once from a zero state (part 0 from the initial state), storing
+     the local states S'_c, the part's end state E_p, its total decay T_p = prod_{c in p} d_c and
+     W_c = prod_{s_p <= c' < c} d_c' (the decay from the part start to chunk c);
+  B. a P-step recurrence gives what each part's start missed, R_0 = 0 (part 0 started from the true state),
+     R_{p+1} = T_p R_p + E_p, and the final state R_P (exact: the same recurrence, regrouped);
+  C. S_c = S'_c + W_c R_p, in fp32, stored in the states' dtype; a chunk whose W_c is 0 (the decay
+     underflowed, or a seq_idx boundary lies between) is skipped, which is exact.
+The backward mirrors it in reverse: parts run from G = 0 at their end (the last part from d final_states),
+giving local G'_{c+1}, the part's start gradient H_p and W_c = prod_{c < c' < e_p} d_c'. Pass B:
+K_{P-1} = 0, K_{p} = T_{p+1} K_{p+1} + H_{p+1} (the true dLoss/dS at the end of part p) and
+d initial_states = T_0 K_0 + H_0. Pass C: G_{c+1} = G'_{c+1} + W_c K_p, and since sp_c is linear in G_{c+1}
+(S_c is already the true stored state in the backward), sp_c = sp'_c + d_c W_c <K_p, S_c>.
 """
 
 from __future__ import annotations
@@ -45,11 +62,16 @@ def _state_fwd_kernel(
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_init_b, stride_init_h, stride_init_p, stride_init_n,
     stride_seq_b, stride_seq_l,
+    chunks_per_part, w_ptr, tot_ptr,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_pn = tl.program_id(1)
+    pid_part = tl.program_id(2)  # time split: this program walks chunks [c_lo, c_lo + n_c) only
+    part_row = pid_part.to(tl.int64) * tl.num_programs(0) + pid_bh  # (part, b, h) row of final / tot
+    c_lo = pid_part * chunks_per_part
+    n_c = tl.minimum(chunks_per_part, nchunks - c_lo)
     pid_b = (pid_bh // nheads).to(tl.int64)
     pid_h = pid_bh % nheads
     nblk_n = tl.cdiv(dstate, BLOCK_N)
@@ -70,15 +92,17 @@ def _state_fwd_kernel(
     chunk_stride = nheads * headdim * dstate  # states: (b, c, h, p, n)
     st_b = states_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
     tile = offs_p[:, None] * dstate + offs_n[None, :]
-    if HAS_INIT:
+    if HAS_INIT:  # only the first part starts from the initial state; the others from 0 (pass B adds it)
         state = tl.load(init_ptr + pid_b * stride_init_b + pid_h * stride_init_h + offs_p[:, None] * stride_init_p
-                        + offs_n[None, :] * stride_init_n, mask=mask_pn, other=0.0).to(tl.float32)
+                        + offs_n[None, :] * stride_init_n, mask=tl.where(pid_part == 0, mask_pn, False),
+                        other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     seq_b = seq_ptr + pid_b * stride_seq_b
+    tot = tl.full((), 1.0, tl.float32)  # SPLIT: decay from the part's start to the current chunk
     # one flat loop over (chunk, slice of BLOCK_K positions) so that loads stay pipelined across chunks
-    for it in range(nchunks * (Q // BLOCK_K)):
-        c = it // (Q // BLOCK_K)
+    for it in range(n_c * (Q // BLOCK_K)):
+        c = c_lo + it // (Q // BLOCK_K)
         k0 = (it % (Q // BLOCK_K)) * BLOCK_K
         first = k0 == 0
         chunk_row = (row + c) * Q
@@ -91,6 +115,9 @@ def _state_fwd_kernel(
         tl.store(st_b + tl.cast(c, tl.int64) * chunk_stride + tile, state.to(states_ptr.dtype.element_ty),
                  mask=tl.where(first, mask_pn, False))
         state = state * tl.where(first, decay, 1.0)
+        if SPLIT:
+            tl.store(w_ptr + (row + c) * 2, tot, mask=tl.where(first, pid_pn == 0, False))
+            tot = tot * tl.where(first, decay, 1.0)
         pos0 = c * Q + k0
         mask_k = (pos0 + offs_kb) < seqlen
         pos0 = tl.cast(pos0, tl.int64)
@@ -103,7 +130,10 @@ def _state_fwd_kernel(
         Bk = tl.load(B_b + pos0 * stride_B_l + B_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         Bw = (Bk.to(tl.float32) * w[:, None]).to(dtype)
         state = tl.dot(xT.to(dtype), Bw, state, input_precision=DOT_PREC)
-    tl.store(final_ptr + (pid_b * nheads + pid_h) * headdim * dstate + tile, state, mask=mask_pn)
+    # final: (parts, b, h, p, n), the end state of each part (of the whole sequence when not split)
+    tl.store(final_ptr + part_row * headdim * dstate + tile, state, mask=mask_pn)
+    if SPLIT:
+        tl.store(tot_ptr + part_row, tot, mask=pid_pn == 0)
 
 
 @triton.jit
@@ -114,11 +144,16 @@ def _state_bwd_kernel(
     stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_seq_b, stride_seq_l,
+    chunks_per_part, w_ptr, tot_ptr,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_pn = tl.program_id(1)
+    pid_part = tl.program_id(2)  # time split: this program walks chunks [c_lo, c_hi) backwards
+    part_row = pid_part.to(tl.int64) * tl.num_programs(0) + pid_bh  # (part, b, h) row of dinit / tot
+    c_lo = pid_part * chunks_per_part
+    c_hi = tl.minimum(c_lo + chunks_per_part, nchunks)
     pid_b = (pid_bh // nheads).to(tl.int64)
     pid_h = pid_bh % nheads
     nblk_n = tl.cdiv(dstate, BLOCK_N)
@@ -141,13 +176,14 @@ def _state_bwd_kernel(
     st_b = states_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
     dst_b = dstates_ptr + pid_b * nchunks * chunk_stride + pid_h * headdim * dstate
     final_off = (pid_b * nheads + pid_h) * headdim * dstate + tile
-    if HAS_DFINAL:
-        G = tl.load(dfinal_ptr + final_off, mask=mask_pn, other=0.0).to(tl.float32)
+    if HAS_DFINAL:  # only the last part starts from d final_states; the others from 0 (pass B adds it)
+        G = tl.load(dfinal_ptr + final_off, mask=tl.where(c_hi == nchunks, mask_pn, False), other=0.0).to(tl.float32)
     else:
         G = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     seq_b = seq_ptr + pid_b * stride_seq_b
-    for it in range(nchunks * (Q // BLOCK_K)):  # chunks in reverse order, slices in any order
-        c = nchunks - 1 - it // (Q // BLOCK_K)
+    tot = tl.full((), 1.0, tl.float32)  # SPLIT: decay from the current chunk's end to the part's end
+    for it in range((c_hi - c_lo) * (Q // BLOCK_K)):  # chunks in reverse order, slices in any order
+        c = c_hi - 1 - it // (Q // BLOCK_K)
         k0 = (it % (Q // BLOCK_K)) * BLOCK_K
         first = k0 == 0
         chunk_row = (row + c) * Q
@@ -162,6 +198,10 @@ def _state_bwd_kernel(
         S_c = tl.load(st_b + c64 * chunk_stride + tile, mask=at_first, other=0.0).to(tl.float32)
         tl.store(sp_ptr + (row + c) * nblk + pid_pn, decay * tl.sum(G * S_c), mask=first)
         G = G * tl.where(first, decay, 1.0)
+        if SPLIT:  # W_c for G_{c+1}, then d_c W_c for sp_c
+            tl.store(w_ptr + (row + c) * 2, tot, mask=tl.where(first, pid_pn == 0, False))
+            tot = tot * tl.where(first, decay, 1.0)
+            tl.store(w_ptr + (row + c) * 2 + 1, tot, mask=tl.where(first, pid_pn == 0, False))
         pos0 = c * Q + k0
         mask_k = (pos0 + offs_kb) < seqlen
         pos0 = tl.cast(pos0, tl.int64)
@@ -173,19 +213,108 @@ def _state_bwd_kernel(
         Ck = tl.load(C_b + pos0 * stride_C_l + C_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         Cs = (Ck.to(tl.float32) * scale[:, None]).to(dtype)
         G = tl.dot(dyT.to(dtype), Cs, G, input_precision=DOT_PREC)
-    tl.store(dinit_ptr + final_off, G, mask=mask_pn)
+    # dinit: (parts, b, h, p, n), the gradient at each part's start (d initial_states when not split)
+    tl.store(dinit_ptr + part_row * headdim * dstate + tile, G, mask=mask_pn)
+    if SPLIT:
+        tl.store(tot_ptr + part_row, tot, mask=pid_pn == 0)
 
 
-def _state_blocks(Q, batch, nheads, headdim, dstate, blocks, dtype, device):
-    BK = min(Q, blocks.get("BLOCK_K") or (32 if dtype == torch.float32 else 64))
+@triton.jit
+def _combine_parts_kernel(ends_ptr, tot_ptr, starts_ptr, out_ptr, nparts, size, REVERSE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """Pass B over the parts of one (batch, head): starts[k] = carry entering part k, carry = T_k carry + E_k,
+    in part order (forward) or reverse part order (backward); out = the carry after the last part.
+    ends, starts: (parts, b*h, size) fp32, tot: (parts, b*h) fp32, out: (b*h, size) fp32."""
+    pid_bh = tl.program_id(0)
+    nbh = tl.num_programs(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    carry = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(nparts):
+        k = i
+        if REVERSE:
+            k = nparts - 1 - i
+        row = tl.cast(k, tl.int64) * nbh + pid_bh
+        tl.store(starts_ptr + row * size + offs, carry, mask=mask)
+        carry = tl.load(tot_ptr + row) * carry + tl.load(ends_ptr + row * size + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + pid_bh.to(tl.int64) * size + offs, carry, mask=mask)
+
+
+@triton.jit
+def _correct_chunks_kernel(fix_ptr, starts_ptr, w_ptr, S_ptr, sp_ptr, nheads, nchunks, c0, chunks_per_part,
+                           size, HAS_SP: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass C for one (chunk c0 + program 0, batch * head): fix[c] += W_c starts[part of c] in fp32, stored in
+    fix's dtype; with HAS_SP also sp[c] += d_c W_c <starts[part], S[c]>. Skipped where W_c is 0 (exact).
+    fix, S: (b, c, h, size), starts: (parts, b*h, size) fp32, w: (b*h, c, 2), sp: (b*h, c) fp32."""
+    c = c0 + tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    nbh = tl.num_programs(1)
+    row = pid_bh.to(tl.int64) * nchunks + c  # (b, h, c)
+    w = tl.load(w_ptr + row * 2)
+    if w != 0.0:
+        b = pid_bh // nheads
+        h = pid_bh % nheads
+        st = ((b.to(tl.int64) * nchunks + c) * nheads + h) * size
+        start = ((c // chunks_per_part).to(tl.int64) * nbh + pid_bh) * size
+        dot = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, size, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < size
+            r = tl.load(starts_ptr + start + offs, mask=mask, other=0.0)
+            v = tl.load(fix_ptr + st + offs, mask=mask, other=0.0).to(tl.float32) + w * r
+            tl.store(fix_ptr + st + offs, v.to(fix_ptr.dtype.element_ty), mask=mask)
+            if HAS_SP:
+                dot += r * tl.load(S_ptr + st + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SP:
+            tl.store(sp_ptr + row, tl.load(sp_ptr + row) + tl.load(w_ptr + row * 2 + 1) * tl.sum(dot))
+
+
+# below this many chunks per part the passes B and C cost more than the shorter chains save
+MIN_PART_CHUNKS = 4
+# state_fwd at b1 l65536 h48 p64 n128 bf16 on an H200 (notes/gpu_run2/ssd_tuned): with the dstate block
+# shrunk to 32 for the small grid, 3 pipeline stages took 0.811 ms against 1.266 ms for 2 (state_bwd:
+# 1.187 against 1.228). Measured for 16-bit inputs at headdim 64, dstate 128 on a long sequence only; it now
+# applies where such a sequence runs unsplit (TIME_SPLIT=1).
+_SHRUNK_16BIT_STAGES = 3
+
+
+def time_parts(programs: int, nchunks: int, sms: int) -> int:
+    """Parts of the time split: 1 (none) when the grid already fills the GPU (>= 2 programs per SM) or the
+    sequence is short; else a power of two that brings the grid to ~4 programs per SM, with at least
+    MIN_PART_CHUNKS chunks per part."""
+    if programs >= 2 * sms or nchunks < 2 * MIN_PART_CHUNKS:
+        return 1
+    want = triton.next_power_of_2(triton.cdiv(4 * sms, programs))
+    return max(1, min(want, nchunks // MIN_PART_CHUNKS))
+
+
+def state_plan(Q, batch, nheads, headdim, dstate, nchunks, blocks, dtype, device) -> dict:
+    """Tiles, launch options and time split of the state kernels.
+
+    ``blocks`` overrides: BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages, TIME_SPLIT (parts; 1 = off).
+    Returns dict(BLOCK_P, BLOCK_N, BLOCK_K, parts, chunks_per_part, num_warps, num_stages).
+    """
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    BK = min(Q, blocks.get("BLOCK_K") or (64 if sixteen else 32))
     BP = blocks.get("BLOCK_P") or max(16, min(64, triton.next_power_of_2(headdim)))
-    BN = blocks.get("BLOCK_N")
-    if BN is None:
-        # long sequential loops want many programs: shrink the dstate block until the grid fills the GPU
-        BN = max(16, min(64, triton.next_power_of_2(dstate)))
-        while BN > 32 and batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) < 2 * num_sms(device):
+    BN = blocks.get("BLOCK_N") or max(16, min(64, triton.next_power_of_2(dstate)))
+    sms = num_sms(device)
+    programs = batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN)
+    parts = blocks.get("TIME_SPLIT") or time_parts(programs, nchunks, sms)
+    per_part = triton.cdiv(max(nchunks, 1), max(1, min(parts, nchunks)))
+    parts = triton.cdiv(max(nchunks, 1), per_part)  # no empty part
+    stages = blocks.get("num_stages")
+    if parts == 1 and blocks.get("BLOCK_N") is None:
+        # not split: long sequential loops want many programs, so shrink the dstate block until the grid fills
+        shrunk = False
+        while BN > 32 and batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) < 2 * sms:
             BN //= 2
-    return BP, BN, BK
+            shrunk = True
+        long_seq = nchunks >= 2 * MIN_PART_CHUNKS  # only measured there; short sequences keep 2 stages
+        if stages is None and shrunk and long_seq and sixteen and headdim <= 64 and dstate <= 128:
+            stages = _SHRUNK_16BIT_STAGES
+    return dict(BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, parts=parts, chunks_per_part=per_part,
+                num_warps=blocks.get("num_warps", 4 if sixteen else 8), num_stages=stages or 2)
 
 
 def dot_precision(dtype):
@@ -193,31 +322,57 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
+def _combine_and_correct(ends, tot, fix, w, plan, reverse, S=None, sp=None):
+    """Passes B and C of the time split (module docstring). ends: (parts, b, h, p, n) fp32, tot: (parts, b, h),
+    fix: (b, c, h, p, n) corrected in place, w: (b, h, c, 2). Returns the carry after the last part
+    (b, h, p, n) fp32: the final state (forward) or d initial_states (backward)."""
+    parts, b, h, p, n = ends.shape
+    nchunks, per_part, size = fix.shape[1], plan["chunks_per_part"], p * n
+    starts = torch.empty_like(ends)
+    out = torch.empty(b, h, p, n, device=ends.device, dtype=torch.float32)
+    blk = min(1024, triton.next_power_of_2(size))
+    _combine_parts_kernel[(b * h, triton.cdiv(size, blk))](ends, tot, starts, out, parts, size, REVERSE=reverse,
+                                                           BLOCK=blk, num_warps=4)
+    # the first part (forward) / last part (backward) started from the true value: nothing to correct
+    c0, c1 = (0, (parts - 1) * per_part) if reverse else (per_part, nchunks)
+    if c1 > c0:
+        blk = min(2048, triton.next_power_of_2(size))
+        _correct_chunks_kernel[(c1 - c0, b * h)](
+            fix, starts, w, S if S is not None else fix, sp if sp is not None else tot, h, nchunks, c0, per_part,
+            size, HAS_SP=sp is not None, BLOCK=blk, num_warps=4)
+    return out
+
+
 def state_fwd(x, B, dt_p, dA_cs, initial_states, seq_idx, Q: int, state_dtype, blocks=None):
     """x: (b, l, h, p), B: (b, l, g, n), dt_p, dA_cs: (b, h, c, Q) fp32, initial_states: (b, h, p, n) or None.
 
     Returns states (b, c, h, p, n) in ``state_dtype`` (the state entering every chunk) and the final state
-    (b, h, p, n) in fp32.
+    (b, h, p, n) in fp32. Long sequences on a small grid run time-split (module docstring, ``state_plan``).
     """
-    blocks = blocks or {}
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks = dt_p.shape[2]
+    plan = state_plan(Q, b, h, p, n, nchunks, blocks or {}, x.dtype, x.device)
+    parts, split = plan["parts"], plan["parts"] > 1
     states = torch.empty(b, nchunks, h, p, n, device=x.device, dtype=state_dtype)
-    final = torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, x.dtype, x.device)
-    init = initial_states if initial_states is not None else final
+    ends = torch.empty(parts, b, h, p, n, device=x.device, dtype=torch.float32)
+    w = torch.empty(b, h, nchunks, 2, device=x.device, dtype=torch.float32) if split else ends
+    tot = torch.empty(parts, b, h, device=x.device, dtype=torch.float32) if split else ends
+    init = initial_states if initial_states is not None else ends
     seq = seq_idx if seq_idx is not None else dt_p
-    grid = (b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))
-    _state_fwd_kernel[grid](
-        x, B, dt_p, dA_cs, init, seq, states, final,
+    BP, BN = plan["BLOCK_P"], plan["BLOCK_N"]
+    _state_fwd_kernel[(b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN), parts)](
+        x, B, dt_p, dA_cs, init, seq, states, ends,
         l, h, nchunks, h // g, p, n,
-        *x.stride(), *B.stride(), *init.stride(), seq.stride(0), seq.stride(1),
-        Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
-        DOT_PREC=dot_precision(x.dtype), num_warps=blocks.get("num_warps", 8 if x.dtype == torch.float32 else 4),
-        num_stages=blocks.get("num_stages", 2),
+        *x.stride(), *B.stride(), *init.stride()[-4:], seq.stride(0), seq.stride(1),
+        plan["chunks_per_part"], w, tot,
+        Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=plan["BLOCK_K"], HAS_INIT=initial_states is not None,
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), SPLIT=split,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
-    return states, final
+    if not split:
+        return states, ends[0]
+    return states, _combine_and_correct(ends, tot, states, w, plan, reverse=False)
 
 
 def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
@@ -225,27 +380,35 @@ def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
     dfinal: (b, h, p, n) or None.
 
     Returns dstates (b, c, h, p, n) = dLoss/dS_{c+1} in states' dtype, dinit (b, h, p, n) fp32 and
-    sp (b, h, c) fp32 = carry_c exp(dA_cs[c, Q-1]) <G_{c+1}, S_c>.
+    sp (b, h, c) fp32 = carry_c exp(dA_cs[c, Q-1]) <G_{c+1}, S_c>. Time-split like ``state_fwd``.
     """
-    blocks = blocks or {}
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks = dA_cs.shape[2]
-    BP, BN, BK = _state_blocks(Q, b, h, p, n, blocks, dy.dtype, dy.device)
+    plan = state_plan(Q, b, h, p, n, nchunks, blocks or {}, dy.dtype, dy.device)
+    parts, split = plan["parts"], plan["parts"] > 1
+    BP, BN = plan["BLOCK_P"], plan["BLOCK_N"]
     nblk = triton.cdiv(p, BP) * triton.cdiv(n, BN)
     dstates = torch.empty(b, nchunks, h, p, n, device=dy.device, dtype=states.dtype)
-    dinit = torch.empty(b, h, p, n, device=dy.device, dtype=torch.float32)
+    dinit = torch.empty(parts, b, h, p, n, device=dy.device, dtype=torch.float32)
     sp = torch.empty(b, h, nchunks, nblk, device=dy.device, dtype=torch.float32)
+    w = torch.empty(b, h, nchunks, 2, device=dy.device, dtype=torch.float32) if split else sp
+    tot = torch.empty(parts, b, h, device=dy.device, dtype=torch.float32) if split else sp
     if dfinal is not None:
         dfinal = dfinal.contiguous()
     seq = seq_idx if seq_idx is not None else dA_cs
-    _state_bwd_kernel[(b * h, nblk)](
+    _state_bwd_kernel[(b * h, nblk, parts)](
         dy, C, dA_cs, states, dfinal if dfinal is not None else dinit, seq,
         dstates, dinit, sp,
         l, h, nchunks, h // g, p, n,
         *dy.stride(), *C.stride(), seq.stride(0), seq.stride(1),
-        Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None,
-        DOT_PREC=dot_precision(dy.dtype), num_warps=blocks.get("num_warps", 8 if dy.dtype == torch.float32 else 4),
-        num_stages=blocks.get("num_stages", 2),
+        plan["chunks_per_part"], w, tot,
+        Q=Q, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=plan["BLOCK_K"], HAS_DFINAL=dfinal is not None,
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(dy.dtype), SPLIT=split,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
-    return dstates, dinit, sp.sum(-1)
+    sp = sp.sum(-1)
+    if not split:
+        return dstates, dinit[0], sp
+    dinit = _combine_and_correct(dinit, tot, dstates, w, plan, reverse=True, S=states, sp=sp)
+    return dstates, dinit, sp

@@ -1,7 +1,7 @@
 """The SSD scan on Triton kernels: the autograd Function that chains the stages, and its entry point.
 
 Forward: chunk_cumsum (dt processing, cumsum of dt*A) -> state_passing (chunk states + recurrence over chunks,
-fused) -> chunk_scan (outputs). Backward through the same stages:
+fused; split in time for long sequences on a small grid) -> chunk_scan (outputs). Backward through the same stages:
     dy = dout * silu(z)                                      (dz from the saved pre-gate output)
     state_passing backward: G_{c+1} = dLoss/dS_{c+1}, d initial_states, sp_c
     chunk_scan backward: dx, dB, dC, dD, ddt_direct (dt as the input's weight), and pieces of ddA
@@ -29,7 +29,8 @@ from mambakit.ops.ssd.inputs import check_inputs, dt_limited
 from mambakit.ops.ssd.state_passing import state_bwd, state_fwd
 from mambakit.ops.ssd.torch_path import varlen_states_from_chunks
 
-# Block sizes per stage; scripts/gpu_check_ssd.py times variants by editing this dict.
+# Block sizes per stage; scripts/gpu_check_ssd.py times variants by editing this dict. state_fwd / state_bwd
+# also take TIME_SPLIT (number of parts, 1 = never split; default: state_passing.state_plan decides).
 BLOCKS: dict[str, dict] = {"state_fwd": {}, "state_bwd": {}, "scan_fwd": {}, "scan_bwd_dx": {}, "scan_bwd_dbc": {}}
 MAX_DSTATE = 256
 MAX_HEADDIM = 256

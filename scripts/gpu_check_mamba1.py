@@ -2,10 +2,15 @@
 
     python scripts/gpu_check_mamba1.py --out OUT_DIR
 
-Sections run in order of importance under a wall-clock budget (--budget seconds); a failing or skipped
-section never stops the others. Prints a table last and writes OUT_DIR/gpu_check_mamba1.json.
+Sections run in order of importance under a wall-clock budget (--budget seconds, 165 by default: about
+170 s on an H200 with compile times); a failing or skipped section never stops the others. Order: correctness
+of the defaults and of the new variants (prefetch, time split, cl_copy) at full size; forward timings of the
+variants at b4 d3072 l4096 contiguous and channels-last ("cl": u/delta/z with stride 1 along d, as the Mamba
+module passes them) and at b1 d3072 l65536; fwd+bwd of the most promising; then the older checks (1M tokens,
+state update). Prints a compact table last and writes OUT_DIR/gpu_check_mamba1.json.
 Timings: triton.testing.do_bench medians; bf16 u/delta/z/B/C, fp32 A/D/delta_bias, z gate, D skip,
-delta_bias + softplus, B/C per step (b, n, l), inputs contiguous (b, d, l) unless noted.
+delta_bias + softplus, B/C per step (b, n, l) contiguous. Variants are FWD_CONFIG / BWD_CONFIG keys of
+mambakit.ops._triton_selective_scan; the table's labels abbreviate them (see label()).
 """
 
 from __future__ import annotations
@@ -162,31 +167,6 @@ def bench(fn, grad_to_none=None, rep=60):
     return triton.testing.do_bench(fn, warmup=10, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
-def min_bytes(b, d, l):
-    return 4 * b * d * l * 2 + 2 * b * N * l * 2  # u, delta, z, out + B, C (bf16)
-
-
-def time_shape(b, d, l, name="triton", key="default", fwd_only=False, **cfg):
-    b, d, l = S(b, d, l)
-    x = inputs(b, d, l)
-    with backend(name):
-        if cfg:
-            K.FWD_CONFIG.update(cfg.get("fwd", {}))
-            K.BWD_CONFIG.update(cfg.get("bwd", {}))
-        with torch.no_grad():
-            ms_f = bench(lambda: call(x))
-        rec = {"fwd_ms": ms_f, "fwd_GBps": min_bytes(b, d, l) / ms_f / 1e6}
-        if not fwd_only:
-            xg = inputs(b, d, l, grad=True)
-            dout = torch.randn(b, d, l, device=DEV, dtype=torch.bfloat16)
-            leaves = list(xg.values())
-            rec["fwd_train_ms"] = bench(lambda: call(xg), grad_to_none=leaves)
-            rec["fwd_bwd_ms"] = bench(lambda: call(xg).backward(dout), grad_to_none=leaves)
-    R.setdefault("timing", {}).setdefault(f"b{b} d{d} l{l}", {})[f"{name}:{key}"] = rec
-    log(f"{name}:{key} b{b} d{d} l{l}:", {k: round(v, 4) for k, v in rec.items()})
-    return rec
-
-
 def run_1m(d=5120, l=1 << 20):
     """1M tokens x 5120 channels forward (offsets past 2^31): the last 64 channels against a separate run of
     just those channels, a run carrying the state over 4 pieces, and the fp32 PyTorch path on a prefix."""
@@ -255,22 +235,82 @@ def check_state_update():
         log(form, res[form])
 
 
+def label(fwd=None, bwd=None):
+    """A compact config name: pf = prefetch (pf2: two chunks ahead), c = chunk, k = nk, bd = block_d, P = parts (0 auto), cl = cl_copy,
+    st = num_stages, w = num_warps, r = maxnreg; 'f:' forward keys, 'b:' backward keys."""
+    short = dict(prefetch="pf", chunk="c", nk="k", block_d="bd", parts="P", cl_copy="cl", num_stages="st",
+                 num_warps="w", part_programs="pp", seg="sg", maxnreg="r")
+
+    def one(c):
+        return " ".join(short.get(k, k) + ("" if v is True else str(v)) for k, v in c.items() if v is not False)
+    parts = ([f"f:{one(fwd)}"] if fwd else []) + ([f"b:{one(bwd)}"] if bwd else [])
+    return " ".join(parts) or "default"
+
+
+class variant:
+    """Context manager: FWD_CONFIG / BWD_CONFIG updated with the given keys, restored on exit."""
+
+    def __init__(self, fwd=None, bwd=None):
+        self.fwd, self.bwd = fwd or {}, bwd or {}
+
+    def __enter__(self):
+        self.saved = dict(K.FWD_CONFIG), dict(K.BWD_CONFIG)
+        K.FWD_CONFIG.update(self.fwd)
+        K.BWD_CONFIG.update(self.bwd)
+
+    def __exit__(self, *exc):
+        for cfg, saved in zip((K.FWD_CONFIG, K.BWD_CONFIG), self.saved):
+            cfg.clear()
+            cfg.update(saved)
+
+
+def timed(shape, fwd=None, bwd=None, cl=False, fb=False):
+    """Time one variant: the forward (no grad), and with fb also forward+backward. Recorded under
+    R['variants'][shape key][label]; channels-last shapes get ' cl' in the key."""
+    b, d, l = S(*shape)
+    key = f"b{b} d{d} l{l}" + (" cl" if cl else "")
+    name = label(fwd, bwd)
+    rec = R.setdefault("variants", {}).setdefault(key, {}).setdefault(name, {})
+    with variant(fwd, bwd), backend("triton"):
+        if not fb or "fwd_ms" not in rec:
+            x = inputs(b, d, l, channels_last=cl)
+            with torch.no_grad():
+                rec["fwd_ms"] = bench(lambda: call(x))
+            del x
+        if fb:
+            xg = inputs(b, d, l, channels_last=cl, grad=True)
+            dout = torch.randn(b, l, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2)  # out_proj's gradient
+            if not cl:
+                dout = dout.contiguous()
+            rec["fwd_bwd_ms"] = bench(lambda: call(xg).backward(dout), grad_to_none=list(xg.values()))
+    log(f"{key:22s} {name:44s}", {k: round(v, 3) for k, v in rec.items()})
+
+
+def check_variant(fwd, bwd, tag_extra=""):
+    """bf16 channels-last (full size) and fp32 grouped + seq_idx + initial state + last-state gradient under a
+    variant, against the PyTorch path."""
+    with variant(fwd, bwd):
+        name = label(fwd, bwd) + tag_extra
+        check_bf16(2, 1536, 2048, f"b2 d1536 l2048 cl [{name}]", channels_last=True)
+        check_fp32(2, 512, 1000, f"b2 d512 l1000 g4 seq [{name}]", seq=True, bc="group", g=4)
+
+
 def table():
-    lines = ["", "=" * 100, f"Mamba-1 selective scan on {R.get('device')}  (ms, do_bench median; official = mamba-ssm CUDA)"]
-    lines.append(f"{'shape':22s} {'config':34s} {'fwd':>8s} {'GB/s':>6s} {'fwd(train)':>10s} {'fwd+bwd':>8s}"
-                 f" {'off fwd':>8s} {'off f+b':>8s} {'goal f':>7s} {'goal fb':>7s}")
-    for shape, recs in R.get("timing", {}).items():
-        key = tuple(int(s[1:]) for s in shape.split())
+    lines = ["", "=" * 100, f"Mamba-1 selective scan on {R.get('device')}  (ms, do_bench median; official = "
+             "mamba-ssm CUDA on H100; labels: pf prefetch, c chunk, k nk, bd block_d, P parts (0 auto), cl cl_copy, "
+             "st num_stages)"]
+    lines.append(f"{'shape':18s} {'config':50s} {'fwd':>7s} {'fwd+bwd':>8s} {'off f':>6s} {'off fb':>6s} "
+                 f"{'goal f':>6s} {'goal fb':>7s}")
+    f = lambda v, w=7: f"{v:{w}.3f}" if isinstance(v, float) else f"{'-':>{w}s}"  # noqa: E731
+    for shape, recs in R.get("variants", {}).items():
+        key = tuple(int(s[1:]) for s in shape.split()[:3])
         off, goal = ANCHOR.get(key, (None, None)), GOAL.get(key, (None, None))
         for cfg, r in recs.items():
-            f = lambda v: f"{v:8.3f}" if isinstance(v, float) else f"{'-':>8s}"  # noqa: E731
-            lines.append(f"{shape:22s} {cfg:34s} {f(r.get('fwd_ms'))} {r.get('fwd_GBps', 0):6.0f} "
-                         f"{f(r.get('fwd_train_ms')):>10s} {f(r.get('fwd_bwd_ms'))} {f(off[0])} {f(off[1])} "
-                         f"{f(goal[0])[1:]} {f(goal[1])[1:]}")
-    for shape, recs in R.get("timing", {}).items():  # the fastest Triton config per shape: set it as default
-        tri = {c: r for c, r in recs.items() if c.startswith("triton")}
+            lines.append(f"{shape:18s} {cfg[:50]:50s} {f(r.get('fwd_ms'))} {f(r.get('fwd_bwd_ms'), 8)} "
+                         f"{f(off[0], 6)} {f(off[1], 6)} {f(goal[0], 6)} {f(goal[1], 7)}")
+    for shape, recs in R.get("variants", {}).items():  # the fastest config per shape: candidates for defaults
         for metric in ("fwd_ms", "fwd_bwd_ms"):
-            cand = {c: r[metric] for c, r in tri.items() if metric in r}
+            cand = {c: r[metric] for c, r in recs.items() if metric in r}
             if cand:
                 best = min(cand, key=cand.get)
                 lines.append(f"best {metric:10s} {shape:18s} {cand[best]:8.3f} ms  {best}")
@@ -279,7 +319,7 @@ def table():
         lines.append(f"1M tokens x 5120 fwd: {R['long_1m'].get('fwd_ms', float('nan')):.2f} ms, "
                      f"checks pass={R['long_1m'].get('pass')}")
     for tag, c in R.get("correctness", {}).items():
-        lines.append(f"correctness {tag:52s} max rel err {c['max']:.2e}  {'PASS' if c['pass'] else 'FAIL'}")
+        lines.append(f"correctness {tag[:70]:70s} max rel err {c['max']:.2e}  {'PASS' if c['pass'] else 'FAIL'}")
     for form, s in R.get("state_update", {}).items():
         lines.append(f"state update {form:26s} triton {s['triton_us']:7.1f} us ({s['state_GBps']:.0f} GB/s)  torch "
                      f"{s['torch_us']:7.1f} us  rel err out {s['out_rel']:.1e} state {s['state_rel']:.1e}")
@@ -289,19 +329,47 @@ def table():
     print("\n".join(lines), flush=True)
 
 
-# nk = states per thread (y's reduction over n: 4 / 1.5 / 0.5 shuffles per element for nk 1 / 2 / 4; threads
-# b * d * n / nk); num_warps None = block_d * (n / nk) / 32 (every thread one (channel, j) pair).
-FWD_VARIANTS = [dict(nk=1, block_d=8, chunk=16), dict(nk=2, block_d=16, chunk=8), dict(nk=2, block_d=8, chunk=8),
-                dict(nk=4, block_d=32, chunk=4), dict(nk=4, block_d=8, chunk=8), dict(nk=1, block_d=4, chunk=16),
-                dict(nk=1, block_d=8, chunk=8), dict(nk=2, block_d=16, chunk=16)]
-BWD_VARIANTS = [dict(nk=1, block_d=8, chunk=16), dict(nk=2, block_d=16, chunk=8), dict(nk=1, block_d=8, chunk=8),
-                dict(nk=4, block_d=32, chunk=4), dict(nk=2, block_d=8, chunk=8)]
+B4, B1 = (4, 3072, 4096), (1, 3072, 65536)
+W = dict(block_d=32, nk=4)  # the wide tiles
+# ptxas -v for sm_90a (Triton 3.9, bf16, the timed options, no seq_idx): fwd wide chunk 4: 154 registers (3
+# programs of 4 warps per SM), with prefetch 194 / 206 (2 programs per SM: 384 programs at b4 need 1.45 waves;
+# maxnreg=168 keeps 3 with no / 38 bytes of spills), chunk 8: ~210-220, chunk 16: 255 + spills. bwd wide
+# chunk 4: 237 registers (2 programs per SM: 1.45 waves at b4, hence the backward time splits and maxnreg=168,
+# 88 bytes of spills), chunk 8 and (64, 8, 4) spill kilobytes. Forward variants at b4 d3072 l4096 (contiguous and channels-last): software prefetch,
+# larger chunks, 8 states a thread, Triton's pipelining stages, a time split for more warps in flight, and for
+# channels-last the contiguous copy.
+FWD_B4 = [{}, dict(prefetch=True), dict(prefetch=2), dict(prefetch=True, maxnreg=168), dict(prefetch=2, maxnreg=168),
+          dict(block_d=16, nk=4, chunk=4, prefetch=True), dict(W, chunk=8), dict(W, chunk=8, prefetch=True),
+          dict(W, chunk=8, prefetch=2),
+          dict(block_d=64, nk=8, chunk=4), dict(block_d=64, nk=8, chunk=4, prefetch=True),
+          dict(parts=2), dict(parts=2, prefetch=True),
+          dict(W, chunk=8, prefetch=True, parts=2), dict(parts=4, prefetch=True), dict(num_stages=1)]
+FWD_B4_CL = [{}, dict(cl_copy=True), dict(cl_copy=True, prefetch=True), dict(cl_copy=True, prefetch=2),
+             dict(prefetch=True),
+             dict(W, chunk=8), dict(W, chunk=8, prefetch=True), dict(block_d=64, nk=4, chunk=4),
+             dict(block_d=64, nk=8, chunk=4), dict(block_d=128, nk=8, chunk=4),
+             dict(cl_copy=True, prefetch=True, parts=2)]
+# b1 d3072 l65536: 96 wide programs, so the time split (parts, 0 = auto: 4 programs per SM -> 8 parts).
+FWD_B1 = [{}, dict(parts=0), dict(W, chunk=4, parts=8, prefetch=True), dict(W, chunk=4, parts=16),
+          dict(W, chunk=4, parts=32), dict(W, chunk=4, parts=16, prefetch=True), dict(W, chunk=4, parts=16, prefetch=2),
+          dict(block_d=4, nk=1, chunk=16, parts=4), dict(prefetch=True)]
+# fwd+bwd: (shape, channels-last, forward keys, backward keys)
+FB = [(B4, False, {}, {}), (B4, True, {}, {}), (B4, True, dict(cl_copy=True), dict(cl_copy=True)),
+      (B1, False, {}, {}), (B1, False, dict(parts=0), dict(parts=0)),
+      (B4, False, dict(prefetch=2), dict(parts=2)), (B4, False, dict(prefetch=True, maxnreg=168), dict(maxnreg=168)),
+      (B1, False, dict(parts=0), dict(W, chunk=4, parts=16)),
+      (B4, False, dict(prefetch=2), dict(parts=4)), (B4, False, {}, dict(block_d=16, nk=4, chunk=4)),
+      (B4, True, dict(cl_copy=True, prefetch=2), dict(cl_copy=True, parts=2)),
+      (B1, False, dict(W, chunk=4, parts=16, prefetch=2), dict(W, chunk=4, parts=32))]
+# correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
+CHECKS = [(dict(prefetch=True, parts=4), dict(parts=4)), (dict(cl_copy=True), dict(cl_copy=True, parts=3)),
+          (dict(W, chunk=8, prefetch=2, parts=0), dict(W, chunk=4, parts=0))]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="folder for gpu_check_mamba1.json")
-    ap.add_argument("--budget", type=float, default=80.0,
+    ap.add_argument("--budget", type=float, default=165.0,
                     help="seconds after which the remaining sections are skipped (e.g. 400 for a full tuning run)")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter + tiny shapes (tests this script)")
     args = ap.parse_args(argv)
@@ -310,36 +378,28 @@ def main(argv=None):
              fwd_config=dict(K.FWD_CONFIG), bwd_config=dict(K.BWD_CONFIG))
     torch.manual_seed(0)
     bud = args.budget
-    defaults = (dict(K.FWD_CONFIG), dict(K.BWD_CONFIG))
-
-    def reset():
-        K.FWD_CONFIG.clear(), K.FWD_CONFIG.update(defaults[0])
-        K.BWD_CONFIG.clear(), K.BWD_CONFIG.update(defaults[1])
-
-    section("bf16 correctness b2 d1536 l2048", bud)(lambda: check_bf16(2, 1536, 2048, "b2 d1536 l2048 step"))
-    for shape in ((4, 3072, 4096), (1, 3072, 65536), (2, 1536, 2048)):
-        section(f"timing {shape}", bud)(lambda shape=shape: time_shape(*shape))
+    checks = CHECKS
+    if SMOKE:  # 8-step checkpoints, so that the tiny shapes still split in time
+        K.FWD_CONFIG["seg"] = 8
+    section("check defaults: bf16 cl + fp32 group/seq_idx/h0", bud)(lambda: check_variant({}, {}))
+    section(f"check {label(*checks[0])}", bud)(lambda: check_variant(*checks[0]))
+    for v in FWD_B4:
+        section(f"fwd b4 {label(v)}", bud)(lambda v=v: timed(B4, fwd=v))
+    for v in FWD_B4_CL:
+        section(f"fwd b4 cl {label(v)}", bud)(lambda v=v: timed(B4, fwd=v, cl=True))
+    for v in FWD_B1:
+        section(f"fwd b1 {label(v)}", bud)(lambda v=v: timed(B1, fwd=v))
+    for shape, cl, fv, bv in FB[:7]:
+        section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
+            lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
+    for fv, bv in checks[1:]:
+        section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv: check_variant(fv, bv))
+    for shape, cl, fv, bv in FB[7:]:
+        section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
+            lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
+    section("fp32 constant B/C, time split", bud)(lambda: check_variant_const())
     section("1M tokens x 5120", bud)(run_1m)
-    section("fp32 correctness all options", bud)(lambda: check_fp32(2, 1536, 2048, "b2 d1536 l2048 step"))
-    section("fp32 grouped + seq_idx", bud)(lambda: check_fp32(2, 512, 1000, "b2 d512 l1000 g4 seq_idx", seq=True,
-                                                               bc="group", g=4))
     section("state update", bud)(check_state_update)
-    for v in FWD_VARIANTS[1:]:
-        def fv(v=v):
-            for shape in ((4, 3072, 4096), (1, 3072, 65536)):
-                time_shape(*shape, key=f"fwd {v}", fwd_only=True, fwd=v)
-            reset()
-        section(f"fwd variant {v}", bud)(fv)
-    for v in BWD_VARIANTS[1:]:
-        def bv(v=v):
-            time_shape(4, 3072, 4096, key=f"bwd {v}", bwd=v)
-            reset()
-        section(f"bwd variant {v}", bud)(bv)
-    section("fp32 constant B/C", bud)(lambda: check_fp32(2, 256, 777, "b2 d256 l777 const", bc="const"))
-    section("bf16 channels-last", bud)(lambda: check_bf16(2, 1536, 2048, "b2 d1536 l2048 channels-last",
-                                                          channels_last=True))
-    section("timing channels-last", bud)(lambda: R.setdefault("timing_channels_last", time_shape_cl()))
-    section("torch path timing", bud)(lambda: time_shape(2, 1536, 2048, name="torch"))
     table()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,19 +407,9 @@ def main(argv=None):
     log(f"wrote {out / 'gpu_check_mamba1.json'}")
 
 
-def time_shape_cl():
-    """Fwd and fwd+bwd with channels-last u/delta/z (the Mamba module's views of in_proj's output)."""
-    b, d, l = S(4, 3072, 4096)
-    x = inputs(b, d, l, channels_last=True)
-    with backend("triton"), torch.no_grad():
-        ms_f = bench(lambda: call(x))
-    xg = inputs(b, d, l, channels_last=True, grad=True)
-    dout = torch.randn(b, d, l, device=DEV, dtype=torch.bfloat16)
-    with backend("triton"):
-        ms_fb = bench(lambda: call(xg).backward(dout), grad_to_none=list(xg.values()))
-    rec = {"fwd_ms": ms_f, "fwd_bwd_ms": ms_fb}
-    log("channels-last b4 d3072 l4096:", rec)
-    return rec
+def check_variant_const():
+    with variant(dict(parts=3, prefetch=True), dict(parts=3)):
+        check_fp32(2, 256, 777, "b2 d256 l777 const [f:P3 pf b:P3]", bc="const")
 
 
 if __name__ == "__main__":

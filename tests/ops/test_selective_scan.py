@@ -310,3 +310,66 @@ def test_auto_tiles_follow_the_grid_size():
     cfg = k._auto_tiles(dict(k.FWD_CONFIG), narrow, k._NARROW_FWD)
     assert (cfg["block_d"], cfg["nk"], cfg["chunk"], cfg["seg"]) == (4, 1, 16, 128)
     assert k._auto_tiles(dict(k.FWD_CONFIG, nk=2), wide, k._NARROW_FWD)["nk"] == 2
+
+
+# ------------------------------------------------------------- Triton variants: prefetch, time split, cl_copy
+
+def split_seq_idx(b, l):
+    """Row 0: packed sequences starting at step 8 (a part boundary of the 8-step parts below) and at 19 (inside
+    a part); row 1: one starting at 13."""
+    s = torch.zeros(b, l, dtype=torch.int64)
+    s[0, 8:] = 1
+    s[0, 19:] = 2
+    s[1:, 13:] = 1
+    return s.to(DEVICE)
+
+
+VARIANTS = [  # (B/C layout, dtype, channels-last inputs, forward config, backward config)
+    ("group", torch.float32, False, dict(parts=3, prefetch=True), dict(parts=4)),
+    ("const", torch.float32, False, dict(prefetch=2), dict(parts=2)),
+    ("step", torch.bfloat16, True, dict(parts=0, part_programs=16, cl_copy=True, prefetch=True),
+     dict(parts=0, part_programs=16, cl_copy=True)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("bc,dtype,cl,fwd,bwd", VARIANTS)
+def test_triton_variants(poisoned, monkeypatch, bc, dtype, cl, fwd, bwd):
+    """Every switchable variant against the reference: outputs, last state and all gradients, with an initial
+    state and packed sequences. 4-step checkpoints over 30 steps: 8 segments, parts of 8 or 12 steps (the last
+    one shorter); one SM, so that parts=0 splits (into 4 parts)."""
+    from mambakit.ops import _triton_selective_scan as k
+
+    monkeypatch.setattr(k, "num_sms", lambda device: 1)
+    monkeypatch.setitem(k.FWD_CONFIG, "chunk", 4)
+    monkeypatch.setitem(k.FWD_CONFIG, "seg", 4)
+    for cfg, over in ((k.FWD_CONFIG, fwd), (k.BWD_CONFIG, bwd)):
+        for key, v in over.items():
+            monkeypatch.setitem(cfg, key, v)
+    combines = []  # (reverse, parts) of every pass 2: proves that the split ran
+    combine = k._combine_parts
+    monkeypatch.setattr(k, "_combine_parts", lambda e, *a, **kw: combines.append((kw["reverse"], e.shape[1]))
+                        or combine(e, *a, **kw))
+    shape = dict(b=2, d=8, l=30, n=4) if not ON_GPU else dict(TRITON_SHAPE, l=301)
+    check_kernel_rule(bc, dtype, seq_idx=split_seq_idx(shape["b"], shape["l"]), channels_last=cl,
+                      atol=1e-3 if dtype == torch.bfloat16 else 1e-5, **shape)
+    if not ON_GPU:
+        expect = {(False, 3), (True, 4)} if fwd.get("parts") == 3 else {(True, 2)} if bc == "const" else \
+            {(False, 4), (True, 4)}
+        assert set(combines) == expect
+
+
+@needs_triton
+def test_time_split_sizes():
+    """parts=0 gives part_programs programs per SM (rounded up to a power of two); parts are whole checkpoint
+    segments; a fixed count is capped by the segments; parts=0 takes the wide tiles."""
+    from mambakit.ops import _triton_selective_scan as k
+
+    u = torch.empty(1, 3072, 65536)
+    cfg = dict(k.FWD_CONFIG, parts=0, part_programs=4)
+    assert k._time_split(cfg, u, 32, 128) == (8, 8192)  # 96 programs -> 4 * 132 wanted -> 6 -> 8 parts
+    assert k._time_split(dict(cfg, parts=1), u, 32, 128) == (1, 65536)
+    assert k._time_split(dict(cfg, parts=3), torch.empty(1, 64, 1000), 32, 128) == (3, 384)  # 8 segments
+    assert k._time_split(dict(cfg, parts=64), torch.empty(1, 64, 300), 32, 128) == (3, 128)
+    assert k._auto_tiles(cfg, u, k._NARROW_FWD)["block_d"] == 32
+    assert k._auto_tiles(dict(cfg, parts=1), u, k._NARROW_FWD)["block_d"] == 4

@@ -21,6 +21,24 @@ carries a triple (dA of the segment's first step, product of the other steps' dA
 copy of dA. Per-step dB/dC are reduced over the program's channels and added atomically in fp32; dA, dD,
 delta_bias (and constant B/C) go to per-batch partial buffers that the launcher sums.
 
+Variants (keys of FWD_CONFIG / BWD_CONFIG, all off by default; the GPU script times them):
+- prefetch (forward; 1 or 2 chunks ahead): the loop over chunks carries the raw tiles of the next one or two
+  chunks in registers, loaded before the current chunk is computed, so that global-load latency overlaps the
+  scan (each SM holds only ~3 programs of 4 warps: ptxas gives the wide tiles 154 registers a thread).
+- parts (time split, for grids too small to fill the GPU, e.g. b1 d3072 l65536 = 96 wide programs): the
+  sequence is cut into parts of whole checkpoint segments, each walked by its own programs. Forward: pass 1
+  runs parts 0..P-2 from a zero state, keeping each part's end state and the product of its dA (exactly 0 if a
+  packed sequence starts inside); pass 2 (_combine_parts_kernel) combines them in order into every part's
+  true start state; pass 3 is the ordinary forward of every part from its start state. Backward, the mirror
+  image: g needs no states, so pass 1 runs only g's reverse recurrence over parts 1..P-1 from a zero gradient;
+  pass 2 combines them backwards into the gradient arriving at each part's end; pass 3 is the ordinary
+  backward of every part. The extra pass costs about half a pass; the split pays when it multiplies the
+  programs in flight.
+- cl_copy: channels-last u/delta/z (stride 1 along d, the Mamba module's views of in_proj's output) are
+  copied to contiguous (b, d, l) first (a few tenths of a ms at b4 d3072 l4096), so that the kernel reads
+  each channel's time steps as runs of contiguous memory.
+- num_stages, maxnreg: Triton's launch options; chunk / nk / block_d: the tiles above.
+
 All offsets that scale with batch, channels or time are int64 (1M tokens x 5120 channels > 2^31).
 """
 
@@ -61,17 +79,49 @@ def _sum_n(x):
 
 
 @triton.jit
-def _chunk_terms(u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, t0, L, offs_t, mask_d, mask_n4,
-                 s_ul, s_dtl, s_Bl, s_Cl, s_sl,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr):
-    """Loads one chunk starting at step t0. Returns t (CHUNK,) int64, the (CHUNK, BLOCK_D) mask, u, dt (after bias
-    and softplus, 0 past the end so that the state passes through) and the pre-softplus x, all (CHUNK, BLOCK_D);
-    dA and dBu (NK, CHUNK, BLOCK_D, NJ); B and C broadcastable to that shape."""
+def _mul(a, b):
+    return a * b
+
+
+@triton.jit
+def _load_chunk(u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, t0, t_end, offs_t, mask_d, mask_n4,
+                s_ul, s_dtl, s_zl, s_Bl, s_Cl, s_sl,
+                HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, LOAD_C: tl.constexpr):
+    """The raw tiles of the chunk starting at step t0 (steps >= t_end masked), in the inputs' dtypes (half the
+    registers of fp32 while prefetched): u, x (delta before bias), z (CHUNK, BLOCK_D); B, C broadcastable to
+    (NK, CHUNK, BLOCK_D, NJ); reset (CHUNK,): a packed sequence starts there. Unused outputs (z without HAS_Z,
+    C without LOAD_C, reset without HAS_SEQ) are placeholders."""
     t = t0 + offs_t.to(tl.int64)
-    mask_t = t < L
+    mask_t = t < t_end
     m2 = mask_t[:, None] & mask_d[None, :]
-    u = tl.load(u_base + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
-    x = tl.load(dt_base + t[:, None] * s_dtl, mask=m2, other=0.0).to(tl.float32)
+    u = tl.load(u_base + t[:, None] * s_ul, mask=m2, other=0.0)
+    x = tl.load(dt_base + t[:, None] * s_dtl, mask=m2, other=0.0)
+    zv = u
+    if HAS_Z:
+        zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0)
+    reset = t < 0
+    if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
+        cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
+        prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
+        reset = (cur != prev) & (t > 0) & mask_t
+    if CONST_BC:
+        Bt = Bk[:, None, :, :]
+        Ct = Ck[:, None, :, :]
+    else:  # B_ptrs: (NK, 1, 1, NJ) pointers to step 0
+        t4 = t[None, :, None, None]
+        mnt = mask_n4 & (t4 < t_end)
+        Bt = tl.load(B_ptrs + t4 * s_Bl, mask=mnt, other=0.0)
+        Ct = Bt
+        if LOAD_C:
+            Ct = tl.load(C_ptrs + t4 * s_Cl, mask=mnt, other=0.0)
+    return u, x, zv, Bt, Ct, reset
+
+
+@triton.jit
+def _discretize(u, x, reset, Bt, A2, bias, m2, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                HAS_SEQ: tl.constexpr):
+    """dt (CHUNK, BLOCK_D) after bias and softplus (0 at masked steps, so that the state passes through), the
+    pre-softplus x, and dA = exp(dt A), dBu = dt u B (NK, CHUNK, BLOCK_D, NJ); u, x, B fp32."""
     if HAS_BIAS:
         x = x + bias[None, :]
     dt = x
@@ -79,20 +129,26 @@ def _chunk_terms(u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, t0
         dt = _softplus(x)
     dt = tl.where(m2, dt, 0.0)
     dA = tl.exp2(dt[None, :, :, None] * A2[:, None, :, :])
-    if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
-        cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
-        prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
-        reset = (cur != prev) & (t > 0) & mask_t
+    if HAS_SEQ:
         dA = tl.where(reset[None, :, None, None], 0.0, dA)
-    if CONST_BC:
-        Bt = Bk[:, None, :, :]
-        Ct = Ck[:, None, :, :]
-    else:  # B_ptrs: (NK, 1, 1, NJ) pointers to step 0
-        t4 = t[None, :, None, None]
-        mnt = mask_n4 & (t4 < L)
-        Bt = tl.load(B_ptrs + t4 * s_Bl, mask=mnt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptrs + t4 * s_Cl, mask=mnt, other=0.0).to(tl.float32)
     dBu = (dt * u)[None, :, :, None] * Bt
+    return dt, x, dA, dBu
+
+
+@triton.jit
+def _chunk_terms(u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, t0, L, offs_t, mask_d, mask_n4,
+                 s_ul, s_dtl, s_Bl, s_Cl, s_sl,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr):
+    """Loads one chunk starting at step t0. Returns t (CHUNK,) int64, the (CHUNK, BLOCK_D) mask, u, dt (after bias
+    and softplus, 0 past the end so that the state passes through) and the pre-softplus x, all (CHUNK, BLOCK_D);
+    dA and dBu (NK, CHUNK, BLOCK_D, NJ); B and C broadcastable to that shape."""
+    t = t0 + offs_t.to(tl.int64)
+    m2 = (t < L)[:, None] & mask_d[None, :]
+    u, x, _, Bt, Ct, reset = _load_chunk(u_base, dt_base, u_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, t0, L, offs_t,
+                                         mask_d, mask_n4, s_ul, s_dtl, s_ul, s_Bl, s_Cl, s_sl,
+                                         False, HAS_SEQ, CONST_BC, True)
+    u, x, Bt, Ct = u.to(tl.float32), x.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32)
+    dt, x, dA, dBu = _discretize(u, x, reset, Bt, A2, bias, m2, HAS_BIAS, SOFTPLUS, HAS_SEQ)
     return t, m2, u, dt, x, dA, dBu, Bt, Ct
 
 
@@ -117,16 +173,24 @@ def _state_index(pid_d, DIM, NSTATE, BLOCK_D: tl.constexpr, NK: tl.constexpr, NJ
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, out_ptr, last_ptr, states_ptr,
-    L, DIM, NSTATE, DIM_PER_GROUP,
+    decay_ptr, L, DIM, NSTATE, DIM_PER_GROUP, PART_LEN,
     s_ub, s_ud, s_ul, s_dtb, s_dtd, s_dtl, s_Ad, s_An,
     s_Bb, s_Bx, s_Bn, s_Bl, s_Cb, s_Cx, s_Cn, s_Cl,
-    s_zb, s_zd, s_zl, s_ob, s_od, s_ol, s_hb, s_hd, s_hn, s_sb, s_sl,
+    s_zb, s_zd, s_zl, s_ob, s_od, s_ol, s_hb, s_hp, s_hd, s_hn, s_sb, s_sl, s_lb, s_lp,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
+    PASS1: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr, NK: tl.constexpr, NJ: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
 ):
+    """Grid (channel blocks, b, parts): program (., ., p) walks steps [p PART_LEN, (p + 1) PART_LEN), a multiple
+    of SEG (one part of length >= L without a time split). h0: (b, parts, d, n) via s_hp (0: shared).
+    PASS1 (time split, pass 1): from a zero state, write only the part's end state to last_ptr and the product
+    of its dA to decay_ptr, both (b, parts, d, n) via s_lb / s_lp; else write out and, for the last part, the
+    last state. PREFETCH (0, 1, 2): the tiles of the chunk that many ahead are loaded before the current chunk
+    is computed."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2)
     offs_d, mask_d, n3, st_off, mask_s = _state_index(pid_d, DIM, NSTATE, BLOCK_D, NK, NJ)
     offs_t = tl.arange(0, CHUNK)
     d64 = offs_d.to(tl.int64)
@@ -156,52 +220,122 @@ def _scan_fwd_kernel(
     z_base = z_ptr + pid_b * s_zb + d64[None, :] * s_zd
     o_base = out_ptr + pid_b * s_ob + d64[None, :] * s_od
     seq_base = seq_ptr + pid_b * s_sb
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * s_hb + d3 * s_hd + n3 * s_hn, mask=mask_s, other=0.0).to(tl.float32)
+    if HAS_H0 and not PASS1:
+        h = tl.load(h0_ptr + pid_b * s_hb + pid_p * s_hp + d3 * s_hd + n3 * s_hn, mask=mask_s,
+                    other=0.0).to(tl.float32)
     else:
         h = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
+    decay = tl.full([NK, BLOCK_D, NJ], 1.0, dtype=tl.float32)
     first = (offs_t == 0)[None, :, None, None]
     last = (offs_t == CHUNK - 1)[None, :, None, None]
-    nseg = tl.cdiv(L, SEG)
-    st_ptr = states_ptr + pid_b * nseg * DIM * NSTATE + st_off  # moves one checkpoint per segment
-    for s in range(nseg):
+    SUBS: tl.constexpr = SEG // CHUNK
+    t_end = tl.minimum(L, (pid_p + 1).to(tl.int64) * PART_LEN)
+    c_begin = pid_p.to(tl.int64) * (PART_LEN // CHUNK)  # int64 chunk indices: t = c * CHUNK needs no cast
+    c_end = tl.cdiv(t_end, CHUNK)
+    st_ptr = states_ptr + pid_b * tl.cdiv(L, SEG) * DIM * NSTATE + st_off  # checkpoint s at + s * DIM * NSTATE
+    LOAD_OUT: tl.constexpr = not PASS1
+    if PREFETCH >= 1:
+        u_n, x_n, z_n, B_n, C_n, r_n = _load_chunk(
+            u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, c_begin * CHUNK, t_end,
+            offs_t, mask_d, mask_n4, s_ul, s_dtl, s_zl, s_Bl, s_Cl, s_sl,
+            HAS_Z and LOAD_OUT, HAS_SEQ, CONST_BC, LOAD_OUT)
+    if PREFETCH == 2:
+        u_m, x_m, z_m, B_m, C_m, r_m = _load_chunk(
+            u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, (c_begin + 1) * CHUNK, t_end,
+            offs_t, mask_d, mask_n4, s_ul, s_dtl, s_zl, s_Bl, s_Cl, s_sl,
+            HAS_Z and LOAD_OUT, HAS_SEQ, CONST_BC, LOAD_OUT)
+    for c in range(c_begin, c_end):
+        t0 = c * CHUNK
         if STORE_STATES:
-            tl.store(st_ptr, h, mask=mask_s)
-            st_ptr += DIM * NSTATE
-        nsub = tl.minimum(SEG // CHUNK, tl.cdiv(L - s * SEG, CHUNK))
-        for j in range(nsub):
-            t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
-                u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
-                mask_d, mask_n4, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
-            hs = _states(dA, dBu, h, first)
-            h = tl.sum(tl.where(last, hs, 0.0), axis=1)
+            if c % SUBS == 0:
+                tl.store(st_ptr + (c // SUBS) * (DIM * NSTATE), h, mask=mask_s)
+        if PREFETCH == 1:  # registers carry the next chunk's tiles, so its loads overlap this chunk's scan
+            u, x, zv, Bt, Ct, reset = u_n, x_n, z_n, B_n, C_n, r_n
+            u_n, x_n, z_n, B_n, C_n, r_n = _load_chunk(
+                u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, t0 + CHUNK, t_end, offs_t, mask_d,
+                mask_n4, s_ul, s_dtl, s_zl, s_Bl, s_Cl, s_sl, HAS_Z and LOAD_OUT, HAS_SEQ, CONST_BC, LOAD_OUT)
+        elif PREFETCH == 2:  # two chunks ahead: the loads get two chunks' compute to arrive
+            u, x, zv, Bt, Ct, reset = u_n, x_n, z_n, B_n, C_n, r_n
+            u_n, x_n, z_n, B_n, C_n, r_n = u_m, x_m, z_m, B_m, C_m, r_m
+            u_m, x_m, z_m, B_m, C_m, r_m = _load_chunk(
+                u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, t0 + 2 * CHUNK, t_end, offs_t, mask_d,
+                mask_n4, s_ul, s_dtl, s_zl, s_Bl, s_Cl, s_sl, HAS_Z and LOAD_OUT, HAS_SEQ, CONST_BC, LOAD_OUT)
+        else:
+            u, x, zv, Bt, Ct, reset = _load_chunk(
+                u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, t0, t_end, offs_t, mask_d, mask_n4,
+                s_ul, s_dtl, s_zl, s_Bl, s_Cl, s_sl, HAS_Z and LOAD_OUT, HAS_SEQ, CONST_BC, LOAD_OUT)
+        u, x, zv = u.to(tl.float32), x.to(tl.float32), zv.to(tl.float32)
+        Bt, Ct = Bt.to(tl.float32), Ct.to(tl.float32)
+        t = t0 + offs_t.to(tl.int64)
+        m2 = (t < t_end)[:, None] & mask_d[None, :]
+        dt, x, dA, dBu = _discretize(u, x, reset, Bt, A2, bias, m2, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        hs = _states(dA, dBu, h, first)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=1)
+        if PASS1:
+            decay *= tl.reduce(dA, 1, _mul)
+        else:
             y = _sum_n(hs * Ct)  # (CHUNK, BLOCK_D)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
-                zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
                 y *= zv * tl.sigmoid(zv)
             tl.store(o_base + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
-    tl.store(last_ptr + pid_b * DIM * NSTATE + st_off, h, mask=mask_s)
+    l_ptr = last_ptr + pid_b * s_lb + pid_p * s_lp + st_off
+    if PASS1:
+        tl.store(l_ptr, h, mask=mask_s)
+        tl.store(decay_ptr + pid_b * s_lb + pid_p * s_lp + st_off, decay, mask=mask_s)
+    elif pid_p == tl.num_programs(2) - 1:
+        tl.store(l_ptr, h, mask=mask_s)
+
+
+@triton.jit
+def _combine_parts_kernel(end_ptr, decay_ptr, h0_ptr, out_ptr, NPARTS, SIZE,
+                          HAS_H0: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Time split, pass 2: the sequential combine over parts. end, decay, out: contiguous (b, parts, SIZE) fp32;
+    h0: (b, SIZE). Forward: out[p] = the state before part p, out[0] = h0, out[p + 1] = decay[p] out[p] + end[p].
+    REVERSE (backward): out[p] = the gradient arriving at the end of part p, out[last] = h0 (dlast),
+    out[p - 1] = decay[p] out[p] + end[p]."""
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * SIZE + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(NPARTS):
+        p = i
+        if REVERSE:
+            p = NPARTS - 1 - i
+        off = (pid_b * NPARTS + p) * SIZE + offs
+        tl.store(out_ptr + off, h, mask=mask)
+        if i < NPARTS - 1:
+            h = tl.load(decay_ptr + off, mask=mask, other=0.0) * h + tl.load(end_ptr + off, mask=mask, other=0.0)
 
 
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, states_ptr, dout_ptr, dlast_ptr,
-    scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    L, DIM, NSTATE, DIM_PER_GROUP, NGROUPS,
+    scratch_ptr, du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, decay_ptr,
+    L, DIM, NSTATE, DIM_PER_GROUP, NGROUPS, PART_LEN, PART0, NPARTS,
     s_ub, s_ud, s_ul, s_dtb, s_dtd, s_dtl, s_Ad, s_An,
     s_Bb, s_Bx, s_Bn, s_Bl, s_Cb, s_Cx, s_Cn, s_Cl,
-    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_sb, s_sl,
+    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_sb, s_sl, s_glb, s_glp,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
+    HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, G_ONLY: tl.constexpr,
     BLOCK_D: tl.constexpr, NK: tl.constexpr, NJ: tl.constexpr, CHUNK: tl.constexpr, SEG: tl.constexpr,
 ):
-    """Gradients. du, ddt, dz: contiguous (b, d, l); dB, dC: fp32 (b, g, n, l) zeroed (atomics) or, when
-    constant, (b, d, n) partials; dA: (b, d, n) partials; dD, dbias: (b, d) partials; dh0: (b, d, n);
-    scratch: (b, cdiv(d, BLOCK_D), SEG // CHUNK, BLOCK_D * NK * NJ) fp32."""
+    """Gradients. Grid (channel blocks, b, parts - PART0): program (., ., p - PART0) walks back over steps
+    [p PART_LEN, (p + 1) PART_LEN) (PART_LEN a multiple of SEG; one part without a time split), starting from
+    the gradient dlast (b, parts, d, n) via s_glb / s_glp (s_glp 0: shared). du, ddt, dz: contiguous (b, d, l);
+    dB, dC: fp32 (b, g, n, l) zeroed (atomics) or, when constant, (b * parts, d, n) partials; dA: (b * parts,
+    d, n) partials; dD, dbias: (b * parts, d) partials; dh0: (b, parts, d, n), the gradient into each part's
+    start state; scratch: (b * parts, cdiv(d, BLOCK_D), SEG // CHUNK, BLOCK_D * NK * NJ) fp32.
+    G_ONLY (time split, pass 1): only the reverse recurrence of g from a zero gradient at the part's end:
+    writes dh0 and the product of the part's dA to decay_ptr (b, parts, d, n), nothing else."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2) + PART0
+    pid_q = pid_b * NPARTS + pid_p  # (batch row, part): the index of this program's partials
     offs_d, mask_d, n3, st_off, mask_s = _state_index(pid_d, DIM, NSTATE, BLOCK_D, NK, NJ)
     offs_t = tl.arange(0, CHUNK)
     d64 = offs_d.to(tl.int64)
@@ -235,13 +369,15 @@ def _scan_bwd_kernel(
     g_base = dout_ptr + pid_b * s_gb + d64[None, :] * s_gd
     bdl = (pid_b * DIM + d64[None, :]) * L  # (1, BLOCK_D) in contiguous (b, d, l)
     seq_base = seq_ptr + pid_b * s_sb
-    scr_ptr = (scratch_ptr + (pid_b * tl.num_programs(0) + pid_d) * ((SEG // CHUNK) * BLOCK_D * NK * NJ)
+    scr_ptr = (scratch_ptr + (pid_q * tl.num_programs(0) + pid_d) * ((SEG // CHUNK) * BLOCK_D * NK * NJ)
                + (tl.arange(0, NK)[:, None, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :, None]) * NJ
                + tl.arange(0, NJ)[None, None, :])
     nseg = tl.cdiv(L, SEG)
-    st_ptr = states_ptr + ((pid_b + 1) * nseg - 1) * DIM * NSTATE + st_off  # the last checkpoint, walked back
+    s_begin = pid_p * (PART_LEN // SEG)
+    s_end = tl.minimum(nseg, s_begin + PART_LEN // SEG)
+    st_ptr = states_ptr + (pid_b * nseg + s_end - 1) * DIM * NSTATE + st_off  # the part's last checkpoint
     if HAS_DLAST:
-        Gc = tl.load(dlast_ptr + pid_b * DIM * NSTATE + st_off, mask=mask_s, other=0.0)
+        Gc = tl.load(dlast_ptr + pid_b * s_glb + pid_p * s_glp + st_off, mask=mask_s, other=0.0)
     else:
         Gc = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
     dA_acc = tl.zeros([NK, BLOCK_D, NJ], dtype=tl.float32)
@@ -249,73 +385,90 @@ def _scan_bwd_kernel(
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     first = (offs_t == 0)[None, :, None, None]
     last = (offs_t == CHUNK - 1)[None, :, None, None]
-    for i in range(nseg):
-        s = nseg - 1 - i
-        h = tl.load(st_ptr, mask=mask_s, other=0.0)
-        st_ptr -= DIM * NSTATE
+    decay = tl.full([NK, BLOCK_D, NJ], 1.0, dtype=tl.float32)
+    for i in range(s_end - s_begin):
+        s = s_end - 1 - i
         nsub = tl.minimum(SEG // CHUNK, tl.cdiv(L - s * SEG, CHUNK))
-        for j in range(nsub):  # forward over the segment: the start state of every sub-chunk to scratch
-            tl.store(scr_ptr + j * (BLOCK_D * NK * NJ), h)
-            t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
-                u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
-                mask_d, mask_n4, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
-            h = tl.sum(tl.where(last, _states(dA, dBu, h, first), 0.0), axis=1)
-        tl.debug_barrier()  # scratch written above is read below, possibly by other threads
+        if not G_ONLY:
+            h = tl.load(st_ptr, mask=mask_s, other=0.0)
+            st_ptr -= DIM * NSTATE
+            for j in range(nsub):  # forward over the segment: the start state of every sub-chunk to scratch
+                tl.store(scr_ptr + j * (BLOCK_D * NK * NJ), h)
+                t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
+                    u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
+                    mask_d, mask_n4, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
+                h = tl.sum(tl.where(last, _states(dA, dBu, h, first), 0.0), axis=1)
+            tl.debug_barrier()  # scratch written above is read below, possibly by other threads
         for jj in range(nsub):
             j = nsub - 1 - jj
-            h_in = tl.load(scr_ptr + j * (BLOCK_D * NK * NJ))
             t, m2, u, dt, x, dA, dBu, Bt, Ct = _chunk_terms(
                 u_base, dt_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, A2, bias, s * SEG + j * CHUNK, L, offs_t,
                 mask_d, mask_n4, s_ul, s_dtl, s_Bl, s_Cl, s_sl, HAS_BIAS, SOFTPLUS, HAS_SEQ, CONST_BC)
-            hs = _states(dA, dBu, h_in, first)
             dy = tl.load(g_base + t[:, None] * s_gl, mask=m2, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
-                sz = tl.sigmoid(zv)
-                y = _sum_n(hs * Ct)
+            if G_ONLY:  # g needs neither the states nor any gradient but its own recurrence
+                if HAS_Z:
+                    zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
+                    dy = dy * zv * tl.sigmoid(zv)
+                dyC = dy[None, :, :, None] * Ct
+                dyC = tl.where(last, dyC + Gc[:, None, :, :], dyC)
+                _, _, g = tl.associative_scan((dA, tl.full(dA.shape, 1.0, tl.float32), dyC), 1, _reverse_combine,
+                                              reverse=True)
+                Gc = tl.sum(tl.where(first, g * dA, 0.0), axis=1)
+                decay *= tl.reduce(dA, 1, _mul)
+            else:
+                h_in = tl.load(scr_ptr + j * (BLOCK_D * NK * NJ))
+                hs = _states(dA, dBu, h_in, first)
+                if HAS_Z:
+                    zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
+                    sz = tl.sigmoid(zv)
+                    y = _sum_n(hs * Ct)
+                    if HAS_D:
+                        y += Dv[None, :] * u
+                    dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
+                    tl.store(dz_ptr + bdl + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                    dy = dy * zv * sz
+                dy4 = dy[None, :, :, None]
+                dyC = dy4 * Ct
+                dyC = tl.where(last, dyC + Gc[:, None, :, :], dyC)  # gradient arriving from the next chunk
+                _, _, g = tl.associative_scan((dA, tl.full(dA.shape, 1.0, tl.float32), dyC), 1, _reverse_combine,
+                                              reverse=True)  # g_t = dL/dh_t
+                Gc = tl.sum(tl.where(first, g * dA, 0.0), axis=1)  # into the state before this chunk
+                w = g * (hs - dBu)  # g_t dA_t h_{t-1} = dL/d(dt_t A)
+                gB = _sum_n(g * Bt)  # (CHUNK, BLOCK_D)
+                ddt = _sum_n(w * A[:, None, :, :]) + gB * u
+                du = gB * dt
                 if HAS_D:
-                    y += Dv[None, :] * u
-                dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
-                tl.store(dz_ptr + bdl + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m2)
-                dy = dy * zv * sz
-            dy4 = dy[None, :, :, None]
-            dyC = dy4 * Ct
-            dyC = tl.where(last, dyC + Gc[:, None, :, :], dyC)  # gradient arriving from the next chunk
-            _, _, g = tl.associative_scan((dA, tl.full(dA.shape, 1.0, tl.float32), dyC), 1, _reverse_combine,
-                                          reverse=True)  # g_t = dL/dh_t
-            Gc = tl.sum(tl.where(first, g * dA, 0.0), axis=1)  # into the state before this chunk
-            w = g * (hs - dBu)  # g_t dA_t h_{t-1} = dL/d(dt_t A)
-            gB = _sum_n(g * Bt)  # (CHUNK, BLOCK_D)
-            ddt = _sum_n(w * A[:, None, :, :]) + gB * u
-            du = gB * dt
-            if HAS_D:
-                du += Dv[None, :] * dy
-                dD_acc += tl.sum(dy * u, axis=0)
-            dA_acc += tl.sum(w * dt[None, :, :, None], axis=1)
-            if SOFTPLUS:
-                ddt = tl.where(x > 20.0, ddt, ddt * tl.sigmoid(x))
-            ddt = tl.where(m2, ddt, 0.0)
-            dbias_acc += tl.sum(ddt, axis=0)
-            tl.store(du_ptr + bdl + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
-            tl.store(ddt_ptr + bdl + t[:, None], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
-            dtu4 = (dt * u)[None, :, :, None]
-            if CONST_BC:
-                dB_acc += tl.sum(g * dtu4, axis=1)
-                dC_acc += tl.sum(hs * dy4, axis=1)
-            else:  # per-step dB, dC: (NK, CHUNK, NJ) summed over this program's channels
-                t3 = t[None, :, None]
-                mnt = (n3 < NSTATE) & (t3 < L)
-                tl.atomic_add(dB_ptr + dBC_off + t3, tl.sum(g * dtu4, axis=2), mask=mnt, sem="relaxed")
-                tl.atomic_add(dC_ptr + dBC_off + t3, tl.sum(hs * dy4, axis=2), mask=mnt, sem="relaxed")
-        tl.debug_barrier()  # the next segment overwrites the scratch read above
-    bdn = pid_b * DIM * NSTATE + st_off
+                    du += Dv[None, :] * dy
+                    dD_acc += tl.sum(dy * u, axis=0)
+                dA_acc += tl.sum(w * dt[None, :, :, None], axis=1)
+                if SOFTPLUS:
+                    ddt = tl.where(x > 20.0, ddt, ddt * tl.sigmoid(x))
+                ddt = tl.where(m2, ddt, 0.0)
+                dbias_acc += tl.sum(ddt, axis=0)
+                tl.store(du_ptr + bdl + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
+                tl.store(ddt_ptr + bdl + t[:, None], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+                dtu4 = (dt * u)[None, :, :, None]
+                if CONST_BC:
+                    dB_acc += tl.sum(g * dtu4, axis=1)
+                    dC_acc += tl.sum(hs * dy4, axis=1)
+                else:  # per-step dB, dC: (NK, CHUNK, NJ) summed over this program's channels
+                    t3 = t[None, :, None]
+                    mnt = (n3 < NSTATE) & (t3 < L)
+                    tl.atomic_add(dB_ptr + dBC_off + t3, tl.sum(g * dtu4, axis=2), mask=mnt, sem="relaxed")
+                    tl.atomic_add(dC_ptr + dBC_off + t3, tl.sum(hs * dy4, axis=2), mask=mnt, sem="relaxed")
+        if not G_ONLY:
+            tl.debug_barrier()  # the next segment overwrites the scratch read above
+    bdn = pid_q * DIM * NSTATE + st_off
     tl.store(dh0_ptr + bdn, Gc, mask=mask_s)
-    tl.store(dA_ptr + bdn, dA_acc, mask=mask_s)
-    if CONST_BC:
-        tl.store(dB_ptr + bdn, dB_acc, mask=mask_s)
-        tl.store(dC_ptr + bdn, dC_acc, mask=mask_s)
-    tl.store(dD_ptr + pid_b * DIM + d64, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + pid_b * DIM + d64, dbias_acc, mask=mask_d)
+    if G_ONLY:
+        tl.store(decay_ptr + bdn, decay, mask=mask_s)
+    else:
+        tl.store(dA_ptr + bdn, dA_acc, mask=mask_s)
+        if CONST_BC:
+            tl.store(dB_ptr + bdn, dB_acc, mask=mask_s)
+            tl.store(dC_ptr + bdn, dC_acc, mask=mask_s)
+        tl.store(dD_ptr + pid_q * DIM + d64, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + pid_q * DIM + d64, dbias_acc, mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,10 +477,18 @@ def _scan_bwd_kernel(
 
 # nk: states per thread; chunk: steps per loop iteration (registers per thread ~ nk * chunk per tile);
 # seg: steps between saved states. num_warps None: block_d * (n / nk) / 32, so that every thread owns one
-# (channel, j) pair. block_d / nk / chunk None: chosen per call by _auto_tiles. The GPU script
-# (scripts/gpu_check_mamba1.py) times variants of these.
-FWD_CONFIG = dict(block_d=None, nk=None, chunk=None, seg=128, num_warps=None)
-BWD_CONFIG = dict(block_d=None, nk=None, chunk=None, num_warps=None)
+# (channel, j) pair. block_d / nk / chunk None: chosen per call by _auto_tiles. num_stages, maxnreg: Triton's
+# launch options (None: its default; maxnreg caps registers a thread, e.g. 168 keeps 3 programs of 4 warps on
+# an SM: ptxas gives the wide forward 154 registers, 194 with prefetch). prefetch (False / True = 1 / 2):
+# load the tiles of the chunk that many ahead before computing the current one.
+# parts: time split into that many parts run by separate programs (1: none; 0: auto, enough parts for
+# part_programs programs per SM; see _time_split). cl_copy: copy channels-last u/delta/z (stride 1 along d)
+# to contiguous (b, d, l) before the kernel, so that the kernel reads whole time rows per channel.
+# The GPU script (scripts/gpu_check_mamba1.py) times variants of these.
+FWD_CONFIG = dict(block_d=None, nk=None, chunk=None, seg=128, num_warps=None, num_stages=None, maxnreg=None,
+                  prefetch=False, parts=1, part_programs=4, cl_copy=False)
+BWD_CONFIG = dict(block_d=None, nk=None, chunk=None, num_warps=None, num_stages=None, maxnreg=None, parts=1,
+                  part_programs=4, cl_copy=False)
 
 # Measured on an H200 (notes/gpu_run2, bf16, n = 16): with >= 2 programs per SM, wide programs with 4 states
 # per thread are fastest (b4 d3072 l4096: fwd 1.14 ms vs 2.92 ms for (8, 1, 16), fwd+bwd 10.5 vs 15.8 ms);
@@ -339,10 +500,46 @@ _NARROW_BWD = dict(block_d=8, nk=1, chunk=16)
 
 
 def _auto_tiles(cfg: dict, u: torch.Tensor, narrow: dict) -> dict:
-    """Fills the config's None tiles from the grid size: the wide tiles when they give every SM two programs."""
+    """Fills the config's None tiles from the grid size: the wide tiles when they give every SM two programs
+    (counting a fixed time split's parts; an automatic split, parts=0, supplies the programs itself)."""
     b, d = u.shape[0], u.shape[1]
-    preset = _WIDE if b * triton.cdiv(d, _WIDE["block_d"]) >= 2 * num_sms(u.device) else narrow
+    parts = cfg.get("parts", 1)
+    programs = b * triton.cdiv(d, _WIDE["block_d"]) * max(parts, 1)
+    preset = _WIDE if parts == 0 or programs >= 2 * num_sms(u.device) else narrow
     return {k: (preset[k] if v is None and k in preset else v) for k, v in cfg.items()}
+
+
+def _time_split(cfg: dict, u: torch.Tensor, block_d: int, seg: int) -> tuple[int, int]:
+    """(parts, part_len): part_len a multiple of seg (checkpoints and chunks never straddle parts), parts =
+    cdiv(l, part_len). parts=0 picks the smallest power of two giving part_programs programs per SM."""
+    b, d, l = u.shape
+    nseg = triton.cdiv(max(l, 1), seg)
+    want = cfg["parts"]
+    if want == 0:
+        programs = b * triton.cdiv(d, block_d)
+        want = triton.next_power_of_2(max(1, triton.cdiv(cfg["part_programs"] * num_sms(u.device), programs)))
+    part_segs = triton.cdiv(nseg, max(1, min(want, nseg)))
+    return triton.cdiv(nseg, part_segs), part_segs * seg
+
+
+def _contiguous_if_channels_last(cfg: dict, *ts):
+    """With cl_copy, channels-last (stride 1 along d) (b, d, l) tensors become contiguous copies."""
+    if not cfg["cl_copy"]:
+        return ts
+    return tuple(t.contiguous() if t is not None and t.shape[2] > 1 and t.stride(1) == 1 else t for t in ts)
+
+
+def _combine_parts(end: torch.Tensor, decay: torch.Tensor, h0, reverse: bool) -> torch.Tensor:
+    """Time split, pass 2: end, decay (b, parts, d, n) fp32 (parts - 1 filled: the last part's (reverse: the
+    first's) are never read); h0 (b, d, n) or None -> (b, parts, d, n): each part's start state (reverse: the
+    gradient at each part's end)."""
+    b, parts, d, n = end.shape
+    out = _empty_like(end)
+    size, block = d * n, 1024
+    _combine_parts_kernel[(triton.cdiv(size, block), b)](
+        end, decay, _opt(h0, end), out, parts, size,
+        HAS_H0=h0 is not None, REVERSE=reverse, BLOCK=block)
+    return out
 
 
 # Every buffer a kernel fills is allocated through these two, so that tests can poison them with NaN.
@@ -383,61 +580,104 @@ def _opt(t, fallback):
     return t if t is not None else fallback
 
 
+def _launch_opts(cfg: dict, meta: dict) -> dict:
+    """The kernel meta-parameters plus Triton's launch options that the config sets (None: Triton's default)."""
+    return dict(meta, **{k: cfg[k] for k in ("num_stages", "maxnreg") if cfg.get(k) is not None})
+
+
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_states, **overrides):
-    """Returns out (like u), last_state (b, d, n) fp32, the saved states (b, nseg, d, n) fp32 or None, and
-    the steps between saved states (the backward needs it). ``overrides``: keys of FWD_CONFIG."""
+    """Returns out (like u; contiguous (b, d, l) when cl_copy copied u), last_state (b, d, n) fp32, the saved
+    states (b, nseg, d, n) fp32 or None, and the steps between saved states (the backward needs it).
+    ``overrides``: keys of FWD_CONFIG.
+
+    With a time split (parts > 1): pass 1 runs parts 0..parts-2 from a zero state, giving each part's end
+    state and the product of its dA (0 when a packed sequence starts inside); pass 2 combines them in order
+    into every part's true start state; pass 3 is the ordinary forward of all parts from those states."""
     cfg = _auto_tiles(_config(FWD_CONFIG, **overrides), u, _NARROW_FWD)
+    u, delta, z = _contiguous_if_channels_last(cfg, u, delta, z)
     b, d, l = u.shape
     n = A.shape[1]
     meta = _blocks(u, A, B, cfg, cfg["chunk"])
     seg = max(meta["CHUNK"], min(cfg["seg"], triton.next_power_of_2(max(l, 1))))
+    parts, part_len = _time_split(cfg, u, meta["BLOCK_D"], seg)
     out = _empty_like(u)
     last = _empty(b, d, n, device=u.device, dtype=torch.float32)
     states = _empty(b, triton.cdiv(l, seg), d, n, device=u.device, dtype=torch.float32) if store_states else None
-    z_, h0_, seq_ = _opt(z, u), _opt(h0, last), _opt(seq_idx, u)
-    _scan_fwd_kernel[(triton.cdiv(d, meta["BLOCK_D"]), b)](
-        u, delta, A, B, C, _opt(D, u), z_, _opt(delta_bias, u), h0_, seq_, out, last, _opt(states, last),
-        l, d, n, d // (B.shape[1] if B.dim() == 4 else 1),
-        *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
-        *z_.stride(), *out.stride(), *h0_.stride(), *(seq_.stride()[:2] if seq_idx is not None else (0, 0)),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, CONST_BC=B.dim() == 2, STORE_STATES=store_states,
-        SEG=seg, **meta,
-    )
+    z_, seq_ = _opt(z, u), _opt(seq_idx, u)
+    nd = triton.cdiv(d, meta["BLOCK_D"])
+
+    def launch(grid, h0_, s_hp, last_, s_l, decay, pass1, store):
+        _scan_fwd_kernel[grid](
+            u, delta, A, B, C, _opt(D, u), z_, _opt(delta_bias, u), h0_, seq_, out, last_, _opt(states, last),
+            decay, l, d, n, d // (B.shape[1] if B.dim() == 4 else 1), part_len,
+            *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
+            *z_.stride(), *out.stride(), h0_.stride(0), s_hp, *h0_.stride()[-2:],
+            *(seq_.stride()[:2] if seq_idx is not None else (0, 0)), *s_l,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+            HAS_H0=h0_ is not last, HAS_SEQ=seq_idx is not None, CONST_BC=B.dim() == 2, STORE_STATES=store,
+            PASS1=pass1, PREFETCH=int(cfg["prefetch"]), SEG=seg, **_launch_opts(cfg, meta),
+        )
+
+    if parts == 1:
+        launch((nd, b, 1), _opt(h0, last), 0, last, (d * n, 0), last, False, store_states)
+        return out, last, states, seg
+    ends, decay = (_empty(b, parts, d, n, device=u.device, dtype=torch.float32) for _ in range(2))
+    launch((nd, b, parts - 1), last, 0, ends, ends.stride()[:2], decay, True, False)
+    starts = _combine_parts(ends, decay, None if h0 is None else h0.contiguous(), reverse=False)
+    launch((nd, b, parts), starts, starts.stride(1), last, (d * n, 0), last, False, store_states)
     return out, last, states, seg
 
 
 def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dlast, softplus, **overrides):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0): du, ddelta, dz contiguous in the inputs'
-    dtypes, the rest fp32 with dB/dC in B's layout (the caller casts). ``overrides``: keys of BWD_CONFIG."""
+    dtypes, the rest fp32 with dB/dC in B's layout (the caller casts). ``overrides``: keys of BWD_CONFIG.
+
+    With a time split (parts > 1; part_len a multiple of the forward's seg): pass 1 runs the reverse
+    recurrence of g alone over parts 1..parts-1 from a zero gradient; pass 2 combines them backwards into the
+    gradient arriving at every part's end; pass 3 is the ordinary backward of all parts from those."""
     cfg = _auto_tiles(_config(BWD_CONFIG, **overrides), u, _NARROW_BWD)
+    u, delta, z, dout = _contiguous_if_channels_last(cfg, u, delta, z, dout)
     b, d, l = u.shape
     n = A.shape[1]
     g = B.shape[1] if B.dim() == 4 else 1
     meta = _blocks(u, A, B, cfg, min(cfg["chunk"], seg))
+    parts, part_len = _time_split(cfg, u, meta["BLOCK_D"], seg)
     dev, f32 = u.device, torch.float32
     du = _empty(b, d, l, device=dev, dtype=u.dtype)
     ddt = _empty(b, d, l, device=dev, dtype=delta.dtype)
     dz = _empty(b, d, l, device=dev, dtype=z.dtype) if z is not None else None
     const = B.dim() == 2
-    dB = _empty(b, d, n, device=dev, dtype=f32) if const else torch.zeros(b, g, n, l, device=dev, dtype=f32)
+    bp = b * parts  # the partial sums are per (batch row, part)
+    dB = _empty(bp, d, n, device=dev, dtype=f32) if const else torch.zeros(b, g, n, l, device=dev, dtype=f32)
     dC = _empty_like(dB) if const else torch.zeros_like(dB)
-    dA, dh0 = (_empty(b, d, n, device=dev, dtype=f32) for _ in range(2))
-    dD, dbias = (_empty(b, d, device=dev, dtype=f32) for _ in range(2))
-    grid = (triton.cdiv(d, meta["BLOCK_D"]), b)
-    scratch = torch.empty(b * grid[0] * (seg // meta["CHUNK"]) * meta["BLOCK_D"] * meta["NK"] * meta["NJ"],
+    dA, dh0 = (_empty(bp, d, n, device=dev, dtype=f32) for _ in range(2))
+    dD, dbias = (_empty(bp, d, device=dev, dtype=f32) for _ in range(2))
+    nd = triton.cdiv(d, meta["BLOCK_D"])
+    scratch = torch.empty(bp * nd * (seg // meta["CHUNK"]) * meta["BLOCK_D"] * meta["NK"] * meta["NJ"],
                           device=dev, dtype=f32)
     z_, seq_ = _opt(z, u), _opt(seq_idx, u)
-    dlast_ = dlast.to(f32).contiguous() if dlast is not None else dh0
-    _scan_bwd_kernel[grid](
-        u, delta, A, B, C, _opt(D, u), z_, _opt(delta_bias, u), seq_, states, dout, dlast_, scratch,
-        du, ddt, _opt(dz, du), dA, dB, dC, dD, dbias, dh0,
-        l, d, n, d // g, g,
-        *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
-        *z_.stride(), *dout.stride(), *(seq_.stride()[:2] if seq_idx is not None else (0, 0)),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_DLAST=dlast is not None, HAS_SEQ=seq_idx is not None, CONST_BC=const, SEG=seg, **meta,
-    )
+    dlast_ = dlast.to(f32).contiguous() if dlast is not None else None
+
+    def launch(grid, part0, dl, s_gl, g_only, dh0_, decay):
+        _scan_bwd_kernel[grid](
+            u, delta, A, B, C, _opt(D, u), z_, _opt(delta_bias, u), seq_, states, dout, _opt(dl, dh0), scratch,
+            du, ddt, _opt(dz, du), dA, dB, dC, dD, dbias, dh0_, decay,
+            l, d, n, d // g, g, part_len, part0, parts,
+            *u.stride(), *delta.stride(), *A.stride(), *_bc_strides(B), *_bc_strides(C),
+            *z_.stride(), *dout.stride(), *(seq_.stride()[:2] if seq_idx is not None else (0, 0)), *s_gl,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+            HAS_DLAST=dl is not None, HAS_SEQ=seq_idx is not None, CONST_BC=const, G_ONLY=g_only, SEG=seg,
+            **_launch_opts(cfg, meta),
+        )
+
+    if parts == 1:
+        launch((nd, b, 1), 0, dlast_, (d * n, 0), False, dh0, dh0)
+    else:
+        g_end, decay = (_empty(b, parts, d, n, device=dev, dtype=f32) for _ in range(2))
+        launch((nd, b, parts - 1), 1, None, (0, 0), True, g_end, decay)
+        g_in = _combine_parts(g_end, decay, dlast_, reverse=True)
+        launch((nd, b, parts), 0, g_in, g_in.stride()[:2], False, dh0, dh0)
+    dh0 = dh0.view(b, parts, d, n)[:, 0]
     if const:
         dB, dC = dB.sum(0), dC.sum(0)
     elif B.dim() == 3:

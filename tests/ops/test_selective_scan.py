@@ -307,9 +307,13 @@ def test_auto_tiles_follow_the_grid_size():
 
     wide, narrow = torch.empty(4, 3072, 1), torch.empty(1, 3072, 1)  # 384 and 96 programs of 32 channels
     assert k._auto_tiles(dict(k.FWD_CONFIG), wide, k._NARROW_FWD)["nk"] == 4
-    cfg = k._auto_tiles(dict(k.FWD_CONFIG), narrow, k._NARROW_FWD)
+    cfg = k._auto_tiles(dict(k.FWD_CONFIG, parts=1), narrow, k._NARROW_FWD)  # no time split: narrow tiles
     assert (cfg["block_d"], cfg["nk"], cfg["chunk"], cfg["seg"]) == (4, 1, 16, 128)
     assert k._auto_tiles(dict(k.FWD_CONFIG, nk=2), wide, k._NARROW_FWD)["nk"] == 2
+    # the default automatic split: wide tiles and enough parts on the small grid, none on the large one
+    assert k._auto_tiles(dict(k.FWD_CONFIG), narrow, k._NARROW_FWD)["nk"] == 4
+    assert k._time_split(dict(k.FWD_CONFIG), torch.empty(1, 3072, 65536), 32, 128) == (32, 2048)
+    assert k._time_split(dict(k.FWD_CONFIG), torch.empty(4, 3072, 4096), 32, 128) == (1, 4096)
 
 
 # ------------------------------------------------------------- Triton variants: prefetch, time split, cl_copy
@@ -326,9 +330,9 @@ def split_seq_idx(b, l):
 
 VARIANTS = [  # (B/C layout, dtype, channels-last inputs, forward config, backward config)
     ("group", torch.float32, False, dict(parts=3, prefetch=True), dict(parts=4)),
-    ("const", torch.float32, False, dict(prefetch=2), dict(parts=2)),
-    ("step", torch.bfloat16, True, dict(parts=0, part_programs=16, cl_copy=True, prefetch=True),
-     dict(parts=0, part_programs=16, cl_copy=True)),
+    ("const", torch.float32, False, dict(prefetch=2, parts=1), dict(parts=2)),
+    ("step", torch.bfloat16, True, dict(parts=0, part_programs=4, cl_copy=True, prefetch=True),
+     dict(parts=0, part_programs=4, cl_copy=True)),
 ]
 
 
@@ -337,10 +341,10 @@ VARIANTS = [  # (B/C layout, dtype, channels-last inputs, forward config, backwa
 def test_triton_variants(poisoned, monkeypatch, bc, dtype, cl, fwd, bwd):
     """Every switchable variant against the reference: outputs, last state and all gradients, with an initial
     state and packed sequences. 4-step checkpoints over 30 steps: 8 segments, parts of 8 or 12 steps (the last
-    one shorter); one SM, so that parts=0 splits (into 4 parts)."""
+    one shorter); three SMs, so that parts=0 splits the 4 programs (of 4 channels) into 4 parts."""
     from mambakit.ops import _triton_selective_scan as k
 
-    monkeypatch.setattr(k, "num_sms", lambda device: 1)
+    monkeypatch.setattr(k, "num_sms", lambda device: 3)
     monkeypatch.setitem(k.FWD_CONFIG, "chunk", 4)
     monkeypatch.setitem(k.FWD_CONFIG, "seg", 4)
     for cfg, over in ((k.FWD_CONFIG, fwd), (k.BWD_CONFIG, bwd)):

@@ -479,16 +479,21 @@ def _scan_bwd_kernel(
 # seg: steps between saved states. num_warps None: block_d * (n / nk) / 32, so that every thread owns one
 # (channel, j) pair. block_d / nk / chunk None: chosen per call by _auto_tiles. num_stages, maxnreg: Triton's
 # launch options (None: its default; maxnreg caps registers a thread, e.g. 168 keeps 3 programs of 4 warps on
-# an SM: ptxas gives the wide forward 154 registers, 194 with prefetch). prefetch (False / True = 1 / 2):
-# load the tiles of the chunk that many ahead before computing the current one.
-# parts: time split into that many parts run by separate programs (1: none; 0: auto, enough parts for
-# part_programs programs per SM; see _time_split). cl_copy: copy channels-last u/delta/z (stride 1 along d)
+# an SM: ptxas gives the wide forward 154 registers, 194 with prefetch). prefetch (False / True = 1 / 2, or
+# "auto": 1 for channels-last u, else 0): load the tiles of the chunk that many ahead before computing the
+# current one. parts: time split into that many parts run by separate programs (1: none; 0: auto, a split
+# only when the wide tiles give fewer than 2 programs an SM, into enough parts for part_programs programs
+# an SM; see _time_split). cl_copy: copy channels-last u/delta/z (stride 1 along d)
 # to contiguous (b, d, l) before the kernel, so that the kernel reads whole time rows per channel.
 # The GPU script (scripts/gpu_check_mamba1.py) times variants of these.
+# Defaults measured on an H200 (notes/gpu_run3/mamba1, bf16, n = 16): prefetch for channels-last inputs
+# (the Mamba module's layout: b4 d3072 l4096 fwd 0.90 vs 1.22 ms; contiguous 1.14 vs 1.11, so off there);
+# an automatic time split on small grids (b1 d3072 l65536 fwd 10.1 -> 6.25 ms with 32 parts, fwd+bwd
+# 76.6 -> 40.5 ms); the backward capped at 168 registers (3 programs an SM: b4 fwd+bwd 8.78 -> 7.63 ms).
 FWD_CONFIG = dict(block_d=None, nk=None, chunk=None, seg=128, num_warps=None, num_stages=None, maxnreg=None,
-                  prefetch=False, parts=1, part_programs=4, cl_copy=False)
-BWD_CONFIG = dict(block_d=None, nk=None, chunk=None, num_warps=None, num_stages=None, maxnreg=None, parts=1,
-                  part_programs=4, cl_copy=False)
+                  prefetch="auto", parts=0, part_programs=16, cl_copy=False)
+BWD_CONFIG = dict(block_d=None, nk=None, chunk=None, num_warps=None, num_stages=None, maxnreg=168, parts=0,
+                  part_programs=16, cl_copy=False)
 
 # Measured on an H200 (notes/gpu_run2, bf16, n = 16): with >= 2 programs per SM, wide programs with 4 states
 # per thread are fastest (b4 d3072 l4096: fwd 1.14 ms vs 2.92 ms for (8, 1, 16), fwd+bwd 10.5 vs 15.8 ms);
@@ -511,15 +516,23 @@ def _auto_tiles(cfg: dict, u: torch.Tensor, narrow: dict) -> dict:
 
 def _time_split(cfg: dict, u: torch.Tensor, block_d: int, seg: int) -> tuple[int, int]:
     """(parts, part_len): part_len a multiple of seg (checkpoints and chunks never straddle parts), parts =
-    cdiv(l, part_len). parts=0 picks the smallest power of two giving part_programs programs per SM."""
+    cdiv(l, part_len). parts=0: no split when the grid already gives every SM two programs, else the smallest
+    power of two giving part_programs programs per SM."""
     b, d, l = u.shape
     nseg = triton.cdiv(max(l, 1), seg)
     want = cfg["parts"]
     if want == 0:
-        programs = b * triton.cdiv(d, block_d)
-        want = triton.next_power_of_2(max(1, triton.cdiv(cfg["part_programs"] * num_sms(u.device), programs)))
+        programs, sms = b * triton.cdiv(d, block_d), num_sms(u.device)
+        want = 1 if programs >= 2 * sms else triton.next_power_of_2(triton.cdiv(cfg["part_programs"] * sms, programs))
     part_segs = triton.cdiv(nseg, max(1, min(want, nseg)))
     return triton.cdiv(nseg, part_segs), part_segs * seg
+
+
+def _prefetch(cfg: dict, u: torch.Tensor) -> int:
+    """Chunks loaded ahead: the config's value, or for "auto" 1 when u is channels-last (stride 1 along d)."""
+    if cfg["prefetch"] == "auto":
+        return int(u.stride(1) == 1 and u.shape[2] > 1)
+    return int(cfg["prefetch"])
 
 
 def _contiguous_if_channels_last(cfg: dict, *ts):
@@ -615,7 +628,7 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_s
             *(seq_.stride()[:2] if seq_idx is not None else (0, 0)), *s_l,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             HAS_H0=h0_ is not last, HAS_SEQ=seq_idx is not None, CONST_BC=B.dim() == 2, STORE_STATES=store,
-            PASS1=pass1, PREFETCH=int(cfg["prefetch"]), SEG=seg, **_launch_opts(cfg, meta),
+            PASS1=pass1, PREFETCH=_prefetch(cfg, u), SEG=seg, **_launch_opts(cfg, meta),
         )
 
     if parts == 1:
@@ -653,7 +666,7 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dl
     dA, dh0 = (_empty(bp, d, n, device=dev, dtype=f32) for _ in range(2))
     dD, dbias = (_empty(bp, d, device=dev, dtype=f32) for _ in range(2))
     nd = triton.cdiv(d, meta["BLOCK_D"])
-    scratch = torch.empty(bp * nd * (seg // meta["CHUNK"]) * meta["BLOCK_D"] * meta["NK"] * meta["NJ"],
+    scratch = _empty(bp * nd * (seg // meta["CHUNK"]) * meta["BLOCK_D"] * meta["NK"] * meta["NJ"],
                           device=dev, dtype=f32)
     z_, seq_ = _opt(z, u), _opt(seq_idx, u)
     dlast_ = dlast.to(f32).contiguous() if dlast is not None else None

@@ -136,8 +136,8 @@ class unfused:
 
 
 def fused_vs_unfused(model, new: int = 16) -> dict:
-    """Logits of the fused and unfused decode steps on the same forced tokens (batch 2, eager)."""
-    prompt = torch.randint(0, VOCAB, (2, 32), device=DEVICE)
+    """Logits of the fused and unfused decode steps on the same forced tokens (batch 1, eager)."""
+    prompt = torch.randint(0, VOCAB, (1, 32), device=DEVICE)
     kw = dict(max_new_tokens=new, output_scores=True, return_dict_in_generate=True)
     with unfused():
         ref = generate(model, prompt, cg=False, **kw)

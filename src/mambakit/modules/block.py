@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import RMSNorm, rms_norm_fn
+from ..ops.decode import fused_decode_applies
 
 
 class GatedMLP(nn.Module):
@@ -82,10 +83,13 @@ class Block(nn.Module):
         """(mixer output, residual) from the mixer's fused decode step (add + norm + mixer in 3-4 kernels) when
         it applies: one token after a cached prefix, an RMSNorm, a small batch on the GPU (``ops.decode``);
         else None."""
+        # cheapest tests first: on a CPU this runs every layer and token and must cost next to nothing
+        if (inference_params is None or inference_params.seqlen_offset == 0 or mixer_kwargs
+                or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or not fused_decode_applies(hidden_states)):
+            return None
         step = getattr(self.mixer, "fused_step", None)
-        if (step is None or inference_params is None or inference_params.seqlen_offset == 0 or mixer_kwargs
-                or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or type(self.norm) is not RMSNorm):
-            return None  # the mixer's step decides the rest (backend, batch, layer size: ops.decode)
+        if step is None or type(self.norm) is not RMSNorm:
+            return None  # the mixer's step checks the rest (its layer size and module types)
         return step(hidden_states, residual, self.norm, self.residual_in_fp32, inference_params)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):

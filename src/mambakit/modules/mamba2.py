@@ -214,7 +214,8 @@ class Mamba2(nn.Module):
         if not fused_decode_applies(hidden_states, self.in_proj.weight):
             return None
         b = hidden_states.shape[0]
-        conv_state, ssm_state = cache_slot(inference_params, self.layer_idx, lambda: self.allocate_inference_cache(b, 0))
+        conv_state, ssm_state = cache_slot(inference_params, self.layer_idx,
+                                           lambda: self.allocate_inference_cache(b, 0))
         if conv_state.shape[0] != b or ssm_state.shape[0] != b:
             return None
         zxbcdt, residual, xBC = norm_linear(

@@ -43,11 +43,11 @@ except ImportError:  # the references need no Triton
 # 0.68 ms/token, Mamba-2 0.45-0.52 vs 0.55), slower at 2.8b, where cuBLAS reads the big weights faster than
 # this GEMV (4.4 vs 3.1 ms); at batch 4 Mamba-2 lost (0.79 vs 0.57). Hence batch 1 and small layers only.
 MAX_FUSED_BATCH = 1  # rows per fused step (the kernels take up to 16, the dot's row tile)
-MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26M) above which cuBLAS wins; above it the linear layers are matrix products (cuBLAS)
+MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26M) above which cuBLAS wins
 # GEMV launch: programs per SM aimed at, K slice per dot, pipeline depth, warps.
 # scripts/gpu_check_generate.py times variants of these.
 GEMV_CONFIG = dict(programs_per_sm=4, block_k=256, num_stages=3, num_warps=4)
-UPDATE_TILE = 4096  # state elements per program of the conv + state update kernels
+UPDATE_TILE = 4096  # state elements per program of the state update kernels
 
 
 def fused_decode_applies(x: torch.Tensor, in_proj_weight: torch.Tensor | None = None) -> bool:
@@ -193,7 +193,8 @@ if triton is not None:
                         for k0 in range(0, span, BLOCK_S):
                             k = g * span + k0 + ar_s
                             mk = (k0 + ar_s) < span
-                            v, _ = _gemv_input(k, mk, tl.zeros([BLOCK_S], dtype=tl.int32) + m, True, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+                            v, _ = _gemv_input(k, mk, tl.zeros([BLOCK_S], dtype=tl.int32) + m, True,
+                                               x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
                                                PRO, HAS_RES, NORM_BEFORE_GATE)
                             ss += v * v
                             if PRO == 1 and pid == 0:

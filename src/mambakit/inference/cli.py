@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = _setup_tp(args) if args.tp else None
         _run(args, env)
+        if env is not None:
+            import torch.distributed as dist
+
+            # every rank's collectives finish before any tears the group down: a Gloo worker thread still
+            # holding a collective's tensors at interpreter exit aborts the process (seen under load in CI)
+            dist.barrier()
     except (ValueError, FileNotFoundError) as e:
         where = f" (rank {env.rank})" if env is not None else ""
         print(f"mambakit generate{where}: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import InferenceParams
+from ..ops.decode import fused_decode_applies
 
 
 def check_hidden(name: str, x: torch.Tensor, d_model: int, weight: torch.Tensor) -> None:
@@ -47,6 +48,19 @@ def cache_slot(inference_params: InferenceParams, layer_idx, make) -> tuple:
         states = make()
         inference_params.key_value_memory_dict[layer_idx] = states
     return states
+
+
+def fused_step_states(module, hidden_states, inference_params):
+    """(conv_state, ssm_state) for a mixer's fused decode step (``ops.decode``), or None where the step does
+    not apply: wrong backend, batch or layer size, or a cache whose rows are not the batch's."""
+    if not fused_decode_applies(hidden_states, module.in_proj.weight):
+        return None
+    b = hidden_states.shape[0]
+    conv_state, ssm_state = cache_slot(inference_params, module.layer_idx,
+                                       lambda: module.allocate_inference_cache(b, 0))
+    if conv_state.shape[0] != b or ssm_state.shape[0] != b:
+        return None
+    return conv_state, ssm_state
 
 
 def new_conv_window(prefix: torch.Tensor | None, x: torch.Tensor, d_conv: int,

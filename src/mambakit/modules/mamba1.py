@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from ..cache import InferenceParams
 from ..ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
-from ..ops.decode import fused_decode_applies, linear, mamba1_state_update, norm_linear
-from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
-                      seq_idx_from_cu_seqlens)
+from ..ops.decode import linear, mamba1_state_update, norm_linear
+from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, fused_step_states, init_dt_bias,
+                      new_conv_window, seq_idx_from_cu_seqlens)
 
 
 class Mamba(nn.Module):
@@ -152,13 +152,10 @@ class Mamba(nn.Module):
         """
         if any(type(m) is not nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)):
             return None
-        if not fused_decode_applies(hidden_states, self.in_proj.weight):
+        states = fused_step_states(self, hidden_states, inference_params)
+        if states is None:
             return None
-        b = hidden_states.shape[0]
-        conv_state, ssm_state = cache_slot(inference_params, self.layer_idx,
-                                           lambda: self.allocate_inference_cache(b, 0))
-        if conv_state.shape[0] != b or ssm_state.shape[0] != b:
-            return None
+        conv_state, ssm_state = states
         xz, residual, x = norm_linear(hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
                                       residual=None if residual is None else residual[:, 0],
                                       residual_in_fp32=residual_in_fp32, bias=self.in_proj.bias,

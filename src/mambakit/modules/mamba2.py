@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from ..cache import InferenceParams
 from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
                    selective_state_update)
-from ..ops.decode import fused_decode_applies, gated_norm_linear, linear, mamba2_state_update, norm_linear
-from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, init_dt_bias, new_conv_window,
-                      silu_gate,
-                      seq_idx_from_cu_seqlens, varlen_conv_windows)
+from ..ops.decode import gated_norm_linear, linear, mamba2_state_update, norm_linear
+from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, fused_step_states, init_dt_bias,
+                      new_conv_window, seq_idx_from_cu_seqlens, silu_gate, varlen_conv_windows)
 
 
 class Mamba2(nn.Module):
@@ -211,13 +210,10 @@ class Mamba2(nn.Module):
         """
         if self.d_ssm != self.d_inner or type(self.in_proj) is not nn.Linear or type(self.out_proj) is not nn.Linear:
             return None
-        if not fused_decode_applies(hidden_states, self.in_proj.weight):
+        states = fused_step_states(self, hidden_states, inference_params)
+        if states is None:
             return None
-        b = hidden_states.shape[0]
-        conv_state, ssm_state = cache_slot(inference_params, self.layer_idx,
-                                           lambda: self.allocate_inference_cache(b, 0))
-        if conv_state.shape[0] != b or ssm_state.shape[0] != b:
-            return None
+        conv_state, ssm_state = states
         zxbcdt, residual, xBC = norm_linear(
             hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
             residual=None if residual is None else residual[:, 0], residual_in_fp32=residual_in_fp32,

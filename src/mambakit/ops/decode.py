@@ -4,7 +4,8 @@ At batch 1 a CUDA-graph decode step is bound by the number of kernels, not by by
 microseconds however little it does, and the unfused step launches one kernel per op (residual add + RMSNorm,
 in_proj, conv update, [x_proj, dt_proj,] state update, [gated norm,] out_proj). The fused step:
 
-    Mamba-2: [add + RMSNorm + in_proj + conv window + conv]  [state update]  [gated RMSNorm + out_proj]
+    Mamba-2: [add + RMSNorm + in_proj + conv window + conv]  [state update (ops.state_update's kernel)]
+             [gated RMSNorm + out_proj]
     Mamba-1: [add + RMSNorm + in_proj + conv window + conv]  [x_proj]
              [dt_proj + softplus + state update + D + gate]  [out_proj]
 
@@ -36,6 +37,8 @@ from .state_update import selective_state_update
 try:
     import triton
     import triton.language as tl
+
+    from .state_update import _softplus
 except ImportError:  # the references need no Triton
     triton = None
 
@@ -47,7 +50,7 @@ MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26
 # GEMV launch: programs per SM aimed at, K slice per dot, pipeline depth, warps.
 # scripts/gpu_check_generate.py times variants of these.
 GEMV_CONFIG = dict(programs_per_sm=4, block_k=256, num_stages=3, num_warps=4)
-UPDATE_TILE = 4096  # state elements per program of the state update kernels
+UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
 
 
 def fused_decode_applies(x: torch.Tensor, in_proj_weight: torch.Tensor | None = None) -> bool:
@@ -61,19 +64,6 @@ def fused_decode_applies(x: torch.Tensor, in_proj_weight: torch.Tensor | None = 
 # ----------------------------------------------------------------------------------------------------------
 # References: the unfused ops composed (the specification)
 # ----------------------------------------------------------------------------------------------------------
-
-def _shift_window_ref(conv_state, cols):
-    """conv_state (b, c, w) <- [conv_state[..., 1:], cols (b, c)], in place."""
-    conv_state.copy_(torch.cat([conv_state[:, :, 1:], cols.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
-
-
-def _conv_window_ref(conv_state, conv_weight, conv_bias, dtype):
-    """silu(sum_k w_k window_k + bias) of the (already shifted) window: (b, c) in ``dtype``."""
-    acc = (conv_state.float() * conv_weight.float()).sum(-1)
-    if conv_bias is not None:
-        acc = acc + conv_bias.float()
-    return F.silu(acc).to(dtype)
-
 
 def norm_linear_ref(x, weight, norm_weight, eps, residual=None, residual_in_fp32=False, bias=None,
                     conv_state=None, conv_start=0, conv_weight=None, conv_bias=None):
@@ -89,8 +79,9 @@ def norm_linear_ref(x, weight, norm_weight, eps, residual=None, residual_in_fp32
     out = F.linear(h, weight, bias)
     if conv_state is None:
         return out, res
-    _shift_window_ref(conv_state, out[:, conv_start:conv_start + conv_state.shape[1]])
-    return out, res, _conv_window_ref(conv_state, conv_weight, conv_bias, out.dtype)
+    conv_out = causal_conv1d_update(out[:, conv_start:conv_start + conv_state.shape[1]], conv_state, conv_weight,
+                                    conv_bias, activation="silu")  # shifts the window in place
+    return out, res, conv_out
 
 
 def gated_norm_linear_ref(y, z, norm_weight, eps, group_size, norm_before_gate, weight, bias=None):
@@ -99,11 +90,13 @@ def gated_norm_linear_ref(y, z, norm_weight, eps, group_size, norm_before_gate, 
                                norm_before_gate=norm_before_gate), weight, bias)
 
 
-def mamba2_state_update_ref(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups, dt_start, z_start=None):
-    """Mamba-2's state update from the conv output xBC (b, h*p + 2*g*n) and in_proj's output zxbcdt (dt, z).
+def mamba2_state_update(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups, dt_start, z_start=None):
+    """Mamba-2's state update from the conv output xBC (b, h*p + 2*g*n) and in_proj's output zxbcdt (dt, z):
+    ``selective_state_update`` (one Triton kernel on the GPU) on views of them, so it needs no kernel here.
 
     ssm_state: (b, h, p, n) updated in place; A, dt_bias: (h,) fp32; D: (h,) or (h, p); z_start: where z's
     columns start when the state update gates (no gated norm after it). Returns y (b, h*p) in xBC's dtype.
+    A dt_limit other than (0, inf) costs a softplus and a clamp before the kernel, as in the unfused step.
     """
     b, h, p, n = ssm_state.shape
     x, B, C = torch.split(xBC, [h * p, ngroups * n, ngroups * n], dim=-1)
@@ -131,11 +124,6 @@ def mamba1_state_update_ref(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, 
 # ----------------------------------------------------------------------------------------------------------
 
 if triton is not None:
-
-    @triton.jit
-    def _softplus(x):
-        # torch's threshold (linear above 20); exp(x) below -15 where log(1 + exp(x)) rounds to 0 in fp32
-        return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
 
     @triton.jit
     def _gemv_input(k, mask_k, offs_m, mask_m, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
@@ -246,48 +234,6 @@ if triton is not None:
                                     other=0.0).to(tl.float32)[None, :]
                 conv = conv * tl.sigmoid(conv)
                 tl.store(co_ptr + m64[:, None] * s_com + c64[None, :], conv.to(co_ptr.dtype.element_ty), mask=mc2)
-
-    @triton.jit
-    def _m2_update_kernel(
-        zx_ptr, xbc_ptr, st_ptr, A_ptr, D_ptr, bias_ptr, out_ptr,
-        P, NSTATE, HEADS_PER_GROUP, D_SSM, GN, DT_START, Z_START, dt_lo, dt_hi,
-        s_zxb, s_xbcb, s_sb, s_sh, s_sp, s_sn, s_Dh, s_Dp, s_ob,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """One program per (block of headdim rows, batch row, head): the Mamba-2 state update (per-head dt and
-        A, dt from in_proj's output, x/B/C from the conv output) and y = <state, C> + D x (* silu(z))."""
-        pid_p = tl.program_id(0)
-        pid_b = tl.program_id(1).to(tl.int64)
-        pid_h = tl.program_id(2)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < NSTATE
-        grp = pid_h // HEADS_PER_GROUP
-        xbc = xbc_ptr + pid_b * s_xbcb
-        p64 = offs_p.to(tl.int64)
-        col = pid_h * P + p64
-        xv = tl.load(xbc + col, mask=mask_p, other=0.0).to(tl.float32)
-        Bv = tl.load(xbc + D_SSM + grp * NSTATE + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        Cv = tl.load(xbc + D_SSM + GN + grp * NSTATE + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        dt = tl.load(zx_ptr + pid_b * s_zxb + DT_START + pid_h).to(tl.float32)
-        dt = _softplus(dt + tl.load(bias_ptr + pid_h).to(tl.float32))
-        if DT_LIMIT:
-            dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-        dA = tl.exp(dt * tl.load(A_ptr + pid_h).to(tl.float32))
-        mask_pn = mask_p[:, None] & mask_n[None, :]
-        s_ptrs = st_ptr + pid_b * s_sb + pid_h * s_sh + p64[:, None] * s_sp + offs_n[None, :] * s_sn
-        s = tl.load(s_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
-        s = s * dA + (dt * xv)[:, None] * Bv[None, :]
-        tl.store(s_ptrs, s.to(st_ptr.dtype.element_ty), mask=mask_pn)
-        y = tl.sum(s * Cv[None, :], axis=1)
-        if HAS_D:
-            y += tl.load(D_ptr + pid_h * s_Dh + p64 * s_Dp, mask=mask_p, other=0.0).to(tl.float32) * xv
-        if HAS_Z:
-            zv = tl.load(zx_ptr + pid_b * s_zxb + Z_START + col, mask=mask_p, other=0.0).to(tl.float32)
-            y *= zv * tl.sigmoid(zv)
-        tl.store(out_ptr + pid_b * s_ob + col, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
     @triton.jit
     def _m1_update_kernel(
@@ -415,26 +361,6 @@ def linear(x, weight, bias=None):
     if not (use_triton(x) and _rows_contiguous(x, weight)):
         return F.linear(x, weight, bias)
     return _gemv(x, weight, bias, pro=0, out_dtype=x.dtype)
-
-
-def mamba2_state_update(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups, dt_start, z_start=None):
-    """Mamba-2's state update in one kernel (see ``mamba2_state_update_ref``)."""
-    if not (use_triton(zxbcdt) and _rows_contiguous(zxbcdt, xBC)):
-        return mamba2_state_update_ref(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups, dt_start, z_start)
-    b, h, p, n = ssm_state.shape
-    out = torch.empty(b, h * p, device=xBC.device, dtype=xBC.dtype)
-    bn = triton.next_power_of_2(n)
-    bp = min(triton.next_power_of_2(p), max(1, UPDATE_TILE // bn))
-    lo, hi = (float(v) for v in dt_limit)
-    D_strides = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else D.stride())
-    _m2_update_kernel[(triton.cdiv(p, bp), b, h)](
-        zxbcdt, xBC, ssm_state, A, D if D is not None else A, dt_bias, out,
-        p, n, h // ngroups, h * p, ngroups * n, dt_start, z_start if z_start is not None else 0, lo, hi,
-        zxbcdt.stride(0), xBC.stride(0), *ssm_state.stride(), *D_strides, out.stride(0),
-        HAS_D=D is not None, HAS_Z=z_start is not None, DT_LIMIT=(lo, hi) != (0.0, float("inf")),
-        BLOCK_P=bp, BLOCK_N=bn, num_warps=4,
-    )
-    return out
 
 
 def mamba1_state_update(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, z):

@@ -124,25 +124,39 @@ def kernels_per_step(model) -> int:
     return sum(1 for e in events if e.device_type.name == "CUDA")
 
 
-class unfused:
-    """Context: decode steps take the unfused path (no batch is small enough for the fused one)."""
+class fused_upto:
+    """Context: decode steps take the fused path up to this batch size (0: always the unfused path)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
 
     def __enter__(self):
         self.saved = fused_decode.MAX_FUSED_BATCH
-        fused_decode.MAX_FUSED_BATCH = 0
+        fused_decode.MAX_FUSED_BATCH = self.batch
 
     def __exit__(self, *exc):
         fused_decode.MAX_FUSED_BATCH = self.saved
+
+
+def unfused():
+    return fused_upto(0)
 
 
 def fused_vs_unfused(model, new: int = 16) -> dict:
     """Logits of the fused and unfused decode steps on the same forced tokens (batch 1, eager)."""
     prompt = torch.randint(0, VOCAB, (1, 32), device=DEVICE)
     kw = dict(max_new_tokens=new, output_scores=True, return_dict_in_generate=True)
-    with unfused():
-        ref = generate(model, prompt, cg=False, **kw)
-    out = generate(model, prompt, cg=False, teacher_outputs=ref.sequences, **kw)
-    return {"fused_vs_unfused_rel_err": max(rel(a, b) for a, b in zip(out.scores, ref.scores))}
+    calls, gemv = [], fused_decode._gemv
+    fused_decode._gemv = lambda *a, **k: calls.append(1) or gemv(*a, **k)  # proves the fused path ran
+    try:
+        with unfused():
+            ref = generate(model, prompt, cg=False, **kw)
+        unfused_calls = len(calls)
+        out = generate(model, prompt, cg=False, teacher_outputs=ref.sequences, **kw)
+    finally:
+        fused_decode._gemv = gemv
+    return {"fused_vs_unfused_rel_err": max(rel(a, b) for a, b in zip(out.scores, ref.scores)),
+            "fused_gemv_launches": len(calls) - unfused_calls, "unfused_gemv_launches": unfused_calls}
 
 
 def kernel_profile(model, top: int = 8) -> list:
@@ -158,30 +172,49 @@ def kernel_profile(model, top: int = 8) -> list:
     return [(k, n, round(t, 1)) for k, (n, t) in rows]
 
 
-SMALL_BATCHES = (4, 8)  # --small-batches: fused vs unfused at these batch sizes
+SMALL_BATCHES = (2, 4)  # --small-batches: fused vs unfused at these batch sizes
 N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
-GEMV_VARIANTS = [dict(programs_per_sm=8), dict(block_k=128), dict(num_stages=4), dict(programs_per_sm=2),
-                 dict(programs_per_sm=16), dict(block_k=512), dict(num_stages=2), dict(num_warps=8),
-                 dict(update_tile=2048), dict(update_tile=1024)]
+# GEMV_CONFIG overrides (update_tile: UPDATE_TILE; max_fused_weight: MAX_FUSED_WEIGHT, to fuse the big layers)
+GEMV_VARIANTS = [dict(pdl=False), dict(kernel="dot"), dict(kernel="dot", pdl=False), dict(elements=4096),
+                 dict(elements=16384), dict(whole_programs_per_sm=1), dict(whole_programs_per_sm=4),
+                 dict(num_warps=8), dict(update_tile=2048)]
+LARGE_VARIANTS = [dict(max_fused_weight=1 << 30), dict(max_fused_weight=1 << 30, pdl=False),
+                  dict(max_fused_weight=1 << 30, elements=16384), dict(max_fused_weight=1 << 30, num_warps=8)]
 
 
-def gemv_variants(model, r: dict, deadline: float) -> None:
-    """b1 cg ms/token for each GEMV launch variant (the graph is captured again for each)."""
-    base, tile = dict(fused_decode.GEMV_CONFIG), fused_decode.UPDATE_TILE
-    for v in GEMV_VARIANTS[:N_VARIANTS]:
+class config:
+    """Context: a GEMV variant (see GEMV_VARIANTS) applied to mambakit.ops.decode."""
+
+    def __init__(self, variant: dict):
+        self.variant = variant
+
+    def __enter__(self):
+        self.saved = (dict(fused_decode.GEMV_CONFIG), fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT)
+        v = self.variant
+        fused_decode.GEMV_CONFIG.update({k: x for k, x in v.items() if k in fused_decode.GEMV_CONFIG})
+        fused_decode.UPDATE_TILE = v.get("update_tile", fused_decode.UPDATE_TILE)
+        fused_decode.MAX_FUSED_WEIGHT = v.get("max_fused_weight", fused_decode.MAX_FUSED_WEIGHT)
+
+    def __exit__(self, *exc):
+        base, fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT = self.saved
+        fused_decode.GEMV_CONFIG.clear()
+        fused_decode.GEMV_CONFIG.update(base)
+
+
+def gemv_variants(model, r: dict, deadline: float, variants: list) -> None:
+    """b1 cg ms/token for each GEMV launch variant (the graph is captured again for each); a variant that
+    fuses layers the default leaves unfused is also checked against the unfused logits."""
+    for v in variants[:N_VARIANTS]:
         if time.perf_counter() > deadline:
             break
-        fused_decode.GEMV_CONFIG.update({k: x for k, x in v.items() if k != "update_tile"})
-        fused_decode.UPDATE_TILE = v.get("update_tile", tile)
         clear_graph_cache(model)
-        try:
+        with config(v):
+            if "max_fused_weight" in v and "kernels" not in r.setdefault("large_fused", {}):
+                r["large_fused"] = dict(fused_vs_unfused(model), kernels=kernel_profile(model))
+                print(f"  large fused: {r['large_fused']}", flush=True)
             ms, _ = decode_ms(model, 1, 16, True)
-            r.setdefault("gemv_variants", {})[str(v)] = ms
-            print(f"  gemv {v}: {ms:.3f} ms/token", flush=True)
-        finally:
-            fused_decode.GEMV_CONFIG.clear()
-            fused_decode.GEMV_CONFIG.update(base)
-            fused_decode.UPDATE_TILE = tile
+        r.setdefault("gemv_variants", {})[str(v)] = ms
+        print(f"  gemv {v}: {ms:.3f} ms/token", flush=True)
     clear_graph_cache(model)
 
 
@@ -223,15 +256,16 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
         r["unfused_b1_ms_per_token_cg=True"], _ = decode_ms(model, 1, 16, True)
     clear_graph_cache(model)
     print(f"[{name}] unfused b1 cg: {r['unfused_b1_ms_per_token_cg=True']:.3f} ms/token", flush=True)
-    for batch in SMALL_BATCHES:
-        r[f"b{batch}_ms_per_token_cg=True"], _ = decode_ms(model, batch, 16, True)
+    for batch in SMALL_BATCHES if model.config.d_model < 2048 else ():
+        with fused_upto(batch):
+            r[f"b{batch}_ms_per_token_cg=True"], _ = decode_ms(model, batch, 16, True)
         clear_graph_cache(model)
         with unfused():
             r[f"unfused_b{batch}_ms_per_token_cg=True"], _ = decode_ms(model, batch, 16, True)
         clear_graph_cache(model)
         print(f"[{name}] b{batch} cg fused {r[f'b{batch}_ms_per_token_cg=True']:.3f} "
               f"unfused {r[f'unfused_b{batch}_ms_per_token_cg=True']:.3f} ms/token", flush=True)
-    gemv_variants(model, r, deadline)
+    gemv_variants(model, r, deadline, GEMV_VARIANTS if model.config.d_model < 2048 else LARGE_VARIANTS)
     if big_batch and time.perf_counter() < deadline:
         batch, length = (64, 2048) if DEVICE == "cuda" else (4, 64)
         ms, prefill = decode_ms(model, batch, length, True, repeats=2)
@@ -250,7 +284,7 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
 
 def table(results: dict) -> str:
     head = (f"{'model':<13} {'b1 cg ms/tok':>12} {'unfused':>8} {'goal':>5} {'peer':>6} {'b1 eager':>9} "
-            f"{'b8 fused':>8} {'unfused':>8} {'b64 tok/s':>10} {'prefill ms':>10} {'kern/layer':>10} {'unfused':>8} "
+            f"{'b4 fused':>8} {'unfused':>8} {'b64 tok/s':>10} {'prefill ms':>10} {'kern/layer':>10} {'unfused':>8} "
             f"{'cg err':>8} {'fused err':>9}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
@@ -259,7 +293,7 @@ def table(results: dict) -> str:
         f = lambda k, fmt: format(r[k], fmt) if k in r else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
         lines.append(f"{name:<13} {f('b1_ms_per_token_cg=True', '12.3f')} {f('unfused_b1_ms_per_token_cg=True', '8.3f')} "
                      f"{GOALS[name]:>5.2f} {PEER[name]:>6.3f} {f('b1_ms_per_token_cg=False', '9.3f')} "
-                     f"{f('b8_ms_per_token_cg=True', '8.3f')} {f('unfused_b8_ms_per_token_cg=True', '8.3f')} "
+                     f"{f('b4_ms_per_token_cg=True', '8.3f')} {f('unfused_b4_ms_per_token_cg=True', '8.3f')} "
                      f"{f('b64_after_2048_tok_per_s', '10.0f')} "
                      f"{f('prefill_b64x2048_ms', '10.1f')} {f('kernels_per_layer', '10.1f')} "
                      f"{f('unfused_kernels_per_layer', '8.1f')} {r['check']['cg_vs_eager_rel_err']:8.1e} "
@@ -277,7 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-large", action="store_true", help="do not run the 2.8b shapes")
     p.add_argument("--smoke", action="store_true", help="dry run on CPU with tiny shapes (checks the script only)")
     p.add_argument("--variants", type=int, default=None, help="time only the first N GEMV variants")
-    p.add_argument("--small-batches", default="4,8", help="batch sizes timed fused vs unfused (comma list)")
+    p.add_argument("--small-batches", default="2,4", help="batch sizes timed fused vs unfused (comma list)")
     args = p.parse_args(argv)
     global DEVICE, N_VARIANTS, SMALL_BATCHES
     N_VARIANTS = args.variants

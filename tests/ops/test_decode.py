@@ -18,6 +18,16 @@ DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
+@pytest.fixture(params=["whole", "whole-few-sms", "dot"])
+def gemv_kernel(request, monkeypatch):
+    """Each GEMV kernel; "whole-few-sms" pretends the device has 4 SMs, so that a program owns several outputs
+    (BLOCK_N > 1) and the last one a partial block."""
+    monkeypatch.setitem(dec.GEMV_CONFIG, "kernel", request.param.split("-")[0])
+    if request.param == "whole-few-sms":
+        monkeypatch.setattr(dec, "num_sms", lambda device: 4)
+    return request.param
+
+
 def rnd(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
     return (torch.randn(*shape, dtype=torch.float32) * scale + shift).to(DEVICE, dtype)
 
@@ -46,7 +56,7 @@ def close(out, ref, dtype, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual,fp32,bias,window", [(False, False, False, False), (True, False, True, True),
                                                         (False, True, False, True), (True, True, False, False)])
-def test_norm_linear(dtype, residual, fp32, bias, window):
+def test_norm_linear(dtype, residual, fp32, bias, window, gemv_kernel):
     b, k, n, c, w = 3, 40, 70, 20, 4
     x, wt, nw = rnd(b, k, dtype=dtype), rnd(n, k, dtype=dtype, scale=0.2), rnd(k, dtype=dtype, shift=1.0)
     res = rnd(b, k, dtype=torch.float32 if fp32 else dtype) if residual else None
@@ -63,7 +73,7 @@ def test_norm_linear(dtype, residual, fp32, bias, window):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size,before", [(48, False), (24, False), (12, True)])
-def test_gated_norm_linear(dtype, group_size, before):
+def test_gated_norm_linear(dtype, group_size, before, gemv_kernel):
     b, k, n = 2, 48, 30
     args = (rnd(b, k, dtype=dtype), rnd(b, k, dtype=dtype), rnd(k, dtype=dtype, shift=1.0), 1e-5, group_size,
             before, rnd(n, k, dtype=dtype, scale=0.2))
@@ -71,7 +81,7 @@ def test_gated_norm_linear(dtype, group_size, before):
     close(out, ref, dtype, "out_proj(gated norm)")
 
 
-def test_linear():
+def test_linear(gemv_kernel):
     x, wt, bias = rnd(3, 50), rnd(17, 50), rnd(17)
     ref, out, _, _ = both(dec.linear, x, wt, bias)
     close(out, ref, torch.float32, "linear")

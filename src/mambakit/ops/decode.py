@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .causal_conv1d import causal_conv1d_update
-from .dispatch import num_sms, use_triton
+from .dispatch import num_sms, pdl_supported, use_triton
 from .norms import rms_norm_fn, rmsnorm_fn
 from .state_update import selective_state_update
 
@@ -38,7 +38,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .state_update import _softplus
+    from .state_update import _grid_wait, _normalize, _softplus, _update_triton
 except ImportError:  # the references need no Triton
     triton = None
 
@@ -47,9 +47,15 @@ except ImportError:  # the references need no Triton
 # this GEMV (4.4 vs 3.1 ms); at batch 4 Mamba-2 lost (0.79 vs 0.57). Hence batch 1 and small layers only.
 MAX_FUSED_BATCH = 1  # rows per fused step (the kernels take up to 16, the dot's row tile)
 MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26M) above which cuBLAS wins
-# GEMV launch: programs per SM aimed at, K slice per dot, pipeline depth, warps.
+# GEMV launch. kernel: "whole" (_gemv_whole_kernel: a program holds its rows' whole weight slice, loaded before
+# the grid-dependency wait, for K <= MAX_WHOLE_K) or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).
+# whole: weight elements per program and programs per SM aimed at; dot: programs per SM, K slice per dot,
+# pipeline depth; both: warps. pdl: programmatic dependent launch on sm_90+ (each fused kernel starts while the
+# previous one finishes and waits for it only after loading its parameters).
 # scripts/gpu_check_generate.py times variants of these.
-GEMV_CONFIG = dict(programs_per_sm=4, block_k=256, num_stages=3, num_warps=4)
+GEMV_CONFIG = dict(kernel="whole", elements=8192, whole_programs_per_sm=2, programs_per_sm=4, block_k=256,
+                   num_stages=3, num_warps=4, pdl=True)
+MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, next_pow2(K)) weight tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
 
 
@@ -104,8 +110,11 @@ def mamba2_state_update(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups
     if tuple(dt_limit) != (0.0, float("inf")):
         dt, dt_bias = F.softplus(dt.float() + dt_bias).clamp(*dt_limit), None
     z = None if z_start is None else zxbcdt[:, z_start:z_start + h * p].reshape(b, h, p)
-    y = selective_state_update(ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, ngroups, n),
-                               C.reshape(b, ngroups, n), D, z=z, dt_bias=dt_bias, dt_softplus=dt_bias is not None)
+    args = (ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, ngroups, n), C.reshape(b, ngroups, n), D, z, dt_bias)
+    if use_triton(xBC):  # the op's kernel, launched with PDL like the fused kernels around it
+        y = _update_triton(*_normalize(*args, None), dt_bias is not None, pdl=_pdl(xBC.device))
+    else:
+        y = selective_state_update(*args[:7], z=z, dt_bias=dt_bias, dt_softplus=dt_bias is not None)
     return y.reshape(b, h * p)
 
 
@@ -151,7 +160,7 @@ if triton is not None:
         PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_CB: tl.constexpr, SHIFT: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, NG: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr,
+        BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
     ):
         """out (M, N) = prologue(input) @ w.T (+ bias). PRO: 0 plain input, 1 RMSNorm of x (+ residual; program 0
         writes the sum to ro), 2 gated RMSNorm per group of GROUP channels (NGROUPS <= NG). SHIFT: output
@@ -161,6 +170,7 @@ if triton is not None:
         The statistics come first, a row (ROWS <= BLOCK_M of them, M real) in slices of BLOCK_S; the products are
         one tl.dot per K slice on rows padded to BLOCK_M (16, the dot's minimum), so the weight loads are
         software-pipelined over NUM_STAGES slices."""
+        _grid_wait(PDL)
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -236,15 +246,95 @@ if triton is not None:
                 tl.store(co_ptr + m64[:, None] * s_com + c64[None, :], conv.to(co_ptr.dtype.element_ty), mask=mc2)
 
     @triton.jit
+    def _gemv_whole_kernel(
+        x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, ro_ptr, win_ptr, cw_ptr, cb_ptr, co_ptr,
+        N, K, eps, GROUP, SHIFT_START, SHIFT_COLS,
+        s_xm, s_rm, s_zm, s_wn, s_om, s_rom, s_wb, s_wc, s_wk, s_cwc, s_cwk, s_com,
+        PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_CB: tl.constexpr, SHIFT: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, NG: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """out (ROWS, N) = prologue(input) @ w.T (+ bias), the same contract as _gemv_kernel, for K <= BLOCK_K.
+
+        A program owns BLOCK_N outputs and holds their whole (BLOCK_N, K) weight slice, loaded with the other
+        parameters before the grid-dependency wait: under PDL the weight read, most of this kernel's bytes,
+        overlaps the previous kernel. Each input row is then read once, normalised in registers (statistics
+        over the whole row, or per group of GROUP channels for PRO 2) and reduced against the slice in fp32."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        k = tl.arange(0, BLOCK_K)
+        mask_k = k < K
+        # parameters only before the wait
+        w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if PRO != 0:
+            nw = tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SHIFT:
+            c = offs_n - SHIFT_START
+            own = mask_n & (c >= 0) & (c < SHIFT_COLS)  # outputs that enter the conv window
+            c64 = tl.where(own, c, 0).to(tl.int64)
+            j = tl.arange(0, BLOCK_J)[None, :]
+            cw = tl.load(cw_ptr + c64[:, None] * s_cwc + j * s_cwk, mask=own[:, None] & (j < D_CONV),
+                         other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_J)
+            if HAS_CB:
+                cb = tl.load(cb_ptr + c64, mask=own, other=0.0).to(tl.float32)
+        _grid_wait(PDL)
+        for m in tl.static_range(ROWS):
+            v = tl.load(x_ptr + m * s_xm + k, mask=mask_k, other=0.0).to(tl.float32)
+            if HAS_RES:
+                v += tl.load(r_ptr + m * s_rm + k, mask=mask_k, other=0.0).to(tl.float32)
+            if PRO == 1:
+                if pid == 0:
+                    tl.store(ro_ptr + m * s_rom + k, v.to(ro_ptr.dtype.element_ty), mask=mask_k)
+                v = v * (1.0 / tl.sqrt(tl.sum(v * v, axis=0) / K + eps)) * nw
+            if PRO == 2:
+                zv = tl.load(z_ptr + m * s_zm + k, mask=mask_k, other=0.0).to(tl.float32)
+                gate = zv * tl.sigmoid(zv)
+                if not NORM_BEFORE_GATE:
+                    v = v * gate
+                ss = v * v
+                rstd = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for g in tl.static_range(NG):
+                    in_g = (k >= g * GROUP) & (k < g * GROUP + GROUP)
+                    rg = 1.0 / tl.sqrt(tl.sum(tl.where(in_g, ss, 0.0), axis=0) / GROUP + eps)
+                    rstd = tl.where(in_g, rg, rstd)
+                v = v * rstd * nw
+                if NORM_BEFORE_GATE:
+                    v = v * gate
+            # the unfused op stores its output in the activation dtype: the product takes it rounded the same way
+            a = v.to(out_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)  # (BLOCK_N,)
+            if HAS_BIAS:
+                acc += bias
+            out = acc.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + m * s_om + n64, out, mask=mask_n)
+            if SHIFT:
+                if (pid * BLOCK_N < SHIFT_START + SHIFT_COLS) & (pid * BLOCK_N + BLOCK_N > SHIFT_START):
+                    ptrs = win_ptr + m * s_wb + c64[:, None] * s_wc + j * s_wk
+                    old = tl.load(ptrs + s_wk, mask=own[:, None] & (j < D_CONV - 1), other=0.0)
+                    new = tl.where(j == D_CONV - 1, out[:, None].to(win_ptr.dtype.element_ty), old)
+                    tl.debug_barrier()  # every old value is read before any is overwritten
+                    tl.store(ptrs, new, mask=own[:, None] & (j < D_CONV))
+                    conv = tl.sum(new.to(tl.float32) * cw, axis=1)
+                    if HAS_CB:
+                        conv += cb
+                    conv = conv * tl.sigmoid(conv)
+                    tl.store(co_ptr + m * s_com + c64, conv.to(co_ptr.dtype.element_ty), mask=own)
+
+    @triton.jit
     def _m1_update_kernel(
         x_ptr, xd_ptr, z_ptr, wdt_ptr, bias_ptr, st_ptr, A_ptr, D_ptr, out_ptr,
         DIM, NSTATE, R,
         s_xb, s_xdb, s_zb, s_wdd, s_wdr, s_sb, s_sd, s_sn, s_Ad, s_An, s_ob,
         HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per (block of channels, batch row): dt = dt_proj(x_dbl[:r]) + bias, softplus, the Mamba-1
-        state update (A per channel and state) and y = <state, C> + D x (* silu(z)), x the conv output."""
+        state update (A per channel and state) and y = <state, C> + D x (* silu(z)), x the conv output.
+        The parameters (dt_proj's weight, bias, A, D) load before the grid-dependency wait (PDL)."""
         pid_d = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -254,27 +344,32 @@ if triton is not None:
         mask_n = offs_n < NSTATE
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
+        mask_dn = mask_d[:, None] & mask_n[None, :]
         dty = xd_ptr.dtype.element_ty
+        wdt = tl.load(wdt_ptr + d64[:, None] * s_wdd + offs_r[None, :] * s_wdr,
+                      mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        _grid_wait(PDL)
         xv = tl.load(x_ptr + pid_b * s_xb + d64, mask=mask_d, other=0.0).to(tl.float32)
         xd = xd_ptr + pid_b * s_xdb
         dt_in = tl.load(xd + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-        wdt = tl.load(wdt_ptr + d64[:, None] * s_wdd + offs_r[None, :] * s_wdr,
-                      mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         dt = tl.sum(wdt * dt_in[None, :], axis=1).to(dty).to(tl.float32)  # dt_proj's output, as stored unfused
         if HAS_BIAS:
-            dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            dt += bias
         dt = _softplus(dt)
         Bv = tl.load(xd + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         Cv = tl.load(xd + R + NSTATE + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        A = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
         s_ptrs = st_ptr + pid_b * s_sb + d64[:, None] * s_sd + offs_n[None, :] * s_sn
         s = tl.load(s_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
         s = s * tl.exp(dt[:, None] * A) + (dt * xv)[:, None] * Bv[None, :]
         tl.store(s_ptrs, s.to(st_ptr.dtype.element_ty), mask=mask_dn)
         y = tl.sum(s * Cv[None, :], axis=1)
         if HAS_D:
-            y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * xv
+            y += Dv * xv
         if HAS_Z:
             zv = tl.load(z_ptr + pid_b * s_zb + d64, mask=mask_d, other=0.0).to(tl.float32)
             y *= zv * tl.sigmoid(zv)
@@ -285,6 +380,25 @@ if triton is not None:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
+def _pdl(device) -> bool:
+    """Launch the fused kernels with programmatic dependent launch (GEMV_CONFIG["pdl"], sm_90+, compiled)."""
+    return GEMV_CONFIG["pdl"] and pdl_supported(device)
+
+
+def _pdl_launch(device) -> dict:
+    return {"launch_pdl": True} if _pdl(device) else {}
+
+
+def _whole_tiles(n: int, k: int, device) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of _gemv_whole_kernel: a whole K row per output, at most GEMV_CONFIG["elements"]
+    weights per program, and outputs spread so that about whole_programs_per_sm programs run on every SM."""
+    cfg = GEMV_CONFIG
+    bk = triton.next_power_of_2(k)
+    spread = triton.cdiv(n, cfg["whole_programs_per_sm"] * num_sms(device))
+    bn = min(max(1, cfg["elements"] // bk), 1 << (spread.bit_length() - 1), 64)
+    return bn, bk
+
+
 def _gemv_tiles(n: int, device) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K): enough programs to keep every SM reading weights (GEMV_CONFIG["programs_per_sm"])."""
     cfg = GEMV_CONFIG
@@ -294,32 +408,43 @@ def _gemv_tiles(n: int, device) -> tuple[int, int]:
 
 def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=None, norm_weight=None, eps=0.0,
           group=1, ngroups=1, norm_before_gate=False, window=None, conv_weight=None, conv_bias=None, shift_start=0):
-    """Launches _gemv_kernel on x: (m, k); returns out (m, n), and the conv output (m, c) with a ``window``."""
+    """Launches a GEMV kernel (GEMV_CONFIG["kernel"]) on x: (m, k); returns out (m, n), and the conv output (m, c)
+    with a ``window``."""
     n, k = weight.shape
     m = x.shape[0]
     out = torch.empty(m, n, device=weight.device, dtype=out_dtype)
-    bn, bk = _gemv_tiles(n, weight.device)
     dummy = weight
     x_, r_, z_, win_ = (t if t is not None else dummy for t in (x, residual, z, window))
     cw_ = conv_weight if conv_weight is not None else dummy
     conv_out = torch.empty(m, window.shape[1], device=weight.device, dtype=out_dtype) if window is not None else None
     d_conv = window.shape[-1] if window is not None else 1
-    span = k if pro == 1 else group
-    _gemv_kernel[(triton.cdiv(n, bn),)](
+    common = (
         x_, r_, z_, norm_weight if norm_weight is not None else dummy, weight,
         bias if bias is not None else dummy, out, res_out if res_out is not None else out, win_, cw_,
-        conv_bias if conv_bias is not None else dummy, conv_out if conv_out is not None else out,
-        m, n, k, eps, group, ngroups, shift_start, window.shape[1] if window is not None else 0,
+        conv_bias if conv_bias is not None else dummy, conv_out if conv_out is not None else out)
+    strides = (
         x_.stride(0), r_.stride(0), z_.stride(0), weight.stride(0), out.stride(0),
         res_out.stride(0) if res_out is not None else 0,
         *(window.stride() if window is not None else (0, 0, 0)),
-        *(cw_.stride() if conv_weight is not None else (0, 0)), conv_out.stride(0) if conv_out is not None else 0,
+        *(cw_.stride() if conv_weight is not None else (0, 0)), conv_out.stride(0) if conv_out is not None else 0)
+    flags = dict(
         PRO=pro, HAS_RES=residual is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
-        HAS_CB=conv_bias is not None, SHIFT=window is not None, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv),
-        NG=triton.next_power_of_2(ngroups) if pro == 2 else 1, ROWS=triton.next_power_of_2(m),
+        HAS_CB=conv_bias is not None, SHIFT=window is not None, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv))
+    if GEMV_CONFIG["kernel"] == "whole" and k <= MAX_WHOLE_K:
+        bn, bk = _whole_tiles(n, k, weight.device)
+        _gemv_whole_kernel[(triton.cdiv(n, bn),)](
+            *common, n, k, eps, group, shift_start, window.shape[1] if window is not None else 0, *strides,
+            **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk, PDL=_pdl(weight.device),
+            num_warps=GEMV_CONFIG["num_warps"] * (2 if bk >= 8192 else 1), **_pdl_launch(weight.device))
+        return out if conv_out is None else (out, conv_out)
+    bn, bk = _gemv_tiles(n, weight.device)
+    span = k if pro == 1 else group
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        *common, m, n, k, eps, group, ngroups, shift_start, window.shape[1] if window is not None else 0, *strides,
+        **flags, NG=triton.next_power_of_2(ngroups) if pro == 2 else 1, ROWS=triton.next_power_of_2(m),
         BLOCK_S=min(triton.next_power_of_2(span), 4096), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
         NUM_STAGES=GEMV_CONFIG["num_stages"], DOT_PREC="ieee" if weight.dtype == torch.float32 else "tf32",
-        num_warps=GEMV_CONFIG["num_warps"],
+        PDL=_pdl(weight.device), num_warps=GEMV_CONFIG["num_warps"], **_pdl_launch(weight.device),
     )
     return out if conv_out is None else (out, conv_out)
 
@@ -380,6 +505,6 @@ def mamba1_state_update(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, z):
         x.stride(0), x_dbl.stride(0), z.stride(0) if z is not None else 0, *dt_proj_weight.stride(),
         *ssm_state.stride(), *A.stride(), out.stride(0),
         HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, num_warps=4,
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, PDL=_pdl(x.device), num_warps=4, **_pdl_launch(x.device),
     )
     return out

@@ -42,6 +42,24 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl_device(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:  # an older Triton
+        return False
+    return True
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch can be used for kernels on ``device``: sm_90+ (Hopper), a Triton with the
+    grid-dependency ops, and not the interpreter. Such a kernel starts while the previous one in the stream
+    finishes, and waits for it (``gdc_wait``) before touching anything that kernel may write."""
+    return not interpreting() and _pdl_device(device)
+
+
 def interpreting() -> bool:
     """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -223,6 +223,21 @@ def _update_torch(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus):
 
 if triton is not None:
 
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # an older Triton: pdl_supported() is False, so PDL is never set
+        gdc_launch_dependents = gdc_wait = None
+
+    @triton.jit
+    def _grid_wait(PDL: tl.constexpr):
+        """Under programmatic dependent launch (PDL), wait until the previous kernel in the stream has finished
+        and its writes are visible, then let the next kernel start. A kernel launched with PDL may load only
+        parameters (weights, never written during decoding) before this call, and must call it in every
+        program (each waits, so the previous kernel's completion implies that of all earlier ones)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
     @triton.jit
     def _softplus(x):
         # torch's threshold (linear above 20); exp(x) below -15 where log(1 + exp(x)) rounds to 0 in fp32
@@ -236,7 +251,9 @@ if triton is not None:
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Dh, s_Dp, s_zb, s_zh, s_zp, s_bh, s_bp, s_ob, s_oh, s_op,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_IDX: tl.constexpr, TIED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        _grid_wait(PDL)
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         pid_h = tl.program_id(2).to(tl.int64)
@@ -281,7 +298,9 @@ if triton is not None:
         tl.store(out_ptr + pid_b * s_ob + pid_h * s_oh + p64 * s_op, out.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
-def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus):
+def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus, pdl=False):
+    """The kernel on _normalize's arguments; ``pdl``: launch it with programmatic dependent launch (the fused
+    decode step does, after its PDL in_proj kernel) where the device supports it."""
     b, h, p = x.shape
     n = state.shape[-1]
     out = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
@@ -296,7 +315,8 @@ def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus):
         *(D.stride() if D is not None else (0, 0)), *z_.stride(), *(dt_bias.stride() if dt_bias is not None else (0, 0)),
         *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus),
-        HAS_IDX=idx is not None, TIED=_tied(dt, A, dt_bias), BLOCK_P=BP, BLOCK_N=BN, num_warps=4,
+        HAS_IDX=idx is not None, TIED=_tied(dt, A, dt_bias), BLOCK_P=BP, BLOCK_N=BN, PDL=pdl, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out.squeeze(1) if mamba1 else out
 

@@ -5,7 +5,12 @@
 1. correctness: Triton vs the PyTorch path (fp32 math, same bf16 inputs), relative L2 of outputs and grads;
 2. speed: medians of triton.testing.do_bench, GB/s of the minimum bytes (every input read once, every output
    written once) and their share of a device-to-device copy measured here;
-3. a block-size sweep of the conv kernels (skipped when the time budget runs short).
+3. a block-size sweep of the conv kernels (skipped when the time budget runs short);
+4. conv_fwd_variants: the forward variants of causal_conv1d.FWD_VARIANT / FWD_BLOCKS side by side (old "tile"
+   and the new ones) at b4 d3072 l4096 and b1 d3328 l65536, w4 SiLU bf16, both layouts: each checked against
+   the PyTorch path on the GPU, then timed as medians of CUDA-event timings, per call with L2 flushed before
+   each (like do_bench) and per call inside a CUDA graph of 20 calls (device time only, no host overhead).
+   Runs first, so that the budget never skips it; --only conv_fwd_variants runs it alone.
 Each part runs on its own: one failure is recorded and the others go on. JSON goes to --out, the summary
 table is printed last. Official anchors (H100, causal-conv1d 1.6.1 CUDA): conv fwd b4 d3072 l4096 w4 SiLU
 0.0754 ms, b1 d3328 l65536 0.322 ms; PyTorch F.conv1d + SiLU 0.653 ms; copy 3,019 GB/s.
@@ -66,9 +71,15 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+ONLY = {}  # {"parts": set of part names, or None for all}
+
+
 def part(name):
     """Run a section; record its exception instead of stopping."""
     def wrap(fn):
+        parts = ONLY.get("parts")
+        if parts is not None and name not in parts and name != "copy_bandwidth":
+            return fn
         t = time.time()
         try:
             RESULTS[name] = fn()
@@ -98,11 +109,157 @@ def layout_name(channels_last):
     return "channels-last" if channels_last else "contiguous"
 
 
+_FLUSH = []
+
+
+def event_ms(fn, reps=40, warmup=5):
+    """Median ms of fn over reps calls, each between two CUDA events with the L2 cache flushed before it."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20 // 4, device=DEV, dtype=torch.int32))  # 256 MiB > any L2
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _FLUSH[0].zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn, calls=20, reps=15):
+    """Median ms per call of fn replayed `calls` times in one CUDA graph: device time, no launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+# (label, variant, FWD_BLOCKS entry or None): "tile" is the kernel measured before (docs/benchmarks.md)
+FWD_VARIANTS = {
+    "contiguous": [
+        ("tile (old default)", "tile", None),
+        ("tile 4x512", "tile", dict(blocks=(4, 512), num_warps=4)),
+        ("walk (default)", "walk", None),
+        ("walk 8x256 s2", "walk", dict(BLOCK_D=8, BLOCK_L=256, STEPS=2, num_warps=4)),
+        ("walk 8x256 s4", "walk", dict(BLOCK_D=8, BLOCK_L=256, STEPS=4, num_warps=4)),
+        ("walk 8x256 s8", "walk", dict(BLOCK_D=8, BLOCK_L=256, STEPS=8, num_warps=4)),
+        ("walk 4x512 s4", "walk", dict(BLOCK_D=4, BLOCK_L=512, STEPS=4, num_warps=4)),
+        ("walk 16x256 s4 w8", "walk", dict(BLOCK_D=16, BLOCK_L=256, STEPS=4, num_warps=8)),
+        ("walk 4x256 s8 w2", "walk", dict(BLOCK_D=4, BLOCK_L=256, STEPS=8, num_warps=2)),
+    ],
+    "channels-last": [
+        ("tile (default)", "tile", None),
+        ("tile 256x64 w1", "tile", dict(blocks=(256, 64), num_warps=1)),
+        ("rows16 256 c64", "rows16", dict(BLOCK_D=256, CHUNK=64, num_warps=1)),
+        ("rows16 256 c32", "rows16", dict(BLOCK_D=256, CHUNK=32, num_warps=1)),
+        ("rows16 256 c128", "rows16", dict(BLOCK_D=256, CHUNK=128, num_warps=1)),
+        ("rows16 512 c64 w2", "rows16", dict(BLOCK_D=512, CHUNK=64, num_warps=2)),
+        ("rows16 128 c64 w1", "rows16", dict(BLOCK_D=128, CHUNK=64, num_warps=1)),
+    ],
+}
+
+
+def run_fwd_variant(x, w, b, variant, cfg, seq=None, init=None):
+    """_conv_fwd_triton with one variant; cfg either overrides blocks/num_warps ("tile") or replaces the
+    variant's FWD_BLOCKS entry for this call."""
+    if variant == "tile":
+        return cc._conv_fwd_triton(x, w, b, seq, init, "silu", variant="tile", **(cfg or {}))
+    key = ("split" if x.stride(2) == 1 else "rows", variant)
+    saved = cc.FWD_BLOCKS[key]
+    cc.FWD_BLOCKS[key] = cfg or saved
+    try:
+        return cc._conv_fwd_triton(x, w, b, seq, init, "silu", variant=variant)
+    finally:
+        cc.FWD_BLOCKS[key] = saved
+
+
+VROWS = []  # (shape, layout, label, flush us, graph us, % of copy (graph), rel err)
+
+
+def fwd_variants(budget, cbw):
+    """Every forward variant at the issue's shapes: correctness against the PyTorch path, then timings."""
+    out = {}
+    for bsz, dim, seqlen in ((4, 3072, 4096), (1, 3328, 65536)):
+        for cl in (False, True):
+            x, w, b = conv_inputs(bsz, dim, seqlen, cl)
+            with backend("torch"):
+                ref = cc.causal_conv1d_fn(x, w, b, activation="silu")
+            # packed sequences and initial states too (the check only, at the b4 shape)
+            seq = (torch.arange(seqlen, device=DEV) // 1500).to(torch.int32).expand(bsz, -1).contiguous()
+            init = torch.randn(bsz, dim, 3, device=DEV, dtype=BF16)
+            if bsz == 4:
+                with backend("torch"):
+                    ref_si = cc.causal_conv1d_fn(x, w, b, seq_idx=seq, initial_states=init, activation="silu")
+            nbytes = 2 * x.numel() * 2
+            copy_ms = graph_ms(lambda: torch.empty_like(x).copy_(x))
+            shape = f"b{bsz} d{dim} l{seqlen}"
+            out[f"{shape} {layout_name(cl)} copy"] = {"graph_ms": copy_ms, "GB/s": nbytes / copy_ms / 1e6}
+            VROWS.append((shape, layout_name(cl), "x.copy_ (same bytes)", float("nan"), copy_ms * 1e3,
+                          100 * nbytes / copy_ms / 1e6 / cbw if cbw else float("nan"), 0.0))
+            for label, variant, cfg in FWD_VARIANTS[layout_name(cl)]:
+                key = f"{shape} {layout_name(cl)} {label}"
+                if time.time() - T0 > budget:
+                    out[key] = "skipped: time budget"
+                    continue
+                try:
+                    y = run_fwd_variant(x, w, b, variant, cfg)
+                    err = rel(y, ref)
+                    if bsz == 4:
+                        err = max(err, rel(run_fwd_variant(x, w, b, variant, cfg, seq, init), ref_si))
+                    del y
+                    fn = lambda: run_fwd_variant(x, w, b, variant, cfg)  # noqa: E731
+                    fl, gr = event_ms(fn), graph_ms(fn)
+                except Exception:
+                    out[key] = {"error": traceback.format_exc()}
+                    print(f"[conv_fwd_variants] {key} FAILED\n{out[key]['error']}", flush=True)
+                    continue
+                pct = 100 * nbytes / gr / 1e6 / cbw if cbw else float("nan")
+                out[key] = {"rel_err": err, "flush_ms": fl, "graph_ms": gr, "GB/s graph": nbytes / gr / 1e6,
+                            "pct_copy graph": pct, "cfg": cfg, "variant": variant, "ok": err < 1e-2}
+                VROWS.append((shape, layout_name(cl), label, fl * 1e3, gr * 1e3, pct, err))
+            if bsz == 4:  # host time per call: launcher alone, the public op, the public op under autograd
+                fn = lambda: cc._conv_fwd_triton(x, w, b, None, None, "silu")  # noqa: E731
+                host_us(f"conv _conv_fwd_triton {shape} {layout_name(cl)}", fn, event_ms(fn))
+                fn = lambda: cc.causal_conv1d_fn(x, w, b, activation="silu")  # noqa: E731
+                host_us(f"conv causal_conv1d_fn {shape} {layout_name(cl)}", fn, event_ms(fn))
+                xg = x.detach().clone().requires_grad_()
+                fn = lambda: cc.causal_conv1d_fn(xg, w, b, activation="silu")  # noqa: E731
+                host_us(f"conv causal_conv1d_fn x.requires_grad {shape} {layout_name(cl)}", fn, event_ms(fn))
+                del xg
+            del x, ref
+            ref_si = None
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".", help="folder for gpu_check_conv_norm.json")
-    ap.add_argument("--budget", type=float, default=55.0, help="seconds after which the sweep is skipped")
+    ap.add_argument("--budget", type=float, default=55.0,
+                    help="seconds after which the remaining variant timings and the sweep are skipped")
+    ap.add_argument("--only", default=None,
+                    help="comma list of parts to run (copy_bandwidth always runs), e.g. conv_fwd_variants")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: this script times the Triton kernels on a GPU (--help for its options)")
+        return
+    ONLY["parts"] = set(args.only.split(",")) if args.only else None
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     RESULTS["device"] = torch.cuda.get_device_name()
@@ -120,6 +277,10 @@ def main(argv=None):
         return copy
 
     cbw = copy["GB/s"]
+
+    @part("conv_fwd_variants")
+    def _():
+        return fwd_variants(args.budget, cbw)
 
     @part("conv_correctness")
     def _():
@@ -341,6 +502,14 @@ def print_summary(cbw):
     for what, us, dev_us in HOST:
         flag = "  <- launch-bound" if us > 0.8 * dev_us else ""
         print(f"{what:50s} host {us:8.1f} us   device {dev_us:8.1f} us{flag}")
+    if VROWS:
+        print(f"\n=== conv fwd variants, w4 SiLU bf16 (flush: per call, L2 flushed; graph: 20 calls in a CUDA "
+              f"graph; %copy of {cbw or float('nan'):.0f} GB/s from graph) ===")
+        print(f"{'shape':18s} {'layout':14s} {'variant':22s} {'flush us':>9s} {'graph us':>9s} {'%copy':>6s} "
+              f"{'rel err':>8s}")
+        for shape, lay, label, fl, gr, pct, err in VROWS:
+            flag = "" if err < 1e-2 else "  WRONG"
+            print(f"{shape:18s} {lay:14s} {label:22s} {fl:9.1f} {gr:9.1f} {pct:6.1f} {err:8.1e}{flag}")
     print(f"failed parts: {failed or 'none'}; total {time.time() - T0:.1f} s")
 
 

@@ -311,6 +311,62 @@ def test_triton_update_matches_reference(poisoned_empty, circular):
     assert rel_err(cache, cache_ref) < 1e-6
 
 
+# Forward variants (cc.FWD_VARIANT, each layout's old "tile" kernel included): small tiles so that the walk crosses tile, span and group boundaries on
+# the tiny shape (seqlen 21: spans of 2 x 8 positions, the second one partial; 3 rows of 4 channels for dim 6)
+# and the prefetching row kernel crosses chunks (CHUNK 8) with a last partial chunk.
+_SMALL_VARIANT_BLOCKS = {
+    ("split", "walk"): dict(BLOCK_D=4, BLOCK_L=8, STEPS=2, num_warps=1),
+    ("rows", "rows16"): dict(BLOCK_D=4, CHUNK=8, num_warps=1),
+}
+FWD_VARIANTS = [("split", "tile"), ("split", "walk"), ("rows", "rows16")]  # rows "tile": the tests above
+
+
+def _use_variant(monkeypatch, layout, variant, small=True):
+    monkeypatch.setitem(cc.FWD_VARIANT, layout, variant)
+    if small and DEVICE == "cpu" and (layout, variant) in _SMALL_VARIANT_BLOCKS:
+        monkeypatch.setitem(cc.FWD_BLOCKS, (layout, variant), _SMALL_VARIANT_BLOCKS[(layout, variant)])
+
+
+@needs_triton
+@pytest.mark.parametrize("layout,variant", FWD_VARIANTS)
+@pytest.mark.parametrize("width,activation,seq,init", [(4, "silu", True, True), (3, None, False, True),
+                                                        (2, "silu", True, False)])
+def test_triton_fwd_variants_match_reference_fp32(poisoned_empty, monkeypatch, layout, variant, width,
+                                                  activation, seq, init):
+    """Each forward variant: outputs, final states and every gradient (the backward is shared) in fp32."""
+    _use_variant(monkeypatch, layout, variant)
+    inputs, seeds = _conv_case(torch.float32, layout == "rows", width, seq, init)
+    (out, fin), grads = _conv_run(inputs, seeds, activation, "triton")
+    (out_r, fin_r), grads_r = _conv_run(inputs, seeds, activation)
+    assert rel_err(out, out_r) < 1e-5 and rel_err(fin, fin_r) == 0
+    assert out.stride(2 if layout == "split" else 1) == 1
+    for name, g, gr in zip("x weight bias seq_idx initial_states".split(), grads, grads_r):
+        if gr is not None:
+            assert rel_err(g, gr) < 1e-5, name
+
+
+@needs_triton
+@pytest.mark.parametrize("layout,variant", FWD_VARIANTS)
+@pytest.mark.parametrize("dtype,small", [(torch.bfloat16, True), (torch.float16, False)],
+                         ids=["bf16-small-tiles", "fp16-default-tiles"])
+def test_triton_fwd_variants_low_precision_within_rule(monkeypatch, layout, variant, dtype, small):
+    """Forward variants in fp16/bf16, with the test's small tiles and with the variant's own launch
+    parameters: error <= 2x the PyTorch path's in the same dtype (both against float64)."""
+    _use_variant(monkeypatch, layout, variant, small)
+    inputs, seeds = _conv_case(dtype, layout == "rows", 4, True, True)
+    atol = BF16_ATOL if dtype == torch.bfloat16 else 1e-4
+    (out, fin), _ = _conv_run(inputs, seeds, "silu", "triton")
+    (out_t, _), _ = _conv_run(inputs, seeds, "silu", "torch")
+    (out_r, fin_r), _ = _conv_run(inputs, seeds, "silu")
+    assert_rule("out", out, out_t, out_r, atol=atol)
+    assert torch.equal(fin.double(), fin_r)
+
+
+def test_unknown_fwd_variant_is_named():
+    with pytest.raises(ValueError, match="no forward variant 'nope'"):
+        cc._fwd_launch(True, "nope", 4, 8, None, None)
+
+
 @needs_triton
 def test_triton_width_above_4_is_refused_when_forced():
     x, w, _, _ = _inputs(1, 4, 8, 5, dtype=torch.float32, device=DEVICE)

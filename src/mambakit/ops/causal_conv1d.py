@@ -459,6 +459,75 @@ def _conv_fwd_kernel(
 
 
 @_jit
+def _load_raw(x_base, init_base, d_loc, d_mask, pos, end, seqlen, sx_d, sx_l, si_d, si_l,
+              WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
+    """_load_ext in x's dtype, zero at pos >= end too: a prefetched tile stays packed in registers and is
+    converted where it is used, so the wait for it lands there and not right after the load."""
+    p = pos[None, :]
+    dm = d_mask[:, None]
+    v = tl.load(x_base + d_loc[:, None] * sx_d + p * sx_l, mask=dm & (p >= 0) & (p < seqlen) & (p < end),
+                other=0.0)
+    if HAS_INIT:
+        ip = p + (WIDTH - 1)
+        h = tl.load(init_base + d_loc[:, None] * si_d + ip * si_l, mask=dm & (p < 0) & (ip >= 0), other=0.0)
+        v = tl.where(p < 0, h.to(v.dtype), v)
+    return v
+
+
+@_jit
+def _conv_fwd_walk_kernel(
+    x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, out_ptr, dim, seqlen,
+    sx_b, sx_d, sx_l, sw_d, sw_k, ss_b, ss_l, si_b, si_d, si_l, so_b, so_d, so_l,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, STEPS: tl.constexpr,
+):
+    """Forward, seqlen contiguous ("walk" variant). Grid (seqlen spans of STEPS * BLOCK_L, dim tiles, batch).
+
+    A program walks its span one (BLOCK_D, BLOCK_L) tile at a time with _conv_fwd_kernel's split/join shifts,
+    and issues the loads of tile i + 1 before it computes and stores tile i: two tiles in flight per thread
+    instead of one, and the taps, bias and address setup paid once per span instead of once per tile.
+    """
+    l0 = tl.program_id(0) * (BLOCK_L * STEPS)
+    d0 = tl.program_id(1) * BLOCK_D
+    b = tl.program_id(2).to(tl.int64)
+    span_end = l0 + BLOCK_L * STEPS  # a multiple of BLOCK_L: the masks below stay 16-byte uniform
+    d_loc = tl.arange(0, BLOCK_D)
+    d_mask = d0 + d_loc < dim
+    pos = l0 + tl.arange(0, BLOCK_L)
+    x_base = x_ptr + b * sx_b + d0 * sx_d
+    i_base = init_ptr + b * si_b + d0 * si_d
+    o_base = out_ptr + b * so_b + (d0 + d_loc)[:, None] * so_d
+    s_base = seq_ptr + b * ss_b
+    w0, w1, w2, w3 = _load_taps(w_ptr, d0 + d_loc, d_mask, sw_d, sw_k, WIDTH)
+    bias = tl.zeros_like(w0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + d0 + d_loc, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+    seq0 = 0
+    if HAS_SEQ:
+        seq0 = tl.load(s_base)
+    cur = _load_raw(x_base, i_base, d_loc, d_mask, pos, span_end, seqlen, sx_d, sx_l, si_d, si_l, WIDTH, False)
+    prev = _load_raw(x_base, i_base, d_loc, d_mask, pos - 8, span_end, seqlen, sx_d, sx_l, si_d, si_l, WIDTH,
+                     HAS_INIT)
+    for _ in range(0, tl.cdiv(tl.minimum(span_end, seqlen) - l0, BLOCK_L)):
+        nxt = pos + BLOCK_L
+        # the next tile of this span (nothing past its end: that is the next program's)
+        cur_n = _load_raw(x_base, i_base, d_loc, d_mask, nxt, span_end, seqlen, sx_d, sx_l, si_d, si_l, WIDTH,
+                          False)
+        prev_n = _load_raw(x_base, i_base, d_loc, d_mask, nxt - 8, span_end, seqlen, sx_d, sx_l, si_d, si_l,
+                           WIDTH, False)
+        x3 = cur.to(tl.float32)
+        x2, x1, x0 = _back3(x3, prev.to(tl.float32), BLOCK_D, BLOCK_L)
+        s0, s1, s2, s3 = 0, 0, 0, 0
+        if HAS_SEQ:
+            s3 = _load_seq(s_base, pos, seqlen, ss_l, seq0)
+            s2, s1, s0 = _back3(s3, _load_seq(s_base, pos - 8, seqlen, ss_l, seq0), 1, BLOCK_L)
+        out = _act(bias + _tap4(x0, x1, x2, x3, s0, s1, s2, s3, w0, w1, w2, w3, HAS_SEQ), SILU)
+        tl.store(o_base + pos[None, :] * so_l, out.to(out_ptr.dtype.element_ty),
+                 mask=d_mask[:, None] & (pos[None, :] < seqlen))
+        cur, prev, pos = cur_n, prev_n, nxt
+
+
+@_jit
 def _next3_grads(x3, xn, dyn, s3, sn, w0, w1, w2, w3, bias,
                  HAS_SEQ: tl.constexpr, SILU: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """SPLIT layout: g = dy * act'(pre-activation) at columns 0, 1, 2 of the groups of the tile at t+8.
@@ -590,6 +659,13 @@ def _row_x(base, d_loc, d_mask, t, seqlen, s_d, s_l):
 
 
 @_jit
+def _row_raw(base, d_loc, d_mask, t, hi, s_d, s_l):
+    """Row t (scalar, >= 0) in the tensor's dtype, zero at t >= hi (a prefetch: converted where it is used)."""
+    return tl.load(base + d_loc * s_d + tl.cast(t, tl.int64) * s_l, mask=_row_mask(d_loc, d_mask, t, 0, hi),
+                   other=0.0)
+
+
+@_jit
 def _row_ext(x_base, init_base, d_loc, d_mask, t, seqlen, sx_d, sx_l, si_d, si_l,
              WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
     """Row t (scalar, may be < 0: initial_states, or zero) of cat(initial_states, x): (BLOCK_D,) fp32."""
@@ -624,9 +700,12 @@ def _conv_fwd_rows_kernel(
     x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, out_ptr, dim, seqlen,
     sx_b, sx_d, sx_l, sw_d, sw_k, ss_b, ss_l, si_b, si_d, si_l, so_b, so_d, so_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
-    """Forward, channels contiguous. Grid (seqlen chunks, dim tiles, batch); CHUNK a multiple of 4."""
+    """Forward, channels contiguous. Grid (seqlen chunks, dim tiles, batch); CHUNK a multiple of 4.
+    PREFETCH (the "rows16" variant): the loads of the next 4 rows are issued before the current 4 are
+    computed and stored, so 8 rows are in flight per thread, not 4 (the loop's stores may alias x, so the
+    compiler cannot hoist those loads by itself)."""
     l0 = tl.program_id(0) * CHUNK
     d0 = tl.program_id(1) * BLOCK_D
     b = tl.program_id(2).to(tl.int64)
@@ -650,11 +729,25 @@ def _conv_fwd_rows_kernel(
     qa = _row_seq(s_base, l0 - 3, seqlen, ss_l, seq0, HAS_SEQ)
     qb = _row_seq(s_base, l0 - 2, seqlen, ss_l, seq0, HAS_SEQ)
     qc = _row_seq(s_base, l0 - 1, seqlen, ss_l, seq0, HAS_SEQ)
-    for t in range(l0, tl.minimum(l0 + CHUNK, seqlen), 4):
-        r0 = _row_x(x_base, d_loc, d_mask, t, seqlen, sx_d, sx_l)
-        r1 = _row_x(x_base, d_loc, d_mask, t + 1, seqlen, sx_d, sx_l)
-        r2 = _row_x(x_base, d_loc, d_mask, t + 2, seqlen, sx_d, sx_l)
-        r3 = _row_x(x_base, d_loc, d_mask, t + 3, seqlen, sx_d, sx_l)
+    l_end = tl.minimum(l0 + CHUNK, seqlen)
+    if PREFETCH:
+        n0 = _row_raw(x_base, d_loc, d_mask, l0, l_end, sx_d, sx_l)
+        n1 = _row_raw(x_base, d_loc, d_mask, l0 + 1, l_end, sx_d, sx_l)
+        n2 = _row_raw(x_base, d_loc, d_mask, l0 + 2, l_end, sx_d, sx_l)
+        n3 = _row_raw(x_base, d_loc, d_mask, l0 + 3, l_end, sx_d, sx_l)
+    for t in range(l0, l_end, 4):
+        if PREFETCH:
+            c0, c1, c2, c3 = n0, n1, n2, n3
+            n0 = _row_raw(x_base, d_loc, d_mask, t + 4, l_end, sx_d, sx_l)
+            n1 = _row_raw(x_base, d_loc, d_mask, t + 5, l_end, sx_d, sx_l)
+            n2 = _row_raw(x_base, d_loc, d_mask, t + 6, l_end, sx_d, sx_l)
+            n3 = _row_raw(x_base, d_loc, d_mask, t + 7, l_end, sx_d, sx_l)
+            r0, r1, r2, r3 = c0.to(tl.float32), c1.to(tl.float32), c2.to(tl.float32), c3.to(tl.float32)
+        else:
+            r0 = _row_x(x_base, d_loc, d_mask, t, seqlen, sx_d, sx_l)
+            r1 = _row_x(x_base, d_loc, d_mask, t + 1, seqlen, sx_d, sx_l)
+            r2 = _row_x(x_base, d_loc, d_mask, t + 2, seqlen, sx_d, sx_l)
+            r3 = _row_x(x_base, d_loc, d_mask, t + 3, seqlen, sx_d, sx_l)
         s0 = _row_seq(s_base, t, seqlen, ss_l, seq0, HAS_SEQ)
         s1 = _row_seq(s_base, t + 1, seqlen, ss_l, seq0, HAS_SEQ)
         s2 = _row_seq(s_base, t + 2, seqlen, ss_l, seq0, HAS_SEQ)
@@ -896,26 +989,67 @@ def _opt(t, x, ndim):
     return (t, t.stride()) if t is not None else (x, (0,) * ndim)
 
 
-def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, blocks=None, num_warps=None):
+# Forward variants (issue 4), one per layout, picked by FWD_VARIANT so that the GPU check script can time them
+# side by side (scripts/gpu_check_conv_norm.py). FWD_BLOCKS holds each new variant's launch parameters.
+# - split layout (seqlen contiguous): "tile", one (BLOCK_D, BLOCK_L) tile per program (_conv_fwd_kernel, the
+#   kernel measured in docs/benchmarks.md); "walk", STEPS tiles per program with the next tile's loads issued
+#   before the current one is stored (_conv_fwd_walk_kernel).
+# - rows layout (channels contiguous): "tile", CHUNK rows of BLOCK_D = 256 channels over 2 warps (8-byte
+#   accesses, the measured one); "rows16", 8 channels per thread (16-byte accesses) and the next 4 rows
+#   prefetched (_conv_fwd_rows_kernel with PREFETCH).
+# H200 (CUDA graph of 20 calls, w4 SiLU bf16): split b4 d3072 l4096 tile 61.3 us (77% of copy), walk 55.1 us
+# (86%); b1 d3328 l65536 248 -> 225 us (83 -> 91%). rows: rows16 measured no faster than tile (66 vs 67 us at
+# b4, 254 vs 239 us at l65536), so tile stays the default there.
+FWD_VARIANT = {"split": "walk", "rows": "tile"}
+FWD_BLOCKS = {
+    ("split", "walk"): dict(BLOCK_D=8, BLOCK_L=256, STEPS=4, num_warps=4),
+    ("rows", "rows16"): dict(BLOCK_D=256, CHUNK=64, num_warps=1),
+}
+
+
+def _fwd_launch(split, variant, dim, seqlen, blocks, num_warps):
+    """(kernel, launch parameters incl. num_warps, BLOCK_D, seqlen per program) of a forward variant."""
+    variant = variant or FWD_VARIANT["split" if split else "rows"]
+    if variant == "tile":
+        block_d, block_l, warps = _conv_blocks(split, dim, seqlen, False)
+        block_d, block_l = blocks or (block_d, block_l)
+        params = dict(SPLIT=True, BLOCK_L=block_l) if split else dict(CHUNK=block_l)
+        kernel, span = (_conv_fwd_kernel if split else _conv_fwd_rows_kernel), block_l
+        params.update(BLOCK_D=block_d, num_warps=num_warps or warps)
+        return kernel, params, block_d, span
+    key = ("split" if split else "rows", variant)
+    if key not in FWD_BLOCKS:
+        fail(f"no forward variant {variant!r} for the {key[0]} layout; known: tile, "
+             + ", ".join(v for lay, v in FWD_BLOCKS if lay == key[0]))
+    params = dict(FWD_BLOCKS[key])
+    if blocks:
+        params["BLOCK_D"], params["BLOCK_L" if split else "CHUNK"] = blocks
+    if num_warps:
+        params["num_warps"] = num_warps
+    if split:
+        return _conv_fwd_walk_kernel, params, params["BLOCK_D"], params["BLOCK_L"] * params["STEPS"]
+    params["PREFETCH"] = True
+    return _conv_fwd_rows_kernel, params, params["BLOCK_D"], params["CHUNK"]
+
+
+def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, blocks=None, num_warps=None,
+                     variant=None):
     """Launch the forward kernel. Returns out: (batch, dim, seqlen) in x's layout and dtype.
     blocks: (BLOCK_D, BLOCK_L) and num_warps override the heuristic (the GPU check script sweeps them);
-    BLOCK_L is the chunk each program walks in the channels-contiguous layout (a multiple of 4)."""
+    BLOCK_L is the chunk each program walks in the channels-contiguous layout (a multiple of 4).
+    variant: a forward variant's name (see FWD_VARIANT), None for FWD_VARIANT's choice for x's layout."""
     batch, dim, seqlen = x.shape
     x, split = _layout(x)
     out = _empty_like_layout(x, split)
-    block_d, block_l, warps = _conv_blocks(split, dim, seqlen, False)
-    block_d, block_l = blocks or (block_d, block_l)
+    kernel, params, block_d, span = _fwd_launch(split, variant, dim, seqlen, blocks, num_warps)
     seq, ss = _opt(seq_idx, x, 2)
     init, si = _opt(_like_layout(initial_states, split) if initial_states is not None else None, x, 3)
-    grid = (triton.cdiv(seqlen, block_l), triton.cdiv(dim, block_d), batch)
-    kernel = _conv_fwd_kernel if split else _conv_fwd_rows_kernel
-    extra = dict(SPLIT=True, BLOCK_L=block_l) if split else dict(CHUNK=block_l)
+    grid = (triton.cdiv(seqlen, span), triton.cdiv(dim, block_d), batch)
     kernel[grid](
         x, weight, bias if bias is not None else x, seq, init, out, dim, seqlen,
         *x.stride(), *weight.stride(), *ss, *si, *out.stride(),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
-        HAS_INIT=initial_states is not None, SILU=activation is not None,
-        BLOCK_D=block_d, num_warps=num_warps or warps, **extra)
+        HAS_INIT=initial_states is not None, SILU=activation is not None, **params)
     return out
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """GPU check of mambakit's SSD scan (``mamba_chunk_scan_combined``): correctness at full size, long sequences,
 timings against the official package's anchors (docs: /work/shared/ANCHORS.md), the time-split state kernels
-for long single sequences (issue 5: parts P, against the unsplit path), block-size variants per stage.
+for long single sequences (issue 5: parts P, against the unsplit path), block-size variants per stage, and the
+dB / dC backward variants (issue 5: "summed" against the default "per_head").
 
     python scripts/gpu_check_ssd.py --out OUT_DIR
+    python scripts/gpu_check_ssd.py --out OUT_DIR --only dbc_variants     # just the dB / dC variants
 
 Each part runs on its own: a failure is recorded (with its traceback) in OUT_DIR/ssd_check.json and the other
 parts still run. A short table is printed last.
@@ -43,14 +45,24 @@ VARIANTS = {
                     dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=3),
                     dict(BLOCK_M=64, BLOCK_K=64, num_stages=3)],
     "scan_bwd_dbc": [dict(), dict(num_warps=8), dict(BLOCK_M=64, BLOCK_K=32, num_stages=3),
-                     dict(BLOCK_M=128, BLOCK_K=64, num_warps=8), dict(HEAD_SPLIT=1)],
+                     dict(BLOCK_M=128, BLOCK_K=64, num_warps=8), dict(HEAD_SPLIT=1), dict(VARIANT="summed")],
 }
 RESULTS: dict = {}
 T0 = time.time()
 DEV = "cuda"
 # --smoke shrinks every shape (CPU + TRITON_INTERPRET=1 works) to check the script itself
 SMALL = dict(long_l=1 << 17, huge_l=1 << 20, long_h=48, fp32=(2, 2048, 16), bf16=(2, 4096, 48), chunk=256,
-             low=torch.bfloat16, split=dict(b=1, l=65536, h=48, p=64, n=128, g=1), parts=(4, 8, 16))
+             low=torch.bfloat16, split=dict(b=1, l=65536, h=48, p=64, n=128, g=1), parts=(4, 8, 16),
+             dbc_shapes=[dict(b=1, l=65536, h=48, p=64, n=128, g=1), dict(b=4, l=4096, h=48, p=64, n=128, g=1)],
+             dbc_check=dict(b=2, l=4096, h=48, p=64, n=128, g=2), dbc_check32=dict(b=2, l=2048, h=16, p=64, n=128, g=2))
+# dB / dC backward configurations timed by dbc_variants() (BLOCKS["scan_bwd_dbc"]; "default" is the current one)
+DBC_CONFIGS = {
+    "default": dict(),
+    "summed": dict(VARIANT="summed"),  # its tuned tiles (chunk_scan._SUMMED_16BIT)
+    "summed st2 M64": dict(VARIANT="summed", W_STAGES=2, BLOCK_M=64, num_warps=4, num_stages=2),
+    "summed M64": dict(VARIANT="summed", BLOCK_M=64, num_warps=4),
+    "summed W128": dict(VARIANT="summed", BLOCK_W=128, W_WARPS=8),
+}
 # state-kernel plans timed by time_split(); "old" is the default before the time split (BLOCK_N shrunk to 32,
 # 2 stages), "whole" the unsplit kernel with the measured 3 stages, "default" whatever state_plan picks
 SPLIT_CONFIGS = {"old": dict(TIME_SPLIT=1, num_stages=2), "whole": dict(TIME_SPLIT=1), "default": dict()}
@@ -373,10 +385,101 @@ def stages_and_variants():
     return res
 
 
+@contextlib.contextmanager
+def dbc_blocks(blk):
+    """Run the dB / dC backward (chunk_scan_bwd_dbc) with the blocks ``blk`` (VARIANT, tile sizes)."""
+    from mambakit.ops.ssd import triton_path
+
+    saved = dict(triton_path.BLOCKS["scan_bwd_dbc"])
+    triton_path.BLOCKS["scan_bwd_dbc"].clear()
+    triton_path.BLOCKS["scan_bwd_dbc"].update(blk)
+    try:
+        yield
+    finally:
+        triton_path.BLOCKS["scan_bwd_dbc"].clear()
+        triton_path.BLOCKS["scan_bwd_dbc"].update(saved)
+
+
+def _dbc_check(shape, dtype, seed):
+    """Every gradient of each DBC_CONFIGS entry vs the default, and both vs the fp32 PyTorch path; packed
+    sequences, initial state, z, D per headdim, groups."""
+    b, l = shape["b"], shape["l"]
+    t = make(**shape, dtype=dtype, D_hdim=True, z=True, init=True, seed=seed)
+    seq_idx = torch.zeros(b, l, dtype=torch.int32, device=DEV)
+    seq_idx[:, l // 3 + 7:] = 1
+    seq_idx[0, l // 2:] = 2  # at a chunk boundary
+    kw = dict(seq_idx=seq_idx)
+    ref = out_and_grads(t, "torch", cast=torch.float32, **kw)
+    with dbc_blocks({}):
+        default = out_and_grads(t, "triton", **kw)
+    err_default = compare(default, ref)
+    res = {"default_vs_ref": err_default}
+    for name, blk in DBC_CONFIGS.items():
+        if name == "default":
+            continue
+        with dbc_blocks(blk):
+            got = out_and_grads(t, "triton", **kw)
+        err = compare(got, ref)
+        ratio = max(err[k] / (err_default[k] + (1e-6 if dtype == torch.float32 else 1e-4)) for k in err)
+        res[name] = {"vs_default": compare(got, default), "vs_ref": err, "max_ratio": ratio}
+        del got
+    return res
+
+
+def dbc_variants():
+    """dB / dC backward variants (DBC_CONFIGS): gradients against the default (bf16 with groups, seq_idx,
+    initial state; fp32 too), then chunk_scan_bwd_dbc alone and fwd+bwd at SMALL["dbc_shapes"]."""
+    res = {"check_low": _dbc_check(SMALL["dbc_check"], SMALL["low"], 5),
+           "check_fp32": _dbc_check(SMALL["dbc_check32"], torch.float32, 6)}
+    checks = [r for c in ("check_low", "check_fp32") for n, r in res[c].items() if n != "default_vs_ref"]
+    res["ok"] = all(r["max_ratio"] < 2.0 for r in checks)
+    res["timing"] = {}
+    for shape in SMALL["dbc_shapes"]:
+        key = "b{b} l{l} h{h} p{p} n{n} g{g}".format(**shape)
+        stage = _stage_calls(shape)["scan_bwd_dbc"]
+        rows = {}
+        for name, blk in DBC_CONFIGS.items():
+            try:
+                dbc_ms = bench_ms(lambda: stage(dict(blk)))
+                with dbc_blocks(blk):
+                    f, fb = _bench_shape(shape)
+                rows[name] = {"dbc_ms": dbc_ms, "fwd_bwd_ms": fb, "fwd_ms": f}
+            except Exception as exc:  # noqa: BLE001 - a config that fails to compile is reported
+                rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+            print(f"  {key} {name}: {rows[name]}", flush=True)
+        res["timing"][key] = rows
+        del stage
+    return res
+
+
+def _dbc_table(r) -> list:
+    if "error" in r:
+        return [f"dbc_variants ERROR {r['error'][:150]}"]
+    lines = [f"dbc_variants   {'ok  ' if r['ok'] else 'FAIL'} gradient error vs fp32 torch, variant / default "
+             f"(max over gradients; ok < 2):"]
+    for c in ("check_low", "check_fp32"):
+        lines.append(f"  {c}: " + ", ".join(f"{n} {v['max_ratio']:.2f} (vs default max "
+                                             f"{max(v['vs_default'].values()):.1e})"
+                                             for n, v in r[c].items() if n != "default_vs_ref"))
+    lines.append(f"  {'shape':28s} {'config':14s} {'dbc ms':>8s} {'f+b ms':>8s} {'fwd ms':>8s}")
+    for key, rows in r["timing"].items():
+        for name, v in rows.items():
+            if "error" in v:
+                lines.append(f"  {key:28s} {name:14s} ERROR {v['error'][:100]}")
+            else:
+                lines.append(f"  {key:28s} {name:14s} {v['dbc_ms']:8.3f} {v['fwd_bwd_ms']:8.3f} {v['fwd_ms']:8.3f}")
+    return lines
+
+
 def _shrink():
     """--smoke: tiny shapes everywhere (heads, headdim and dstate stay those of the goal shapes)."""
     SMALL.update(long_l=96, huge_l=256, long_h=2, fp32=(2, 80, 4), bf16=(1, 48, 4), chunk=16,
-                 split=dict(b=1, l=16 * 12 + 5, h=2, p=16, n=16, g=1), parts=(2, 3, 4))
+                 split=dict(b=1, l=16 * 12 + 5, h=2, p=16, n=16, g=1), parts=(2, 3, 4),
+                 dbc_shapes=[dict(b=1, l=16 * 3 + 5, h=2, p=16, n=16, g=1)],
+                 dbc_check=dict(b=2, l=16 * 3 + 5, h=4, p=16, n=16, g=2),
+                 dbc_check32=dict(b=2, l=16 * 2 + 3, h=2, p=16, n=16, g=2))
+    for name in list(DBC_CONFIGS)[3:]:
+        del DBC_CONFIGS[name]
     if not torch.cuda.is_available():  # Triton 3.9's interpreter gets bf16 dots wrong; fp16 is fine
         SMALL["low"] = torch.float16
     GOALS[:] = [(dict(b=1, l=40, h=2, p=64, n=128, g=1), *g[1:]) for g in GOALS[:1]]
@@ -429,6 +532,8 @@ def table() -> str:
         for key, stages in st.items():
             parts = [f"{s} {v['default_ms']:.3f}->{v['best_ms']:.3f}" for s, v in stages.items() if isinstance(v, dict)]
             lines.append(f"stages {key}: " + ", ".join(parts))
+    if "dbc_variants" in RESULTS:
+        lines.extend(_dbc_table(RESULTS["dbc_variants"]))
     lines.append(f"total {time.time() - T0:.0f}s")
     return "\n".join(lines)
 
@@ -437,6 +542,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".", help="directory for ssd_check.json")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip, e.g. long_1m,stages_and_variants")
+    ap.add_argument("--only", default="", help="comma-separated parts to run (all others skipped), e.g. dbc_variants")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on any device (CPU with TRITON_INTERPRET=1): checks the script, not the GPU")
     args = ap.parse_args(argv)
@@ -449,9 +555,10 @@ def main(argv=None):
     RESULTS["device"] = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     RESULTS["_split_key"] = "b{b} l{l} h{h} p{p} n{n} g{g}".format(**SMALL["split"])
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
     for fn in (correct_fp32, correct_bf16, split_correct, long_131k, long_1m, bench, time_split,
-               stages_and_variants):
-        if fn.__name__ not in skip:
+               stages_and_variants, dbc_variants):
+        if fn.__name__ not in skip and (not only or fn.__name__ in only):
             part(fn)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -429,3 +429,99 @@ def test_triton_time_split_default_plan_no_init_no_final_grad():
         whole = out_grads()
     for i, (a, b) in enumerate(zip(split, whole)):
         assert rel_err(a, b) < 1e-5, i
+
+
+# ---------------------------------------------------------------- dB / dC backward variants
+
+
+@contextlib.contextmanager
+def dbc_blocks(**blk):
+    """Run the dB / dC backward with the blocks ``blk`` (VARIANT="summed", tile sizes) inside the block."""
+    from mambakit.ops.ssd import triton_path
+
+    saved = dict(triton_path.BLOCKS["scan_bwd_dbc"])
+    triton_path.BLOCKS["scan_bwd_dbc"].clear()
+    triton_path.BLOCKS["scan_bwd_dbc"].update(blk)
+    try:
+        yield
+    finally:
+        triton_path.BLOCKS["scan_bwd_dbc"].clear()
+        triton_path.BLOCKS["scan_bwd_dbc"].update(saved)
+
+
+# chunk 32 with 16-wide tiles on the interpreter: several W tiles per chunk (below, on and above the diagonal)
+DBC_CHUNK = 32 if DEVICE == "cpu" else 256
+DBC_TILES = dict(BLOCK_W=16, BLOCK_M=16, BLOCK_K=16) if DEVICE == "cpu" else {}
+
+
+@needs_triton
+@pytest.mark.parametrize("g, dtype, with_seq, init", [(1, torch.float32, True, True), (2, torch.float32, False, False),
+                                                      (2, LOW, True, True), (1, LOW, False, True)])
+def test_triton_dbc_summed_matches_reference(g, dtype, with_seq, init):
+    """The "summed" dB / dC backward: outputs, final state and every gradient under the tolerance rule, and
+    equal to the "per_head" variant up to rounding (partial last chunk, packed sequences, groups)."""
+    l = 2 * DBC_CHUNK + DBC_CHUNK // 2 + 3
+    t = on_device(make_inputs(**dict(SPLIT_SHAPE, l=l), g=g, D_hdim=g == 2, init=init))
+    opts = dict(dt_softplus=True)
+    if with_seq:
+        seq_idx = torch.zeros(SPLIT_SHAPE["b"], l, dtype=torch.int32, device=DEVICE)
+        seq_idx[:, DBC_CHUNK:] = 1  # at a chunk start ...
+        seq_idx[:, DBC_CHUNK + DBC_CHUNK // 2 + 5:] = 2  # ... inside a chunk, in its second tile row
+        seq_idx[:, 2 * DBC_CHUNK + 2:] = 3  # ... and in the partial last chunk
+        opts["seq_idx"] = seq_idx
+    ref = run(ssd_chunked_torch, cast(t, torch.float64), chunk_size=DBC_CHUNK, **opts)
+    base = run(ssd_chunked_torch, cast(t, dtype), chunk_size=DBC_CHUNK, **opts)
+    with dbc_blocks(VARIANT="summed", **DBC_TILES):
+        summed = run_triton(cast(t, dtype), DBC_CHUNK, **opts)
+    with dbc_blocks(VARIANT="per_head"):
+        per_head = run_triton(cast(t, dtype), DBC_CHUNK, **opts)
+    assert set(summed) == set(ref) >= {"dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias"}
+    for k in ref:
+        assert summed[k].dtype == base[k].dtype, k
+        assert_rule(k, summed[k], base[k], ref[k], atol=1e-5 if dtype == torch.float32 else 2e-3)
+        assert rel_err(summed[k], per_head[k]) < (1e-5 if dtype == torch.float32 else 3e-3), k
+
+
+@needs_triton
+def test_triton_dbc_summed_stage_outputs_equal_per_head():
+    """chunk_scan_bwd_dbc alone: dB, dC and e equal; the row and column sums of M, after adding up each
+    variant's partials over the written blocks, equal too. Rectangular pass-2 tiles (BLOCK_M != BLOCK_W)."""
+    from mambakit.ops.ssd.chunk_cumsum import chunk_cumsum_fwd
+    from mambakit.ops.ssd.chunk_scan import chunk_scan_bwd_dbc
+    from mambakit.ops.ssd.state_passing import state_bwd, state_fwd
+
+    Q = DBC_CHUNK
+    t = cast(on_device(make_inputs(**dict(SPLIT_SHAPE, l=Q + Q // 2 + 1), g=1)), torch.float32,
+             requires_grad=False)
+    gen = torch.Generator().manual_seed(3)
+    dt_p, dA_cs = chunk_cumsum_fwd(t["dt"], t["A"], t["dt_bias"], True, (0.0, float("inf")), False, Q)
+    states, _ = state_fwd(t["x"], t["B"], dt_p, dA_cs, None, None, Q, torch.float32)
+    dy = torch.randn(t["x"].shape, generator=gen).to(t["x"])
+    dstates, _, _ = state_bwd(dy, t["C"], dA_cs, states, None, None, Q)
+    args = (t["x"], t["B"], t["C"], dt_p, dA_cs, states, dstates, dy, None, Q)
+    tiles = dict(BLOCK_W=16, BLOCK_M=Q, BLOCK_K=16) if DEVICE == "cpu" else dict(BLOCK_W=64, BLOCK_M=128)
+    with poisoned_allocations():
+        want = chunk_scan_bwd_dbc(*args, {"VARIANT": "per_head"})
+        got = chunk_scan_bwd_dbc(*args, {"VARIANT": "summed", **tiles})
+    for i in range(3):
+        assert rel_err(got[i], want[i]) < 1e-5, i
+
+    def block_sums(parts, by_target):
+        """Add up (b, h, c, nblk, Q) partials over the blocks each row / column was written from."""
+        nblk = parts.shape[3]
+        q = torch.arange(Q, device=parts.device) // (Q // nblk)
+        blk = torch.arange(nblk, device=parts.device)[:, None]
+        written = (q[None, :] <= blk) if by_target else (q[None, :] >= blk)
+        return torch.where(written, parts, torch.zeros((), device=parts.device)).sum(3)
+
+    assert rel_err(block_sums(got[3], False), want[3]) < 1e-5
+    assert rel_err(block_sums(got[4], True), block_sums(want[4], True)) < 1e-5
+
+
+def test_dbc_variant_name_checked():
+    pytest.importorskip("triton")
+    from mambakit.ops.ssd.chunk_scan import chunk_scan_bwd_dbc
+
+    x = torch.randn(1, 16, 2, 4)
+    with pytest.raises(ValueError, match="VARIANT must be one of"):
+        chunk_scan_bwd_dbc(x, None, None, None, None, None, None, None, None, 16, {"VARIANT": "fast"})

@@ -63,7 +63,7 @@ def _chunk_cumsum_bwd_kernel(
     seqlen, nheads, nchunks, dt_min, dt_max,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_ddt_b, stride_ddt_l, stride_ddt_h,
-    Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+    Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, ROW_PARTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -82,8 +82,15 @@ def _chunk_cumsum_bwd_kernel(
     for m in tl.static_range(Q // BLOCK_M):
         written = mask & (offs_q[:, None] // BLOCK_M <= m)
         cols += tl.load(cols_ptr + (row[None, :] * (Q // BLOCK_M) + m) * Q + offs_q[:, None], mask=written, other=0.0)
-    inc = (cols - tl.load(rows_ptr + off, mask=mask_h[None, :], other=0.0)
-           + tl.load(f_ptr + off, mask=mask_h[None, :], other=0.0))
+    if ROW_PARTS:  # row sums of M by source block: block j wrote the rows from its diagonal block on
+        rows = tl.zeros((Q, BLOCK_H), dtype=tl.float32)
+        for j in tl.static_range(Q // BLOCK_M):
+            written = mask & (offs_q[:, None] // BLOCK_M >= j)
+            rows += tl.load(rows_ptr + (row[None, :] * (Q // BLOCK_M) + j) * Q + offs_q[:, None], mask=written,
+                            other=0.0)
+    else:
+        rows = tl.load(rows_ptr + off, mask=mask_h[None, :], other=0.0)
+    inc = cols - rows + tl.load(f_ptr + off, mask=mask_h[None, :], other=0.0)
     e = tl.load(e_ptr + off, mask=mask_h[None, :], other=0.0)
     sp = tl.load(sp_ptr + row, mask=mask_h, other=0.0)
     # each piece as a prefix / suffix sum of its own: their difference form would cancel catastrophically
@@ -132,8 +139,8 @@ def chunk_cumsum_bwd(ddt_dir, f, e, rows, cols, sp, dt_p, dt, A, dt_bias, dt_sof
                      limited: bool, Q: int):
     """Gradients of dt (b, l, h) in dt's dtype, A (h,) fp32 and dt_bias (h,) fp32 (None without a bias).
 
-    ddt_dir, f, e, rows: (b, h, c, Q) fp32, cols: (b, h, c, Q // BLOCK_M, Q), sp: (b, h, c) fp32
-    (see the module docstring).
+    ddt_dir, f, e: (b, h, c, Q) fp32, rows: (b, h, c, Q) or its partials by source block (b, h, c,
+    Q // BLOCK_M, Q), cols: (b, h, c, Q // BLOCK_M, Q), sp: (b, h, c) fp32 (see the module docstring).
     """
     b, l, h = dt.shape
     nchunks = dt_p.shape[2]
@@ -147,7 +154,7 @@ def chunk_cumsum_bwd(ddt_dir, f, e, rows, cols, sp, dt_p, dt, A, dt_bias, dt_sof
         ddt, dA_part, dbias_part,
         l, h, nchunks, float(dt_limit[0]), float(dt_limit[1]),
         dt.stride(0), dt.stride(1), dt.stride(2), ddt.stride(0), ddt.stride(1), ddt.stride(2),
-        Q=Q, BLOCK_H=BH, BLOCK_M=Q // cols.shape[3], HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        Q=Q, BLOCK_H=BH, BLOCK_M=Q // cols.shape[3], ROW_PARTS=rows.dim() == 5, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         LIMIT=limited,
     )
     dbias = dbias_part.sum((0, 1)) if dt_bias is not None else None

@@ -305,6 +305,172 @@ def _chunk_scan_bwd_dbc_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+
+@triton.jit
+def _chunk_scan_bwd_w_kernel(
+    x_ptr, dy_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, seq_ptr, w_ptr, rows_ptr, cols_ptr,
+    seqlen, nheads, nchunks, heads_per_group, headdim, dstate,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dy_b, stride_dy_l, stride_dy_h, stride_dy_p,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_seq_b, stride_seq_l,
+    Q: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """"summed" variant, pass 1: W[t, s] = sum_h exp(a_h[t] - a_h[s]) dt_h[s] (dy_h[t] . x_h[s]) for one
+    (BLOCK_W t, BLOCK_W s) tile of one (batch, chunk, group), and per head the row and column sums of
+    M_h = W_h * (C[t] . B[s]) for d(dA_cs). C B^T is head-independent: computed once per tile, not per head.
+    Tiles above the diagonal are stored as zeros so that pass 2 may read any tile."""
+    pid_bc = tl.program_id(0)
+    NB: tl.constexpr = Q // BLOCK_W
+    pid_t = tl.program_id(1) // NB
+    pid_s = tl.program_id(1) % NB
+    pid_g = tl.program_id(2)
+    pid_b = (pid_bc // nchunks).to(tl.int64)
+    pid_c = pid_bc % nchunks
+    offs_t = pid_t * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_s = pid_s * BLOCK_W + tl.arange(0, BLOCK_W)
+    # W: (b, c, g, Q, Q) in the inputs' dtype (pass 2 feeds it to a tensor-core dot in that dtype anyway)
+    w_c = w_ptr + ((pid_b * nchunks + pid_c) * tl.num_programs(2) + pid_g) * Q * Q
+    w_offs = offs_t[:, None] * Q + offs_s[None, :]
+    if pid_s > pid_t:
+        tl.store(w_c + w_offs, tl.zeros((BLOCK_W, BLOCK_W), dtype=w_ptr.dtype.element_ty))
+    else:
+        dtype = x_ptr.dtype.element_ty
+        start = pid_c * Q
+        chunk_len = tl.minimum(Q, seqlen - start)
+        start64 = start.to(tl.int64)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_t = offs_t < chunk_len
+        mask_s = offs_s < chunk_len
+        mask_p = offs_p < headdim
+        mask_n = offs_n < dstate
+        Ct = tl.load(C_ptr + pid_b * stride_C_b + start64 * stride_C_l + pid_g * stride_C_g
+                     + offs_t[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+                     mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_W t, BLOCK_N)
+        BsT = tl.load(B_ptr + pid_b * stride_B_b + start64 * stride_B_l + pid_g * stride_B_g
+                      + offs_s[None, :] * stride_B_l + offs_n[:, None] * stride_B_n,
+                      mask=mask_n[:, None] & mask_s[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_W s)
+        cb = tl.dot(Ct, BsT, input_precision=DOT_PREC)  # (C[t] . B[s]) in fp32, shared by the group's heads
+        keep = (offs_t[:, None] >= offs_s[None, :]) & mask_t[:, None] & mask_s[None, :]
+        if HAS_SEQ:
+            seq_c = seq_ptr + pid_b * stride_seq_b + start64 * stride_seq_l
+            seq_t = tl.load(seq_c + offs_t * stride_seq_l, mask=mask_t, other=-1)
+            seq_s = tl.load(seq_c + offs_s * stride_seq_l, mask=mask_s, other=-2)
+            keep &= seq_t[:, None] == seq_s[None, :]
+        x_c = x_ptr + pid_b * stride_x_b + start64 * stride_x_l
+        dy_c = dy_ptr + pid_b * stride_dy_b + start64 * stride_dy_l
+        acc = tl.zeros((BLOCK_W, BLOCK_W), dtype=tl.float32)
+        for i in range(heads_per_group):
+            h = pid_g * heads_per_group + i
+            row = ((pid_b * nheads + h) * nchunks + pid_c) * Q
+            a_t = tl.load(dA_cs_ptr + row + offs_t)
+            a_s = tl.load(dA_cs_ptr + row + offs_s)
+            dt_s = tl.load(dt_ptr + row + offs_s)
+            dyt = tl.load(dy_c + h * stride_dy_h + offs_t[:, None] * stride_dy_l + offs_p[None, :] * stride_dy_p,
+                          mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(dtype)  # (BLOCK_W t, BLOCK_P)
+            xsT = tl.load(x_c + h * stride_x_h + offs_s[None, :] * stride_x_l + offs_p[:, None] * stride_x_p,
+                          mask=mask_p[:, None] & mask_s[None, :], other=0.0).to(dtype)  # (BLOCK_P, BLOCK_W s)
+            # mask before exp: above the diagonal a[t] - a[s] > 0 could overflow
+            wh = (tl.dot(dyt, xsT, input_precision=DOT_PREC)
+                  * tl.exp(tl.where(keep, a_t[:, None] - a_s[None, :], float("-inf"))) * dt_s[None, :])
+            acc += wh
+            m = wh * cb
+            # (b, h, c, NB, Q) partials: rows by source tile, columns by target tile (chunk_cumsum adds them)
+            tl.store(rows_ptr + row * NB + pid_s * Q + offs_t, tl.sum(m, axis=1))
+            tl.store(cols_ptr + row * NB + pid_t * Q + offs_s, tl.sum(m, axis=0))
+        tl.store(w_c + w_offs, acc.to(w_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _chunk_scan_bwd_dbc_summed_kernel(
+    u_ptr, S_ptr, K_ptr, R_ptr, w_ptr, dt_ptr, dA_cs_ptr, seq_ptr, out_ptr, e_ptr,
+    seqlen, nheads, nchunks, heads_per_group, headdim, dstate,
+    stride_u_b, stride_u_l, stride_u_h, stride_u_p,
+    stride_K_b, stride_K_l, stride_K_g, stride_K_n,
+    stride_R_b, stride_R_l, stride_R_g, stride_R_n,
+    stride_seq_b, stride_seq_l,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_DB: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """"summed" variant, pass 2, for BLOCK_M rows of one (batch, chunk, group):
+    dB (IS_DB: u = x, S = dstates, K = C): sum_h exp(a_end - a[s]) dt[s] x_h[s] G_h + sum_{t >= s} W[t, s] C[t]
+    dC (u = dy, S = states, K = B, R = C): sum_h exp(a[t]) dy_h[t] S_h + sum_{s <= t} W[t, s] B[s],
+    and per head e[t] = exp(a[t]) dy[t] . (S C[t]) from the same per-head product. The head loop is one long
+    contraction (K = heads * headdim); the intra-chunk part is one (Q x Q) by (Q x dstate) product per group."""
+    pid_bc = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    pid_b = (pid_bc // nchunks).to(tl.int64)
+    pid_c = pid_bc % nchunks
+    ngroups = tl.num_programs(2)
+    dtype = u_ptr.dtype.element_ty
+    start = pid_c * Q
+    chunk_len = tl.minimum(Q, seqlen - start)
+    start64 = start.to(tl.int64)
+    u_c = u_ptr + pid_b * stride_u_b + start64 * stride_u_l
+    K_c = K_ptr + pid_b * stride_K_b + start64 * stride_K_l + pid_g * stride_K_g
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < chunk_len
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    if HAS_SEQ:
+        seq_c = seq_ptr + pid_b * stride_seq_b + start64 * stride_seq_l
+        seq_m = tl.load(seq_c + offs_m * stride_seq_l, mask=mask_m, other=-1)
+        if IS_DB:  # the chunk state keeps the sequence running at the chunk's end
+            seq_ref = tl.load(seq_c + (chunk_len - 1) * stride_seq_l)
+        else:  # the entering state belongs to the sequence running before the chunk
+            seq_ref = tl.load(seq_ptr + pid_b * stride_seq_b + tl.maximum(start64 - 1, 0) * stride_seq_l)
+    if not IS_DB:
+        Rm = tl.load(R_ptr + pid_b * stride_R_b + start64 * stride_R_l + pid_g * stride_R_g
+                     + offs_m[:, None] * stride_R_l + offs_n[None, :] * stride_R_n,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # C rows for e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(heads_per_group):
+        h = pid_g * heads_per_group + i
+        row = ((pid_b * nheads + h) * nchunks + pid_c) * Q
+        a_m = tl.load(dA_cs_ptr + row + offs_m)
+        if IS_DB:
+            scale_m = tl.exp(tl.load(dA_cs_ptr + row + Q - 1) - a_m) * tl.load(dt_ptr + row + offs_m)
+        else:
+            scale_m = tl.exp(a_m)
+        if HAS_SEQ:
+            scale_m = tl.where(seq_m == seq_ref, scale_m, 0.0)
+        um = tl.load(u_c + h * stride_u_h + offs_m[:, None] * stride_u_l + offs_p[None, :] * stride_u_p,
+                     mask=mask_m[:, None] & mask_p[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_P)
+        S = tl.load(S_ptr + ((pid_b * nchunks + pid_c) * nheads + h) * headdim * dstate
+                    + offs_p[:, None] * dstate + offs_n[None, :],
+                    mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_P, BLOCK_N)
+        # the row scale applied in fp32 after the dot: u stays exact in the tensor-core operand
+        part = tl.dot(um, S, input_precision=DOT_PREC) * scale_m[:, None]
+        if not IS_DB:
+            tl.store(e_ptr + row + offs_m, tl.sum(part * Rm, axis=1))
+        acc += part
+    w_c = w_ptr + ((pid_b * nchunks + pid_c) * ngroups + pid_g) * Q * Q
+    if IS_DB:
+        k_lo = pid_m * BLOCK_M
+        k_hi = chunk_len
+    else:
+        k_lo = 0
+        k_hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_len)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if IS_DB:  # W^T: rows sources s (this block), columns targets t
+            Wk = tl.load(w_c + offs_k[None, :] * Q + offs_m[:, None])
+        else:
+            Wk = tl.load(w_c + offs_m[:, None] * Q + offs_k[None, :])
+        Kk = tl.load(K_c + offs_k[:, None] * stride_K_l + offs_n[None, :] * stride_K_n,
+                     mask=(offs_k < chunk_len)[:, None] & mask_n[None, :], other=0.0).to(dtype)
+        acc += tl.dot(Wk.to(dtype), Kk, input_precision=DOT_PREC)
+    # out: (b, l, g, n) contiguous, in B's / C's dtype
+    out_c = (pid_b * seqlen + start64) * ngroups * dstate + pid_g * dstate
+    tl.store(out_ptr + out_c + offs_m[:, None] * (ngroups * dstate) + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
 def _scan_blocks(Q: int, headdim: int, dstate: int, blocks: dict, dtype):
     """(BLOCK_M, BLOCK_K, BLOCK_P, BLOCK_N). fp32 dots run without tensor cores and need smaller tiles to
     stay in registers (checked with ptxas -v for sm_90)."""
@@ -410,9 +576,30 @@ def _head_split(programs: int, heads_per_group: int, blocks: dict, sms: int) -> 
     return split
 
 
+# dB / dC backward variants, chosen by blocks["VARIANT"] (triton_path.BLOCKS["scan_bwd_dbc"]):
+#   "per_head": one kernel per gradient; each program loops over its group's heads and forms, per head, the
+#       (Q x Q) by (Q x dstate) products and C B^T again (2x the FLOPs of "summed" at h48 p64 n128);
+#   "summed": pass 1 sums W = sum_h decay_h * (dy_h x_h^T) over the heads (C B^T once per tile), pass 2 does
+#       the state terms as one long contraction over heads and one W B / W^T C product per group.
+DBC_VARIANTS = ("per_head", "summed")
+DEFAULT_DBC_VARIANT = "summed"  # H200 b1 l65536 h48 bf16: dbc 4.72 -> 2.11 ms, fwd+bwd 8.95 -> 6.29 ms
+# pass 1 (W_*) and pass 2 tiles of "summed" for 16-bit inputs, the fastest of 6 sets timed on an H200 at b1 l65536
+# h48 p64 n128 (scripts/gpu_check_ssd.py dbc_variants): pass 1 1.52 ms, pass 2 0.29 ms x 2 (3 stages hide the
+# per-head loads; 128-wide pass-1 tiles spill). fp32 takes 32-wide tiles (no tensor cores).
+_SUMMED_16BIT = dict(BLOCK_W=64, W_WARPS=4, W_STAGES=3, BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3)
+_SUMMED_FP32 = dict(BLOCK_W=32, W_WARPS=4, W_STAGES=1, BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
+
+
 def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: int, blocks=None):
     """dB, dC: (b, l, g, n) in B's / C's dtype (fp32 sums over the heads of each group), and for the
-    d(dA_cs) terms: e, rowsum (b, h, c, Q) and colsum partials (b, h, c, Q // BLOCK_M, Q), all fp32."""
+    d(dA_cs) terms: e (b, h, c, Q), rowsum (b, h, c, Q) ("per_head") or its partials (b, h, c, Q // BLOCK_W,
+    Q) ("summed"), colsum partials (b, h, c, Q // BLOCK_M, Q), all fp32."""
+    blocks = blocks or {}
+    variant = blocks.get("VARIANT", DEFAULT_DBC_VARIANT)
+    if variant not in DBC_VARIANTS:
+        raise ValueError(f"scan_bwd_dbc VARIANT must be one of {DBC_VARIANTS}, got {variant!r}")
+    if variant == "summed":
+        return _chunk_scan_bwd_dbc_summed(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q, blocks)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks = dt_p.shape[2]
@@ -436,3 +623,42 @@ def chunk_scan_bwd_dbc(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: in
         )
         grads.append(part[0] if split == 1 else part.sum(0))
     return grads[0].to(B.dtype), grads[1].to(C.dtype), e, rows, cols
+
+
+def _chunk_scan_bwd_dbc_summed(x, B, C, dt_p, dA_cs, states, dstates, dy, seq_idx, Q: int, blocks: dict):
+    """The "summed" variant of chunk_scan_bwd_dbc (same arguments and returns)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    nchunks = dt_p.shape[2]
+    opts = {**(_SUMMED_FP32 if x.dtype == torch.float32 else _SUMMED_16BIT), **blocks}
+    BW = min(Q, opts["BLOCK_W"])
+    BM = min(Q, opts["BLOCK_M"])
+    BK = min(BM, opts["BLOCK_K"])
+    if Q % BW or Q % BM or BM % BK:
+        raise ValueError(f"block sizes must divide: chunk {Q}, BLOCK_W {BW}, BLOCK_M {BM}, BLOCK_K {BK}")
+    BP, BN = max(16, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(n))
+    prec = dot_precision(x.dtype)
+    seq = seq_idx if seq_idx is not None else dt_p
+    w = torch.empty(b, nchunks, g, Q, Q, device=x.device, dtype=x.dtype)
+    rows = torch.empty(b, h, nchunks, Q // BW, Q, device=x.device, dtype=torch.float32)
+    cols = torch.empty_like(rows)
+    _chunk_scan_bwd_w_kernel[(b * nchunks, (Q // BW) ** 2, g)](
+        x, dy, B, C, dt_p, dA_cs, seq, w, rows, cols,
+        l, h, nchunks, h // g, p, n,
+        *x.stride(), *dy.stride(), *B.stride(), *C.stride(), seq.stride(0), seq.stride(1),
+        Q=Q, BLOCK_W=BW, BLOCK_P=BP, BLOCK_N=BN, HAS_SEQ=seq_idx is not None, DOT_PREC=prec,
+        num_warps=opts["W_WARPS"], num_stages=opts["W_STAGES"],
+    )
+    e = torch.empty_like(dt_p)
+    grads = []
+    for is_db, u, S, K, out_dtype in ((True, x, dstates, C, B.dtype), (False, dy, states, B, C.dtype)):
+        out = torch.empty(b, l, g, n, device=x.device, dtype=out_dtype)
+        _chunk_scan_bwd_dbc_summed_kernel[(b * nchunks, Q // BM, g)](
+            u, S, K, C, w, dt_p, dA_cs, seq, out, e,
+            l, h, nchunks, h // g, p, n,
+            *u.stride(), *K.stride(), *C.stride(), seq.stride(0), seq.stride(1),
+            Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, IS_DB=is_db, HAS_SEQ=seq_idx is not None,
+            DOT_PREC=prec, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+        )
+        grads.append(out)
+    return grads[0], grads[1], e, rows, cols

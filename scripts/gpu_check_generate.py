@@ -175,11 +175,11 @@ def kernel_profile(model, top: int = 8) -> list:
 SMALL_BATCHES = (2, 4)  # --small-batches: fused vs unfused at these batch sizes
 N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
 # GEMV_CONFIG overrides (update_tile: UPDATE_TILE; max_fused_weight: MAX_FUSED_WEIGHT, to fuse the big layers)
-GEMV_VARIANTS = [dict(pdl=False), dict(kernel="dot"), dict(kernel="dot", pdl=False), dict(elements=4096),
-                 dict(elements=16384), dict(whole_programs_per_sm=1), dict(whole_programs_per_sm=4),
-                 dict(num_warps=8), dict(update_tile=2048)]
-LARGE_VARIANTS = [dict(max_fused_weight=1 << 30), dict(max_fused_weight=1 << 30, pdl=False),
-                  dict(max_fused_weight=1 << 30, elements=16384), dict(max_fused_weight=1 << 30, num_warps=8)]
+GEMV_VARIANTS = [dict(pdl=False), dict(kernel="dot"), dict(elements=8192), dict(whole_programs_per_sm=4),
+                 dict(update_tile=2048)]
+LARGE_VARIANTS = [dict(max_fused_weight=1 << 30), dict(max_fused_weight=1 << 30, elements=32768),
+                  dict(max_fused_weight=1 << 30, whole_programs_per_sm=4),
+                  dict(max_fused_weight=1 << 30, whole_programs_per_sm=1)]
 
 
 class config:

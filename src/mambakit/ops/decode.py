@@ -42,10 +42,10 @@ try:
 except ImportError:  # the references need no Triton
     triton = None
 
-# Measured on an H200 (notes/gpu_run3): at batch 1 the fused step is faster for 130m models (Mamba-1 0.57 vs
-# 0.68 ms/token, Mamba-2 0.45-0.52 vs 0.55), slower at 2.8b, where cuBLAS reads the big weights faster than
-# this GEMV (4.4 vs 3.1 ms); at batch 4 Mamba-2 lost (0.79 vs 0.57). Hence batch 1 and small layers only.
-MAX_FUSED_BATCH = 1  # rows per fused step (the kernels take up to 16, the dot's row tile)
+# Measured on an H200 (notes/gpu_run4, CUDA graphs, fp16): with the whole-K GEMV and PDL a batch-1 token takes
+# 0.26 ms (Mamba-1 130m, unfused 0.68) and 0.25 ms (Mamba-2 130m, unfused 0.56); batch 2 wins too (0.31 / 0.40
+# vs 0.75 / 0.54 ms), batch 4 is even for Mamba-2 (0.59 vs 0.57). At 2.8b see MAX_FUSED_WEIGHT.
+MAX_FUSED_BATCH = 2  # rows per fused step (the kernels take up to 16, the dot's row tile)
 MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26M) above which cuBLAS wins
 # GEMV launch. kernel: "whole" (_gemv_whole_kernel: a program holds its rows' whole weight slice, loaded before
 # the grid-dependency wait, for K <= MAX_WHOLE_K) or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).
@@ -53,7 +53,7 @@ MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26
 # pipeline depth; both: warps. pdl: programmatic dependent launch on sm_90+ (each fused kernel starts while the
 # previous one finishes and waits for it only after loading its parameters).
 # scripts/gpu_check_generate.py times variants of these.
-GEMV_CONFIG = dict(kernel="whole", elements=8192, whole_programs_per_sm=2, programs_per_sm=4, block_k=256,
+GEMV_CONFIG = dict(kernel="whole", elements=16384, whole_programs_per_sm=2, programs_per_sm=4, block_k=256,
                    num_stages=3, num_warps=4, pdl=True)
 MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, next_pow2(K)) weight tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel

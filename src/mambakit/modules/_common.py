@@ -50,10 +50,11 @@ def cache_slot(inference_params: InferenceParams, layer_idx, make) -> tuple:
     return states
 
 
-def fused_step_states(module, hidden_states, inference_params):
+def fused_step_states(module, hidden_states, inference_params, size_limited=True):
     """(conv_state, ssm_state) for a mixer's fused decode step (``ops.decode``), or None where the step does
-    not apply: wrong backend, batch or layer size, or a cache whose rows are not the batch's."""
-    if not fused_decode_applies(hidden_states, module.in_proj.weight):
+    not apply: wrong backend, batch or (when ``size_limited``) layer size, or a cache whose rows are not the
+    batch's."""
+    if not fused_decode_applies(hidden_states, module.in_proj.weight if size_limited else None):
         return None
     b = hidden_states.shape[0]
     conv_state, ssm_state = cache_slot(inference_params, module.layer_idx,

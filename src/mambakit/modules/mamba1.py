@@ -152,7 +152,8 @@ class Mamba(nn.Module):
         """
         if any(type(m) is not nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)):
             return None
-        states = fused_step_states(self, hidden_states, inference_params)
+        # fused at every size: on an H200 the 2.8b step takes 2.1-2.3 ms fused vs 3.1-3.3 unfused (notes/gpu_run4)
+        states = fused_step_states(self, hidden_states, inference_params, size_limited=False)
         if states is None:
             return None
         conv_state, ssm_state = states

@@ -46,14 +46,16 @@ except ImportError:  # the references need no Triton
 # 0.26 ms (Mamba-1 130m, unfused 0.68) and 0.25 ms (Mamba-2 130m, unfused 0.56); batch 2 wins too (0.31 / 0.40
 # vs 0.75 / 0.54 ms), batch 4 is even for Mamba-2 (0.59 vs 0.57). At 2.8b see MAX_FUSED_WEIGHT.
 MAX_FUSED_BATCH = 2  # rows per fused step (the kernels take up to 16, the dot's row tile)
-MAX_FUSED_WEIGHT = 1 << 23  # elements of in_proj's weight (130m: 2.6M, 2.8b: 26M) above which cuBLAS wins
+# Mamba-2 in_proj weight elements (130m: 2.6M, 2.7b: 27M) above which the unfused step is used: at 2.7b it won
+# (2.72 vs 3.0 ms/token fused); Mamba-1 2.8b fused won (2.13-2.31 vs 3.13 ms), so Mamba-1 ignores this limit.
+MAX_FUSED_WEIGHT = 1 << 23
 # GEMV launch. kernel: "whole" (_gemv_whole_kernel: a program holds its rows' whole weight slice, loaded before
 # the grid-dependency wait, for K <= MAX_WHOLE_K) or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).
 # whole: weight elements per program and programs per SM aimed at; dot: programs per SM, K slice per dot,
 # pipeline depth; both: warps. pdl: programmatic dependent launch on sm_90+ (each fused kernel starts while the
 # previous one finishes and waits for it only after loading its parameters).
 # scripts/gpu_check_generate.py times variants of these.
-GEMV_CONFIG = dict(kernel="whole", elements=16384, whole_programs_per_sm=2, programs_per_sm=4, block_k=256,
+GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, programs_per_sm=4, block_k=256,
                    num_stages=3, num_warps=4, pdl=True)
 MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, next_pow2(K)) weight tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel

@@ -9,11 +9,14 @@ in_proj, conv update, [x_proj, dt_proj,] state update, [gated norm,] out_proj). 
     Mamba-1: [add + RMSNorm + in_proj + conv window + conv]  [x_proj]
              [dt_proj + softplus + state update + D + gate]  [out_proj]
 
-Linear layers are matrix-vector products (``_gemv_kernel``): a program computes a block of outputs for every
-row, its weights streamed through a pipelined tl.dot, after recomputing the row statistics of its prologue (a
-re-read of a d_model or d_inner vector from L2). The program that produces a conv channel's new input (in
-in_proj) also shifts that channel's window and computes its conv + SiLU output, so every window column has one
-owner and nothing reads a window that another program is writing.
+Linear layers are matrix-vector products. By default (``_gemv_whole_kernel``, K <= MAX_WHOLE_K) a program
+holds the whole weight rows of its outputs in registers and reads each input row once, normalising it there;
+``_gemv_kernel`` instead streams K through a pipelined tl.dot (larger K, or GEMV_CONFIG["kernel"] = "dot").
+On sm_90+ every fused kernel is launched with programmatic dependent launch: it loads its parameters, then
+waits for the previous kernel (``_grid_wait``), so the weight read overlaps the previous kernel's tail. The
+program that produces a conv channel's new input (in in_proj) also shifts that channel's window and computes
+its conv + SiLU output, so every window column has one owner and nothing reads a window that another program
+is writing.
 
 Numerics follow the unfused ops: statistics and accumulation in fp32, and intermediates are rounded to the
 activation dtype where the unfused step stores them (normalised input, conv output, dt_proj output), so the
@@ -387,8 +390,9 @@ def _pdl(device) -> bool:
     return GEMV_CONFIG["pdl"] and pdl_supported(device)
 
 
-def _pdl_launch(device) -> dict:
-    return {"launch_pdl": True} if _pdl(device) else {}
+def _pdl_args(device) -> dict:
+    """The PDL constexpr and launch option of a fused kernel launch, decided once."""
+    return dict(PDL=True, launch_pdl=True) if _pdl(device) else dict(PDL=False)
 
 
 def _whole_tiles(n: int, k: int, device) -> tuple[int, int]:
@@ -436,8 +440,8 @@ def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=Non
         bn, bk = _whole_tiles(n, k, weight.device)
         _gemv_whole_kernel[(triton.cdiv(n, bn),)](
             *common, n, k, eps, group, shift_start, window.shape[1] if window is not None else 0, *strides,
-            **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk, PDL=_pdl(weight.device),
-            num_warps=GEMV_CONFIG["num_warps"] * (2 if bk >= 8192 else 1), **_pdl_launch(weight.device))
+            **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=GEMV_CONFIG["num_warps"] * (2 if bk >= 8192 else 1), **_pdl_args(weight.device))
         return out if conv_out is None else (out, conv_out)
     bn, bk = _gemv_tiles(n, weight.device)
     span = k if pro == 1 else group
@@ -446,7 +450,7 @@ def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=Non
         **flags, NG=triton.next_power_of_2(ngroups) if pro == 2 else 1, ROWS=triton.next_power_of_2(m),
         BLOCK_S=min(triton.next_power_of_2(span), 4096), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
         NUM_STAGES=GEMV_CONFIG["num_stages"], DOT_PREC="ieee" if weight.dtype == torch.float32 else "tf32",
-        PDL=_pdl(weight.device), num_warps=GEMV_CONFIG["num_warps"], **_pdl_launch(weight.device),
+        num_warps=GEMV_CONFIG["num_warps"], **_pdl_args(weight.device),
     )
     return out if conv_out is None else (out, conv_out)
 
@@ -507,6 +511,6 @@ def mamba1_state_update(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, z):
         x.stride(0), x_dbl.stride(0), z.stride(0) if z is not None else 0, *dt_proj_weight.stride(),
         *ssm_state.stride(), *A.stride(), out.stride(0),
         HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, PDL=_pdl(x.device), num_warps=4, **_pdl_launch(x.device),
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, num_warps=4, **_pdl_args(x.device),
     )
     return out

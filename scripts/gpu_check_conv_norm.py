@@ -167,11 +167,6 @@ FWD_VARIANTS = {
     "channels-last": [
         ("tile (default)", "tile", None),
         ("tile 256x64 w1", "tile", dict(blocks=(256, 64), num_warps=1)),
-        ("rows16 256 c64", "rows16", dict(BLOCK_D=256, CHUNK=64, num_warps=1)),
-        ("rows16 256 c32", "rows16", dict(BLOCK_D=256, CHUNK=32, num_warps=1)),
-        ("rows16 256 c128", "rows16", dict(BLOCK_D=256, CHUNK=128, num_warps=1)),
-        ("rows16 512 c64 w2", "rows16", dict(BLOCK_D=512, CHUNK=64, num_warps=2)),
-        ("rows16 128 c64 w1", "rows16", dict(BLOCK_D=128, CHUNK=64, num_warps=1)),
     ],
 }
 

@@ -659,13 +659,6 @@ def _row_x(base, d_loc, d_mask, t, seqlen, s_d, s_l):
 
 
 @_jit
-def _row_raw(base, d_loc, d_mask, t, hi, s_d, s_l):
-    """Row t (scalar, >= 0) in the tensor's dtype, zero at t >= hi (a prefetch: converted where it is used)."""
-    return tl.load(base + d_loc * s_d + tl.cast(t, tl.int64) * s_l, mask=_row_mask(d_loc, d_mask, t, 0, hi),
-                   other=0.0)
-
-
-@_jit
 def _row_ext(x_base, init_base, d_loc, d_mask, t, seqlen, sx_d, sx_l, si_d, si_l,
              WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
     """Row t (scalar, may be < 0: initial_states, or zero) of cat(initial_states, x): (BLOCK_D,) fp32."""
@@ -700,12 +693,9 @@ def _conv_fwd_rows_kernel(
     x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, out_ptr, dim, seqlen,
     sx_b, sx_d, sx_l, sw_d, sw_k, ss_b, ss_l, si_b, si_d, si_l, so_b, so_d, so_l,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PREFETCH: tl.constexpr = False,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Forward, channels contiguous. Grid (seqlen chunks, dim tiles, batch); CHUNK a multiple of 4.
-    PREFETCH (the "rows16" variant): the loads of the next 4 rows are issued before the current 4 are
-    computed and stored, so 8 rows are in flight per thread, not 4 (the loop's stores may alias x, so the
-    compiler cannot hoist those loads by itself)."""
+    """Forward, channels contiguous. Grid (seqlen chunks, dim tiles, batch); CHUNK a multiple of 4."""
     l0 = tl.program_id(0) * CHUNK
     d0 = tl.program_id(1) * BLOCK_D
     b = tl.program_id(2).to(tl.int64)
@@ -729,25 +719,11 @@ def _conv_fwd_rows_kernel(
     qa = _row_seq(s_base, l0 - 3, seqlen, ss_l, seq0, HAS_SEQ)
     qb = _row_seq(s_base, l0 - 2, seqlen, ss_l, seq0, HAS_SEQ)
     qc = _row_seq(s_base, l0 - 1, seqlen, ss_l, seq0, HAS_SEQ)
-    l_end = tl.minimum(l0 + CHUNK, seqlen)
-    if PREFETCH:
-        n0 = _row_raw(x_base, d_loc, d_mask, l0, l_end, sx_d, sx_l)
-        n1 = _row_raw(x_base, d_loc, d_mask, l0 + 1, l_end, sx_d, sx_l)
-        n2 = _row_raw(x_base, d_loc, d_mask, l0 + 2, l_end, sx_d, sx_l)
-        n3 = _row_raw(x_base, d_loc, d_mask, l0 + 3, l_end, sx_d, sx_l)
-    for t in range(l0, l_end, 4):
-        if PREFETCH:
-            c0, c1, c2, c3 = n0, n1, n2, n3
-            n0 = _row_raw(x_base, d_loc, d_mask, t + 4, l_end, sx_d, sx_l)
-            n1 = _row_raw(x_base, d_loc, d_mask, t + 5, l_end, sx_d, sx_l)
-            n2 = _row_raw(x_base, d_loc, d_mask, t + 6, l_end, sx_d, sx_l)
-            n3 = _row_raw(x_base, d_loc, d_mask, t + 7, l_end, sx_d, sx_l)
-            r0, r1, r2, r3 = c0.to(tl.float32), c1.to(tl.float32), c2.to(tl.float32), c3.to(tl.float32)
-        else:
-            r0 = _row_x(x_base, d_loc, d_mask, t, seqlen, sx_d, sx_l)
-            r1 = _row_x(x_base, d_loc, d_mask, t + 1, seqlen, sx_d, sx_l)
-            r2 = _row_x(x_base, d_loc, d_mask, t + 2, seqlen, sx_d, sx_l)
-            r3 = _row_x(x_base, d_loc, d_mask, t + 3, seqlen, sx_d, sx_l)
+    for t in range(l0, tl.minimum(l0 + CHUNK, seqlen), 4):
+        r0 = _row_x(x_base, d_loc, d_mask, t, seqlen, sx_d, sx_l)
+        r1 = _row_x(x_base, d_loc, d_mask, t + 1, seqlen, sx_d, sx_l)
+        r2 = _row_x(x_base, d_loc, d_mask, t + 2, seqlen, sx_d, sx_l)
+        r3 = _row_x(x_base, d_loc, d_mask, t + 3, seqlen, sx_d, sx_l)
         s0 = _row_seq(s_base, t, seqlen, ss_l, seq0, HAS_SEQ)
         s1 = _row_seq(s_base, t + 1, seqlen, ss_l, seq0, HAS_SEQ)
         s2 = _row_seq(s_base, t + 2, seqlen, ss_l, seq0, HAS_SEQ)
@@ -994,16 +970,13 @@ def _opt(t, x, ndim):
 # - split layout (seqlen contiguous): "tile", one (BLOCK_D, BLOCK_L) tile per program (_conv_fwd_kernel, the
 #   kernel measured in docs/benchmarks.md); "walk", STEPS tiles per program with the next tile's loads issued
 #   before the current one is stored (_conv_fwd_walk_kernel).
-# - rows layout (channels contiguous): "tile", CHUNK rows of BLOCK_D = 256 channels over 2 warps (8-byte
-#   accesses, the measured one); "rows16", 8 channels per thread (16-byte accesses) and the next 4 rows
-#   prefetched (_conv_fwd_rows_kernel with PREFETCH).
+# - rows layout (channels contiguous): "tile" only, CHUNK rows of BLOCK_D = 256 channels over 2 warps.
 # H200 (CUDA graph of 20 calls, w4 SiLU bf16): split b4 d3072 l4096 tile 61.3 us (77% of copy), walk 55.1 us
-# (86%); b1 d3328 l65536 248 -> 225 us (83 -> 91%). rows: rows16 measured no faster than tile (66 vs 67 us at
-# b4, 254 vs 239 us at l65536), so tile stays the default there.
+# (86%); b1 d3328 l65536 248 -> 225 us (83 -> 91%). A rows variant with 16-byte accesses and the next 4 rows
+# prefetched measured no faster than tile (66 vs 67 us at b4, 254 vs 239 us at l65536) and was not kept.
 FWD_VARIANT = {"split": "walk", "rows": "tile"}
 FWD_BLOCKS = {
     ("split", "walk"): dict(BLOCK_D=8, BLOCK_L=256, STEPS=4, num_warps=4),
-    ("rows", "rows16"): dict(BLOCK_D=256, CHUNK=64, num_warps=1),
 }
 
 
@@ -1023,13 +996,10 @@ def _fwd_launch(split, variant, dim, seqlen, blocks, num_warps):
              + ", ".join(v for lay, v in FWD_BLOCKS if lay == key[0]))
     params = dict(FWD_BLOCKS[key])
     if blocks:
-        params["BLOCK_D"], params["BLOCK_L" if split else "CHUNK"] = blocks
+        params["BLOCK_D"], params["BLOCK_L"] = blocks
     if num_warps:
         params["num_warps"] = num_warps
-    if split:
-        return _conv_fwd_walk_kernel, params, params["BLOCK_D"], params["BLOCK_L"] * params["STEPS"]
-    params["PREFETCH"] = True
-    return _conv_fwd_rows_kernel, params, params["BLOCK_D"], params["CHUNK"]
+    return _conv_fwd_walk_kernel, params, params["BLOCK_D"], params["BLOCK_L"] * params["STEPS"]
 
 
 def _conv_fwd_triton(x, weight, bias, seq_idx, initial_states, activation, blocks=None, num_warps=None,

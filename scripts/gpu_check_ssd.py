@@ -14,7 +14,6 @@ parts still run. A short table is printed last.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import pathlib
@@ -215,21 +214,11 @@ def long_1m():
             "fwd_ms_first_call": ms, "ok": finite and max(errs) < 1e-3}
 
 
-@contextlib.contextmanager
 def state_blocks(blk):
     """Run the state kernels with the plan overrides ``blk`` (TIME_SPLIT, BLOCK_N, num_stages ...)."""
     from mambakit.ops.ssd import triton_path
 
-    saved = {k: dict(triton_path.BLOCKS[k]) for k in ("state_fwd", "state_bwd")}
-    for k in saved:
-        triton_path.BLOCKS[k].clear()
-        triton_path.BLOCKS[k].update(blk)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            triton_path.BLOCKS[k].clear()
-            triton_path.BLOCKS[k].update(v)
+    return triton_path.overridden_blocks(("state_fwd", "state_bwd"), **blk)
 
 
 def split_correct():
@@ -385,19 +374,11 @@ def stages_and_variants():
     return res
 
 
-@contextlib.contextmanager
 def dbc_blocks(blk):
     """Run the dB / dC backward (chunk_scan_bwd_dbc) with the blocks ``blk`` (VARIANT, tile sizes)."""
     from mambakit.ops.ssd import triton_path
 
-    saved = dict(triton_path.BLOCKS["scan_bwd_dbc"])
-    triton_path.BLOCKS["scan_bwd_dbc"].clear()
-    triton_path.BLOCKS["scan_bwd_dbc"].update(blk)
-    try:
-        yield
-    finally:
-        triton_path.BLOCKS["scan_bwd_dbc"].clear()
-        triton_path.BLOCKS["scan_bwd_dbc"].update(saved)
+    return triton_path.overridden_blocks(("scan_bwd_dbc",), **blk)
 
 
 def _dbc_check(shape, dtype, seed):

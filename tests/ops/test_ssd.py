@@ -323,20 +323,11 @@ def test_measured_tiles_apply_only_where_measured():
 # ---------------------------------------------------------------- time-split state kernels (long sequences)
 
 
-@contextlib.contextmanager
 def state_blocks(**blk):
     """Override the state kernels' plan (e.g. TIME_SPLIT=parts) for the calls inside the block."""
     from mambakit.ops.ssd import triton_path
 
-    saved = {k: dict(triton_path.BLOCKS[k]) for k in ("state_fwd", "state_bwd")}
-    for k in saved:
-        triton_path.BLOCKS[k].update(blk)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            triton_path.BLOCKS[k].clear()
-            triton_path.BLOCKS[k].update(v)
+    return triton_path.overridden_blocks(("state_fwd", "state_bwd"), **blk)
 
 
 # the split tests run the kernels more often: fewer heads and batch rows than SHAPE on the interpreter
@@ -434,19 +425,11 @@ def test_triton_time_split_default_plan_no_init_no_final_grad():
 # ---------------------------------------------------------------- dB / dC backward variants
 
 
-@contextlib.contextmanager
 def dbc_blocks(**blk):
     """Run the dB / dC backward with the blocks ``blk`` (VARIANT="summed", tile sizes) inside the block."""
     from mambakit.ops.ssd import triton_path
 
-    saved = dict(triton_path.BLOCKS["scan_bwd_dbc"])
-    triton_path.BLOCKS["scan_bwd_dbc"].clear()
-    triton_path.BLOCKS["scan_bwd_dbc"].update(blk)
-    try:
-        yield
-    finally:
-        triton_path.BLOCKS["scan_bwd_dbc"].clear()
-        triton_path.BLOCKS["scan_bwd_dbc"].update(saved)
+    return triton_path.overridden_blocks(("scan_bwd_dbc",), **blk)
 
 
 # chunk 32 with 16-wide tiles on the interpreter: several W tiles per chunk (below, on and above the diagonal)

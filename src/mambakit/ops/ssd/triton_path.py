@@ -19,6 +19,8 @@ first (the short route through dy . y) loses the result to cancellation in bf16.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -32,6 +34,23 @@ from mambakit.ops.ssd.torch_path import varlen_states_from_chunks
 # Block sizes per stage; scripts/gpu_check_ssd.py times variants by editing this dict. state_fwd / state_bwd
 # also take TIME_SPLIT (number of parts, 1 = never split; default: state_passing.state_plan decides).
 BLOCKS: dict[str, dict] = {"state_fwd": {}, "state_bwd": {}, "scan_fwd": {}, "scan_bwd_dx": {}, "scan_bwd_dbc": {}}
+
+
+@contextlib.contextmanager
+def overridden_blocks(stages, **blk):
+    """For the calls inside the block, BLOCKS[stage] also holds ``blk`` for each of ``stages``; the entries are
+    restored afterwards. The tests and scripts/gpu_check_ssd.py run kernel variants through this."""
+    saved = {k: dict(BLOCKS[k]) for k in stages}
+    for k in stages:
+        BLOCKS[k].update(blk)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            BLOCKS[k].clear()
+            BLOCKS[k].update(v)
+
+
 MAX_DSTATE = 256
 MAX_HEADDIM = 256
 

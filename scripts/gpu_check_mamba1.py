@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mambakit.ops import _triton_scan_time as TK  # noqa: E402
 from mambakit.ops import _triton_selective_scan as K  # noqa: E402
 from mambakit.ops.dispatch import backend  # noqa: E402
 from mambakit.ops.selective_scan import selective_scan_fn  # noqa: E402
@@ -242,7 +243,11 @@ def label(fwd=None, bwd=None):
                  num_warps="w", part_programs="pp", seg="sg", maxnreg="r")
 
     def one(c):
-        return " ".join(short.get(k, k) + ("" if v is True else str(v)) for k, v in c.items() if v is not False)
+        c = dict(c)
+        tc = c.pop("tc", None)  # FWD_TIME_CONFIG keys (the time-parallel forward), e.g. "t:c1024 w2 bd1"
+        kernel = c.pop("kernel", None)  # forced forward kernel: "ch" channel-parallel, "T!" time-parallel
+        head = {"channel": "ch ", "time": "T! "}.get(kernel, "") + (f"t:{one(tc)} " if tc else "")
+        return head + " ".join(short.get(k, k) + ("" if v is True else str(v)) for k, v in c.items() if v is not False)
     parts = ([f"f:{one(fwd)}"] if fwd else []) + ([f"b:{one(bwd)}"] if bwd else [])
     return " ".join(parts) or "default"
 
@@ -254,12 +259,14 @@ class variant:
         self.fwd, self.bwd = fwd or {}, bwd or {}
 
     def __enter__(self):
-        self.saved = dict(K.FWD_CONFIG), dict(K.BWD_CONFIG)
-        K.FWD_CONFIG.update(self.fwd)
+        self.saved = dict(K.FWD_CONFIG), dict(K.BWD_CONFIG), dict(TK.FWD_TIME_CONFIG)
+        fwd = dict(self.fwd)
+        TK.FWD_TIME_CONFIG.update(fwd.pop("tc", {}))
+        K.FWD_CONFIG.update(fwd)
         K.BWD_CONFIG.update(self.bwd)
 
     def __exit__(self, *exc):
-        for cfg, saved in zip((K.FWD_CONFIG, K.BWD_CONFIG), self.saved):
+        for cfg, saved in zip((K.FWD_CONFIG, K.BWD_CONFIG, TK.FWD_TIME_CONFIG), self.saved):
             cfg.clear()
             cfg.update(saved)
 
@@ -286,12 +293,12 @@ def timed(shape, fwd=None, bwd=None, cl=False, fb=False):
     log(f"{key:22s} {name:44s}", {k: round(v, 3) for k, v in rec.items()})
 
 
-def check_variant(fwd, bwd, tag_extra=""):
-    """bf16 channels-last (full size) and fp32 grouped + seq_idx + initial state + last-state gradient under a
-    variant, against the PyTorch path."""
+def check_variant(fwd, bwd, cl=True):
+    """bf16 (full size; channels-last with cl) and fp32 grouped + seq_idx + initial state + last-state gradient
+    under a variant, against the PyTorch path."""
     with variant(fwd, bwd):
-        name = label(fwd, bwd) + tag_extra
-        check_bf16(2, 1536, 2048, f"b2 d1536 l2048 cl [{name}]", channels_last=True)
+        name = label(fwd, bwd)
+        check_bf16(2, 1536, 2048, f"b2 d1536 l2048{' cl' if cl else ''} [{name}]", channels_last=cl)
         check_fp32(2, 512, 1000, f"b2 d512 l1000 g4 seq [{name}]", seq=True, bc="group", g=4)
 
 
@@ -338,32 +345,28 @@ W = dict(block_d=32, nk=4)  # the wide tiles
 # 88 bytes of spills), chunk 8 and (64, 8, 4) spill kilobytes. Forward variants at b4 d3072 l4096 (contiguous and channels-last): software prefetch,
 # larger chunks, 8 states a thread, Triton's pipelining stages, a time split for more warps in flight, and for
 # channels-last the contiguous copy.
-FWD_B4 = [{}, dict(prefetch=True), dict(prefetch=2), dict(prefetch=True, maxnreg=168), dict(prefetch=2, maxnreg=168),
-          dict(block_d=16, nk=4, chunk=4, prefetch=True), dict(W, chunk=8), dict(W, chunk=8, prefetch=True),
-          dict(W, chunk=8, prefetch=2),
-          dict(block_d=64, nk=8, chunk=4), dict(block_d=64, nk=8, chunk=4, prefetch=True),
-          dict(parts=2), dict(parts=2, prefetch=True),
-          dict(W, chunk=8, prefetch=True, parts=2), dict(parts=4, prefetch=True), dict(num_stages=1)]
-FWD_B4_CL = [{}, dict(cl_copy=True), dict(cl_copy=True, prefetch=True), dict(cl_copy=True, prefetch=2),
-             dict(prefetch=True),
-             dict(W, chunk=8), dict(W, chunk=8, prefetch=True), dict(block_d=64, nk=4, chunk=4),
-             dict(block_d=64, nk=8, chunk=4), dict(block_d=128, nk=8, chunk=4),
-             dict(cl_copy=True, prefetch=True, parts=2)]
-# b1 d3072 l65536: 96 wide programs, so the time split (parts, 0 = auto: 4 programs per SM -> 8 parts).
-FWD_B1 = [{}, dict(parts=0), dict(W, chunk=4, parts=8, prefetch=True), dict(W, chunk=4, parts=16),
-          dict(W, chunk=4, parts=32), dict(W, chunk=4, parts=16, prefetch=True), dict(W, chunk=4, parts=16, prefetch=2),
-          dict(block_d=4, nk=1, chunk=16, parts=4), dict(prefetch=True)]
+CH = dict(kernel="channel")  # the channel-parallel forward (the default before the time-parallel kernel)
+
+
+def T(chunk, warps, block_d=1, **kw):
+    """A time-parallel forward variant (FWD_TIME_CONFIG keys)."""
+    return dict(tc=dict(chunk=chunk, num_warps=warps, block_d=block_d, **kw))
+
+
+# Forward at b4 d3072 l4096, contiguous: the old default, the new one (time-parallel), and its tiles: chunk
+# (steps per program iteration), warps (chunk / (32 warps) steps a thread), channels per program.
+FWD_B4 = [CH, {}, T(512, 1), T(512, 2), T(1024, 2), T(1024, 4), T(2048, 4), T(2048, 8), T(1024, 4, 2), T(2048, 8, 2),
+          T(256, 1), T(1024, 1)]
+# channels-last (the Mamba module's layout): the channel-parallel kernel, or a contiguous copy then the time one
+FWD_B4_CL = [{}, dict(cl_copy=True), dict(cl_copy=True, **T(2048, 4))]
+FWD_B1 = [CH, {}, T(512, 1), T(2048, 4), T(2048, 8), T(1024, 4)]
 # fwd+bwd: (shape, channels-last, forward keys, backward keys)
-FB = [(B4, False, {}, {}), (B4, True, {}, {}), (B4, True, dict(cl_copy=True), dict(cl_copy=True)),
-      (B1, False, {}, {}), (B1, False, dict(parts=0), dict(parts=0)),
-      (B4, False, dict(prefetch=2), dict(parts=2)), (B4, False, dict(prefetch=True, maxnreg=168), dict(maxnreg=168)),
-      (B1, False, dict(parts=0), dict(W, chunk=4, parts=16)),
-      (B4, False, dict(prefetch=2), dict(parts=4)), (B4, False, {}, dict(block_d=16, nk=4, chunk=4)),
-      (B4, True, dict(cl_copy=True, prefetch=2), dict(cl_copy=True, parts=2)),
-      (B1, False, dict(W, chunk=4, parts=16, prefetch=2), dict(W, chunk=4, parts=32))]
+FB = [(B4, False, CH, {}), (B4, False, {}, {}), (B4, True, {}, {}), (B4, True, dict(cl_copy=True), dict(cl_copy=True)),
+      (B1, False, CH, {}), (B1, False, {}, {}), (B4, False, T(512, 1), {}), (B4, False, T(2048, 4), {})]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
-CHECKS = [(dict(prefetch=True, parts=4), dict(parts=4)), (dict(cl_copy=True), dict(cl_copy=True, parts=3)),
-          (dict(W, chunk=8, prefetch=2, parts=0), dict(W, chunk=4, parts=0))]
+# (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
+CHECKS = [(dict(kernel="time"), {}, False), (dict(T(512, 1), kernel="time"), dict(parts=3), False),
+          (dict(T(2048, 8, 2), kernel="time"), {}, False), (dict(cl_copy=True), dict(cl_copy=True, parts=3), True)]
 
 
 def main(argv=None):
@@ -381,8 +384,9 @@ def main(argv=None):
     checks = CHECKS
     if SMOKE:  # 8-step checkpoints, so that the tiny shapes still split in time
         K.FWD_CONFIG["seg"] = 8
+        TK.FWD_TIME_CONFIG["chunk"] = 16
     section("check defaults: bf16 cl + fp32 group/seq_idx/h0", bud)(lambda: check_variant({}, {}))
-    section(f"check {label(*checks[0])}", bud)(lambda: check_variant(*checks[0]))
+    section(f"check {label(*checks[0][:2])}", bud)(lambda: check_variant(*checks[0]))
     for v in FWD_B4:
         section(f"fwd b4 {label(v)}", bud)(lambda v=v: timed(B4, fwd=v))
     for v in FWD_B4_CL:
@@ -392,8 +396,8 @@ def main(argv=None):
     for shape, cl, fv, bv in FB[:7]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
-    for fv, bv in checks[1:]:
-        section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv: check_variant(fv, bv))
+    for fv, bv, cl in checks[1:]:
+        section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv, cl=cl: check_variant(fv, bv, cl))
     for shape, cl, fv, bv in FB[7:]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))

@@ -226,6 +226,7 @@ TRITON_SHAPE = dict(b=2, d=64, l=300, n=16) if ON_GPU else dict(b=2, d=8, l=28, 
 @pytest.fixture
 def poisoned(monkeypatch):
     """Small blocks (several chunks and channel blocks at the test sizes) and NaN-filled kernel outputs."""
+    from mambakit.ops import _triton_scan_time as tk
     from mambakit.ops import _triton_selective_scan as k
     from numerics import poison_
 
@@ -234,6 +235,7 @@ def poisoned(monkeypatch):
     monkeypatch.setitem(k.FWD_CONFIG, "block_d", 4)
     monkeypatch.setitem(k.BWD_CONFIG, "chunk", 4)
     monkeypatch.setitem(k.BWD_CONFIG, "block_d", 4)
+    monkeypatch.setitem(tk.FWD_TIME_CONFIG, "chunk", 16)  # the time-parallel forward: several chunks too
     monkeypatch.setattr(k, "_empty", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
     monkeypatch.setattr(k, "_empty_like", lambda *a, **kw: poison_(torch.empty_like(*a, **kw)))
 
@@ -275,10 +277,12 @@ def seq_idx_for(b, l):
 
 
 @needs_triton
+@pytest.mark.parametrize("kernel", ["channel", "time"])  # the forward kernel (contiguous inputs: both run)
 @pytest.mark.parametrize("bc,nk", [("const", 1), ("step", 2), ("group", 4)])  # nk: states per thread
-def test_triton_fp32_all_options(poisoned, monkeypatch, bc, nk):
+def test_triton_fp32_all_options(poisoned, monkeypatch, bc, nk, kernel):
     from mambakit.ops import _triton_selective_scan as k
 
+    monkeypatch.setitem(k.FWD_CONFIG, "kernel", kernel)
     monkeypatch.setitem(k.FWD_CONFIG, "nk", nk)
     monkeypatch.setitem(k.BWD_CONFIG, "nk", nk)
     check_kernel_rule(bc, torch.float32, seq_idx=seq_idx_for(TRITON_SHAPE["b"], TRITON_SHAPE["l"]))
@@ -341,9 +345,9 @@ def split_seq_idx(b, l):
 
 
 VARIANTS = [  # (B/C layout, dtype, channels-last inputs, forward config, backward config)
-    ("group", torch.float32, False, dict(parts=3, prefetch=True), dict(parts=4)),
-    ("const", torch.float32, False, dict(prefetch=2, parts=1), dict(parts=2)),
-    ("step", torch.bfloat16, True, dict(parts=0, part_programs=4, cl_copy=True, prefetch=True),
+    ("group", torch.float32, False, dict(kernel="channel", parts=3, prefetch=True), dict(parts=4)),
+    ("const", torch.float32, False, dict(kernel="channel", prefetch=2, parts=1), dict(parts=2)),
+    ("step", torch.bfloat16, True, dict(kernel="channel", parts=0, part_programs=4, cl_copy=True, prefetch=True),
      dict(parts=0, part_programs=4, cl_copy=True)),
 ]
 
@@ -389,3 +393,46 @@ def test_time_split_sizes():
     assert k._time_split(dict(cfg, parts=64), torch.empty(1, 64, 300), 32, 128) == (3, 128)
     assert k._auto_tiles(cfg, u, k._NARROW_FWD)["block_d"] == 32
     assert k._auto_tiles(dict(cfg, parts=1), u, k._NARROW_FWD)["block_d"] == 4
+
+
+# ------------------------------------------------------------- Triton: the time-parallel forward
+
+@needs_triton
+@pytest.mark.parametrize("bc,n,block_d,dtype", [("step", 4, 1, torch.float32), ("group", 3, 2, torch.float32),
+                                                ("const", 4, 4, torch.float32), ("step", 4, 2, torch.bfloat16)])
+def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype):
+    """The time-parallel forward (and the backward from its chunk-start states) against the reference, with an
+    initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
+    per program, d_state not a power of two. Forced on: proves it ran (channels-last inputs would raise)."""
+    from mambakit.ops import _triton_scan_time as tk
+    from mambakit.ops import _triton_selective_scan as k
+
+    monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
+    monkeypatch.setitem(tk.FWD_TIME_CONFIG, "block_d", block_d)
+    calls = []
+    fwd = tk.scan_fwd_time
+    monkeypatch.setattr(tk, "scan_fwd_time", lambda *a, **kw: calls.append(1) or fwd(*a, **kw))
+    b, d, l = 2, 8, 40
+    seq = torch.zeros(b, l, dtype=torch.int64)
+    seq[0, 16:] = 1
+    seq[0, 21:] = 2
+    seq[1, 35:] = 1
+    check_kernel_rule(bc, dtype, seq_idx=seq.to(DEVICE), atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
+                      b=b, d=d, l=l, n=n)
+    assert calls
+
+
+@needs_triton
+def test_triton_time_kernel_dispatch(poisoned, monkeypatch):
+    """auto: contiguous inputs take the time-parallel kernel, channels-last ones the channel-parallel kernel;
+    forcing the time kernel on channels-last inputs is a clear error."""
+    from mambakit.ops import _triton_selective_scan as k
+
+    x = make_inputs(1, 4, 20, 4, "step", dtype=torch.float32, device=DEVICE)
+    args = [x[a].detach() for a in ("u", "delta", "A", "B", "C")]
+    cl = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in args[:2]] + args[2:]
+    assert k._time_kernel(dict(k.FWD_CONFIG), args[0], args[1], None, args[2])
+    assert not k._time_kernel(dict(k.FWD_CONFIG), cl[0], cl[1], None, cl[2])
+    assert not k._time_kernel(dict(k.FWD_CONFIG, kernel="channel"), args[0], args[1], None, args[2])
+    with pytest.raises(ValueError, match="contiguous along the sequence"):
+        k.scan_fwd(*cl, None, None, None, None, None, True, False, kernel="time")

@@ -490,8 +490,10 @@ def _scan_bwd_kernel(
 # (the Mamba module's layout: b4 d3072 l4096 fwd 0.90 vs 1.22 ms; contiguous 1.14 vs 1.11, so off there);
 # an automatic time split on small grids (b1 d3072 l65536 fwd 10.1 -> 6.25 ms with 32 parts, fwd+bwd
 # 76.6 -> 40.5 ms); the backward capped at 168 registers (3 programs an SM: b4 fwd+bwd 8.78 -> 7.63 ms).
-FWD_CONFIG = dict(block_d=None, nk=None, chunk=None, seg=128, num_warps=None, num_stages=None, maxnreg=None,
-                  prefetch="auto", parts=0, part_programs=16, cl_copy=False)
+# kernel: "auto" (the time-parallel kernel of _triton_scan_time.py when it takes the inputs: u, delta, z
+# contiguous along time; else this module's channel-parallel one), "time" or "channel" (forced).
+FWD_CONFIG = dict(kernel="auto", block_d=None, nk=None, chunk=None, seg=128, num_warps=None, num_stages=None,
+                  maxnreg=None, prefetch="auto", parts=0, part_programs=16, cl_copy=False)
 BWD_CONFIG = dict(block_d=None, nk=None, chunk=None, num_warps=None, num_stages=None, maxnreg=168, parts=0,
                   part_programs=16, cl_copy=False)
 
@@ -598,6 +600,20 @@ def _launch_opts(cfg: dict, meta: dict) -> dict:
     return dict(meta, **{k: cfg[k] for k in ("num_stages", "maxnreg") if cfg.get(k) is not None})
 
 
+def _time_kernel(cfg: dict, u, delta, z, A) -> bool:
+    """Whether the forward runs the time-parallel kernel (FWD_CONFIG's "kernel" key)."""
+    if cfg["kernel"] == "channel":
+        return False
+    from mambakit.ops import _triton_scan_time as tk
+
+    ok = tk.supports(u, delta, z, A)
+    if cfg["kernel"] == "time" and not ok:
+        raise ValueError("selective scan: the time-parallel kernel needs u, delta and z contiguous along the "
+                         f"sequence and d_state <= {tk.FWD_TIME_CONFIG['max_n']}; set FWD_CONFIG['kernel'] to "
+                         "'auto' or 'channel' for these inputs")
+    return ok
+
+
 def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_states, **overrides):
     """Returns out (like u; contiguous (b, d, l) when cl_copy copied u), last_state (b, d, n) fp32, the saved
     states (b, nseg, d, n) fp32 or None, and the steps between saved states (the backward needs it).
@@ -608,6 +624,10 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_s
     into every part's true start state; pass 3 is the ordinary forward of all parts from those states."""
     cfg = _auto_tiles(_config(FWD_CONFIG, **overrides), u, _NARROW_FWD)
     u, delta, z = _contiguous_if_channels_last(cfg, u, delta, z)
+    if _time_kernel(cfg, u, delta, z, A):
+        from mambakit.ops import _triton_scan_time as tk
+
+        return tk.scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_states)
     b, d, l = u.shape
     n = A.shape[1]
     meta = _blocks(u, A, B, cfg, cfg["chunk"])

@@ -1,0 +1,182 @@
+"""Time-parallel Triton forward of the Mamba-1 selective scan (imported lazily: needs Triton).
+
+The kernels of ``_triton_selective_scan.py`` put channels on the GPU's lanes and walk time inside each thread;
+that walk is latency-bound. Here lanes run along time, as in the official CUDA kernel: one program owns
+BLOCK_D channels of one batch row and walks the sequence in chunks of CHUNK steps, a (BLOCK_D, CHUNK) tile
+spread over the lanes and warps along time. Per chunk it loads u, delta (and z) once, then for each state n (a
+static loop: NSTATE is a compile-time constant) it forms dA = exp(dt A_n), dBu = dt u B_n for the whole tile
+and runs ``tl.associative_scan`` along time from a zero state (a sequential scan inside each thread, shuffles
+across lanes, shared memory across warps). The true states are h = hs + cumprod(dA) h_start, with h_start the
+state carried from the previous chunk; y accumulates h C_n. The chunk's last state is kept, per (channel, n),
+in a small (BLOCK_D, NP) register tensor for the next chunk.
+
+Needs u, delta and z contiguous along time (stride 1 along l): the dispatcher in ``_triton_selective_scan``
+sends channels-last inputs to the channel-parallel kernel. The saved states (for the backward) are the state
+before every chunk, in the format of ``_triton_selective_scan.scan_fwd`` with seg = CHUNK.
+
+All offsets that scale with batch, channels or time are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mambakit.ops import _triton_selective_scan as _k
+from mambakit.ops._triton_selective_scan import _recurrence_combine, _softplus
+
+# chunk: steps per program iteration (the scan's length); num_warps: warps per program (chunk / (32 num_warps)
+# steps per thread); block_d: channels per program; max_n: larger d_state goes to the channel-parallel kernel
+# (the state loop is unrolled at compile time).
+FWD_TIME_CONFIG = dict(chunk=1024, num_warps=2, block_d=1, num_stages=None, max_n=64)
+
+
+@triton.jit
+def _scan_time_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, out_ptr, last_ptr, states_ptr,
+    L, DIM, DIM_PER_GROUP,
+    s_ub, s_ud, s_dtb, s_dtd, s_Ad, s_An, s_Bb, s_Bx, s_Bn, s_Bl, s_Cb, s_Cx, s_Cn, s_Cl,
+    s_zb, s_zd, s_ob, s_od, s_hb, s_hd, s_hn, s_sb, s_sl,
+    NSTATE: tl.constexpr, NP: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Grid (channel blocks, b). u, delta, z, out: stride 1 along time. B/C: (d, n) when CONST_BC (s_Bx the
+    channel stride), else (b, g, n, l) with s_Bx the group stride (a program never straddles two groups).
+    h0, last: (b, d, n); states: (b, cdiv(L, CHUNK), d, n) contiguous, the state before every chunk."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    d64 = offs_d.to(tl.int64)
+    offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, NP)
+    mask_s = mask_d[:, None] & (offs_n < NSTATE)[None, :]
+    st_off = d64[:, None] * NSTATE + offs_n[None, :]
+    LOG2E: tl.constexpr = 1.4426950408889634
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = bias
+    if HAS_D:
+        Dv = tl.load(D_ptr + d64, mask=mask_d, other=0.0).to(tl.float32)
+    if CONST_BC:
+        B_base = B_ptr + d64 * s_Bx  # (BLOCK_D,)
+        C_base = C_ptr + d64 * s_Cx
+    else:
+        group = ((pid_d * BLOCK_D) // DIM_PER_GROUP).to(tl.int64)
+        B_base = B_ptr + pid_b * s_Bb + group * s_Bx  # scalar
+        C_base = C_ptr + pid_b * s_Cb + group * s_Cx
+    u_base = u_ptr + pid_b * s_ub + d64[:, None] * s_ud
+    dt_base = dt_ptr + pid_b * s_dtb + d64[:, None] * s_dtd
+    z_base = z_ptr + pid_b * s_zb + d64[:, None] * s_zd
+    o_base = out_ptr + pid_b * s_ob + d64[:, None] * s_od
+    seq_base = seq_ptr + pid_b * s_sb
+    if HAS_H0:
+        H = tl.load(h0_ptr + pid_b * s_hb + d64[:, None] * s_hd + offs_n[None, :] * s_hn, mask=mask_s,
+                    other=0.0).to(tl.float32)
+    else:
+        H = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+    st_ptr = states_ptr + pid_b * tl.cdiv(L, CHUNK) * DIM * NSTATE + st_off
+    last_t = (offs_t == CHUNK - 1)[None, :]
+    for c in range(pid_b * 0, tl.cdiv(L, CHUNK)):  # int64 chunk index: t = c * CHUNK needs no cast
+        t = c * CHUNK + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        if STORE_STATES:
+            tl.store(st_ptr + c * (DIM * NSTATE), H, mask=mask_s)
+        u = tl.load(u_base + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(dt_base + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += bias[:, None]
+        dt = x
+        if SOFTPLUS:
+            dt = _softplus(x)
+        dt = tl.where(m2, dt, 0.0)  # past the end: dA = 1, dBu = 0, the state passes through
+        dtu = dt * u
+        y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
+        if HAS_D:
+            y = Dv[:, None] * u
+        if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
+            cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
+            prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
+            reset = ((cur != prev) & (t > 0) & mask_t)[None, :]
+        H_next = H
+        for n in tl.static_range(NSTATE):
+            a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32) * LOG2E
+            if CONST_BC:
+                B_n = tl.load(B_base + n * s_Bn, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+                C_n = tl.load(C_base + n * s_Cn, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+            else:
+                B_n = tl.load(B_base + n * s_Bn + t * s_Bl, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+                C_n = tl.load(C_base + n * s_Cn + t * s_Cl, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+            dA = tl.exp2(dt * a_n[:, None])
+            if HAS_SEQ:
+                dA = tl.where(reset, 0.0, dA)
+            cA, hs = tl.associative_scan((dA, dtu * B_n), 1, _recurrence_combine)
+            h_start = tl.sum(tl.where(offs_n[None, :] == n, H, 0.0), axis=1)
+            h = hs + cA * h_start[:, None]
+            y += h * C_n
+            h_end = tl.sum(tl.where(last_t, h, 0.0), axis=1)
+            H_next = tl.where(offs_n[None, :] == n, h_end[:, None], H_next)
+        H = H_next
+        if HAS_Z:
+            zv = tl.load(z_base + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(o_base + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + pid_b * DIM * NSTATE + st_off, H, mask=mask_s)
+
+
+def supports(u, delta, z, A, cfg=None) -> bool:
+    """Whether the time-parallel kernel takes these inputs: u, delta, z contiguous along time (or length 1)
+    and d_state at most max_n."""
+    cfg = cfg or FWD_TIME_CONFIG
+    along_time = all(t is None or t.shape[2] == 1 or t.stride(2) == 1 for t in (u, delta, z))
+    return along_time and A.shape[1] <= cfg["max_n"]
+
+
+def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
+    d, l = u.shape[1], u.shape[2]
+    g = B.shape[1] if B.dim() == 4 else 1
+    block_d = min(cfg["block_d"], triton.next_power_of_2(d))
+    while g > 1 and (d // g) % block_d:
+        block_d //= 2
+    chunk = max(16, min(cfg["chunk"], triton.next_power_of_2(max(l, 1))))
+    warps = max(1, min(cfg["num_warps"], chunk * block_d // 32))
+    meta = dict(BLOCK_D=block_d, CHUNK=chunk, num_warps=warps)
+    if cfg.get("num_stages") is not None:
+        meta["num_stages"] = cfg["num_stages"]
+    return meta
+
+
+def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_states, **overrides):
+    """Like ``_triton_selective_scan.scan_fwd`` (out, last_state, saved states or None, steps between saved
+    states) for inputs that ``supports`` accepts. ``overrides``: keys of FWD_TIME_CONFIG."""
+    cfg = dict(FWD_TIME_CONFIG, **{k: v for k, v in overrides.items() if v is not None})
+    b, d, l = u.shape
+    n = A.shape[1]
+    meta = _launch_meta(cfg, u, B)
+    chunk = meta["CHUNK"]
+    out = _k._empty(b, d, l, device=u.device, dtype=u.dtype)
+    last = _k._empty(b, d, n, device=u.device, dtype=torch.float32)
+    states = _k._empty(b, triton.cdiv(l, chunk), d, n, device=u.device, dtype=torch.float32) \
+        if store_states else None
+    h0_ = h0 if h0 is not None else last
+    z_, seq_ = (z if z is not None else u), (seq_idx if seq_idx is not None else u)
+    grid = (triton.cdiv(d, meta["BLOCK_D"]), b)
+    _scan_time_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else u, z_, delta_bias if delta_bias is not None else u, h0_, seq_,
+        out, last, states if states is not None else last,
+        l, d, d // (B.shape[1] if B.dim() == 4 else 1),
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *A.stride(), *_k._bc_strides(B),
+        *_k._bc_strides(C), z_.stride(0), z_.stride(1), out.stride(0), out.stride(1),
+        h0_.stride(0), h0_.stride(1), h0_.stride(2),
+        *(seq_.stride()[:2] if seq_idx is not None else (0, 0)),
+        NSTATE=n, NP=max(2, triton.next_power_of_2(n)),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, CONST_BC=B.dim() == 2, STORE_STATES=store_states,
+        **meta,
+    )
+    return out, last, states, chunk

@@ -39,7 +39,9 @@ VARIANTS = {
     "state_bwd": [dict(), dict(BLOCK_P=32, BLOCK_N=128), dict(BLOCK_P=64, BLOCK_N=32, num_stages=3),
                   dict(BLOCK_P=32, BLOCK_N=64, num_stages=3), dict(BLOCK_P=64, BLOCK_N=128, num_warps=8)],
     "scan_fwd": [dict(), dict(BLOCK_M=128, BLOCK_K=64, num_warps=8), dict(BLOCK_M=64, BLOCK_K=32, num_stages=3),
-                 dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=3), dict(BLOCK_M=64, BLOCK_K=64, num_stages=3)],
+                 dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=3), dict(BLOCK_M=64, BLOCK_K=64, num_stages=3),
+                 dict(BLOCK_M=64, BLOCK_K=64, num_stages=2, num_warps=4), dict(BLOCK_M=128, BLOCK_K=64, num_stages=2),
+                 dict(BLOCK_M=64, BLOCK_K=32, num_stages=4, num_warps=4)],
     "scan_bwd_dx": [dict(), dict(BLOCK_M=128, BLOCK_K=64, num_warps=8), dict(BLOCK_M=64, BLOCK_K=32, num_stages=3),
                     dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=3),
                     dict(BLOCK_M=64, BLOCK_K=64, num_stages=3)],
@@ -48,6 +50,8 @@ VARIANTS = {
 }
 RESULTS: dict = {}
 T0 = time.time()
+STAGE_BUDGET = 85.0  # seconds after which stages_and_variants times only the defaults (--stage-budget)
+STAGE_SHAPES: list = []  # --stage-shapes b8,b4: the goal shapes (by batch) that stages_and_variants times
 DEV = "cuda"
 # --smoke shrinks every shape (CPU + TRITON_INTERPRET=1 works) to check the script itself
 SMALL = dict(long_l=1 << 17, huge_l=1 << 20, long_h=48, fp32=(2, 2048, 16), bf16=(2, 4096, 48), chunk=256,
@@ -352,13 +356,15 @@ def stages_and_variants():
     res = {}
     for shape, *_ in GOALS:
         key = "b{b} l{l} h{h} p{p} n{n} g{g}".format(**shape)
+        if STAGE_SHAPES and not any(key.startswith(k + " ") for k in STAGE_SHAPES):
+            continue
         calls = _stage_calls(shape)
         res[key] = {}
         for stage, fn in calls.items():
             variants = VARIANTS.get(stage, [dict()])
             timings = []
             for blk in variants:
-                if time.time() - T0 > 85 and blk:  # keep the whole script under ~2 minutes
+                if time.time() - T0 > STAGE_BUDGET and blk:  # keep the whole script under ~2 minutes
                     continue
                 try:
                     timings.append((bench_ms(lambda: fn(dict(blk))), blk))
@@ -524,10 +530,13 @@ def main(argv=None):
     ap.add_argument("--out", default=".", help="directory for ssd_check.json")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip, e.g. long_1m,stages_and_variants")
     ap.add_argument("--only", default="", help="comma-separated parts to run (all others skipped), e.g. dbc_variants")
+    ap.add_argument("--stage-budget", type=float, default=85.0, help="stages_and_variants: seconds of variants")
+    ap.add_argument("--stage-shapes", default="", help="stages_and_variants: goal shapes by batch, e.g. b8")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on any device (CPU with TRITON_INTERPRET=1): checks the script, not the GPU")
     args = ap.parse_args(argv)
-    global DEV
+    global DEV, STAGE_BUDGET, STAGE_SHAPES
+    STAGE_BUDGET, STAGE_SHAPES = args.stage_budget, list(filter(None, args.stage_shapes.split(",")))
     if args.smoke:
         _shrink()
         DEV = "cuda" if torch.cuda.is_available() else "cpu"

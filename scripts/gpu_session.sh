@@ -22,9 +22,9 @@ for spec in "$@"; do
   case $part in
     env) run_part env "$limit" bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import mambakit, mambakit.ops; print(\"import ok\")"' ;;
     mamba1) run_part mamba1 "$limit" python3 scripts/gpu_check_mamba1.py --out "$OUT/mamba1" --budget $((limit - 50)) ;;
-    ssd) run_part ssd "$limit" python3 scripts/gpu_check_ssd.py --out "$OUT/ssd" ;;
+    ssd) run_part ssd "$limit" python3 scripts/gpu_check_ssd.py --out "$OUT/ssd" ${SSD_ARGS:-} ;;
     conv) run_part conv "$limit" python3 scripts/gpu_check_conv_norm.py --out "$OUT/conv" ;;
-    generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" --budget $((limit - 40)) ;;
+    generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" --budget $((limit - 40)) ${GEN_ARGS:-} ;;
     tp) run_part tp "$limit" python3 -m torch.distributed.run --nproc-per-node 2 scripts/gpu_check_tp.py --out "$OUT/tp" ;;
     train) run_part train "$limit" env STEPS="${STEPS:-800}" bash scripts/train_default_model.sh "$OUT/train/run" ;;
     bench) run_part bench "$limit" bash scripts/gpu_bench_all.sh "$OUT/bench" ;;

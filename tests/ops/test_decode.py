@@ -176,3 +176,15 @@ def test_large_batch_or_layer_takes_unfused_path(monkeypatch, limit):
     ref, _ = _decode(model, ids, 1, fused=False)
     out, _ = _decode(model, ids, 1, fused=True)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.skipif(not triton_ok, reason="triton not installed")
+@pytest.mark.parametrize("elements", [28160, 32768, 5000, 100])
+def test_whole_tiles_are_powers_of_two(monkeypatch, elements):
+    """Any GEMV_CONFIG["elements"] gives a power-of-two row tile (tl.arange needs one); 28160 (11 rows of
+    K = 2560) crashed the compile before, and the tile never exceeds the elements asked for."""
+    monkeypatch.setattr(dec, "num_sms", lambda device: 132)
+    monkeypatch.setitem(dec.GEMV_CONFIG, "elements", elements)
+    bn, bk = dec._whole_tiles(10576, 2560, "cpu")
+    assert bk == 4096 and bn & (bn - 1) == 0 and bn >= 1
+    assert bn * bk <= max(elements, bk)

@@ -3,12 +3,15 @@
 The kernels of ``_triton_selective_scan.py`` put channels on the GPU's lanes and walk time inside each thread;
 that walk is latency-bound. Here lanes run along time, as in the official CUDA kernel: one program owns
 BLOCK_D channels of one batch row and walks the sequence in chunks of CHUNK steps, a (BLOCK_D, CHUNK) tile
-spread over the lanes and warps along time. Per chunk it loads u, delta (and z) once, then for each state n (a
-static loop: NSTATE is a compile-time constant) it forms dA = exp(dt A_n), dBu = dt u B_n for the whole tile
-and runs ``tl.associative_scan`` along time from a zero state (a sequential scan inside each thread, shuffles
-across lanes, shared memory across warps). The true states are h = hs + cumprod(dA) h_start, with h_start the
-state carried from the previous chunk; y accumulates h C_n. The chunk's last state is kept, per (channel, n),
-in a small (BLOCK_D, NP) register tensor for the next chunk.
+spread over the lanes and warps along time. Per chunk it loads u, delta (and z) once, then for each state n
+it forms dA = exp(dt A_n), dBu = dt u B_n for the whole tile and runs ``tl.associative_scan`` along time from
+a zero state (a sequential scan inside each thread, shuffles across lanes, shared memory across warps). The
+true states are h = hs + cumprod(dA) h_start, with h_start the state carried from the previous chunk; y
+accumulates h C_n. The chunk's last state is kept, per (channel, n), in a small (BLOCK_D, NP) register tensor for
+the next chunk. The loop over states is unrolled (a static range over the constexpr NSTATE): ptxas then takes
+255 registers a thread with some spills, yet a runtime loop (62-128 registers, 4x the warps an SM) ran 1.3-1.6x
+slower on the H200. Measured there (notes/gpu_run5, bf16, n 16): b4 d3072 l4096 fwd 1.03 ms (channel-parallel
+kernel 1.11), b1 d3072 l65536 5.0 ms (6.25); the defaults are those tiles, 512 steps a program of one warp.
 
 Needs u, delta and z contiguous along time (stride 1 along l): the dispatcher in ``_triton_selective_scan``
 sends channels-last inputs to the channel-parallel kernel. The saved states (for the backward) are the state
@@ -28,8 +31,8 @@ from mambakit.ops._triton_selective_scan import _recurrence_combine, _softplus
 
 # chunk: steps per program iteration (the scan's length); num_warps: warps per program (chunk / (32 num_warps)
 # steps per thread); block_d: channels per program; max_n: larger d_state goes to the channel-parallel kernel
-# (the state loop is unrolled at compile time).
-FWD_TIME_CONFIG = dict(chunk=1024, num_warps=2, block_d=1, num_stages=None, max_n=64)
+# (a compile-time constant of the kernel).
+FWD_TIME_CONFIG = dict(chunk=512, num_warps=1, block_d=1, num_stages=None, max_n=64)
 
 
 @triton.jit

@@ -402,7 +402,7 @@ def _whole_tiles(n: int, k: int, device) -> tuple[int, int]:
     bk = triton.next_power_of_2(k)
     spread = triton.cdiv(n, cfg["whole_programs_per_sm"] * num_sms(device))
     bn = min(max(1, cfg["elements"] // bk), 1 << (spread.bit_length() - 1), 64)
-    return bn, bk
+    return 1 << (bn.bit_length() - 1), bk  # a power of two (tl.arange): any "elements" value is valid
 
 
 def _gemv_tiles(n: int, device) -> tuple[int, int]:

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mambakit.ops import _triton_scan_time as TK  # noqa: E402
+from mambakit.ops import _triton_scan_time_bwd as TB  # noqa: E402
 from mambakit.ops import _triton_selective_scan as K  # noqa: E402
 from mambakit.ops.dispatch import backend  # noqa: E402
 from mambakit.ops.selective_scan import selective_scan_fn  # noqa: E402
@@ -244,7 +245,7 @@ def label(fwd=None, bwd=None):
 
     def one(c):
         c = dict(c)
-        tc = c.pop("tc", None)  # FWD_TIME_CONFIG keys (the time-parallel forward), e.g. "t:c1024 w2 bd1"
+        tc = c.pop("tc", None) or c.pop("tb", None)  # FWD_TIME_CONFIG / BWD_TIME_CONFIG keys, e.g. "t:c1024 w2"
         kernel = c.pop("kernel", None)  # forced forward kernel: "ch" channel-parallel, "T!" time-parallel
         head = {"channel": "ch ", "time": "T! "}.get(kernel, "") + (f"t:{one(tc)} " if tc else "")
         return head + " ".join(short.get(k, k) + ("" if v is True else str(v)) for k, v in c.items() if v is not False)
@@ -259,14 +260,15 @@ class variant:
         self.fwd, self.bwd = fwd or {}, bwd or {}
 
     def __enter__(self):
-        self.saved = dict(K.FWD_CONFIG), dict(K.BWD_CONFIG), dict(TK.FWD_TIME_CONFIG)
-        fwd = dict(self.fwd)
+        self.saved = dict(K.FWD_CONFIG), dict(K.BWD_CONFIG), dict(TK.FWD_TIME_CONFIG), dict(TB.BWD_TIME_CONFIG)
+        fwd, bwd = dict(self.fwd), dict(self.bwd)
         TK.FWD_TIME_CONFIG.update(fwd.pop("tc", {}))
+        TB.BWD_TIME_CONFIG.update(bwd.pop("tb", {}))
         K.FWD_CONFIG.update(fwd)
-        K.BWD_CONFIG.update(self.bwd)
+        K.BWD_CONFIG.update(bwd)
 
     def __exit__(self, *exc):
-        for cfg, saved in zip((K.FWD_CONFIG, K.BWD_CONFIG, TK.FWD_TIME_CONFIG), self.saved):
+        for cfg, saved in zip((K.FWD_CONFIG, K.BWD_CONFIG, TK.FWD_TIME_CONFIG, TB.BWD_TIME_CONFIG), self.saved):
             cfg.clear()
             cfg.update(saved)
 
@@ -355,16 +357,30 @@ def T(chunk, warps, block_d=1, **kw):
 
 # Forward at b4 d3072 l4096, contiguous: the old default, the new one (time-parallel), and its tiles: chunk
 # (steps per program iteration), warps (chunk / (32 warps) steps a thread), channels per program.
-FWD_B4 = [CH, {}, T(256, 1), T(512, 1, 2), T(1024, 2)]
+FWD_B4 = [CH, {}, T(256, 1)]
 # channels-last (the Mamba module's layout): the channel-parallel kernel, or a contiguous copy then the time one
-FWD_B4_CL = [{}, dict(cl_copy=True)]
-FWD_B1 = [CH, {}, T(256, 1)]
-# fwd+bwd: (shape, channels-last, forward keys, backward keys)
-FB = [(B4, False, CH, {}), (B4, False, {}, {}), (B4, True, {}, {}), (B1, False, CH, {}), (B1, False, {}, {})]
+FWD_B4_CL = [{}]
+FWD_B1 = [CH, {}]
+
+
+def TBW(**kw):
+    """A time-parallel backward variant (BWD_TIME_CONFIG keys)."""
+    return dict(tb=kw)
+
+
+# fwd+bwd: (shape, channels-last, forward keys, backward keys): the old default (channel-parallel both ways),
+# the new one (time-parallel both ways, on contiguous inputs), the time forward with the channel backward, and
+# the time backward's tiles (block_d channels a program, chunk T (a multiple of the forward's 512), warps)
+FB = [(B4, False, CH, CH), (B4, False, {}, {}), (B4, False, {}, CH), (B4, False, {}, TBW(block_d=2)),
+      (B4, False, {}, TBW(chunk=1024)), (B4, False, {}, TBW(num_warps=8)), (B4, False, {}, TBW(num_warps=2)),
+      (B4, False, {}, TBW(unroll=True)), (B4, True, {}, {}), (B1, False, CH, CH), (B1, False, {}, {}),
+      (B1, False, {}, CH)]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(kernel="time"), {}, False), (dict(T(512, 1), kernel="time"), dict(parts=3), False),
-          (dict(T(1024, 4, 2), kernel="time"), {}, False), (dict(cl_copy=True), dict(cl_copy=True, parts=3), True)]
+CHECKS = [(dict(kernel="time"), dict(kernel="time"), False),
+          (dict(T(512, 1), kernel="time"), dict(kernel="channel", parts=3), False),
+          (dict(T(1024, 4, 2), kernel="time"), dict(TBW(block_d=2, chunk=2048), kernel="time"), False),
+          (dict(cl_copy=True), dict(cl_copy=True, parts=3), True)]
 
 
 def main(argv=None):
@@ -391,12 +407,12 @@ def main(argv=None):
         section(f"fwd b4 cl {label(v)}", bud)(lambda v=v: timed(B4, fwd=v, cl=True))
     for v in FWD_B1:
         section(f"fwd b1 {label(v)}", bud)(lambda v=v: timed(B1, fwd=v))
-    for shape, cl, fv, bv in FB[:7]:
+    for shape, cl, fv, bv in FB[:9]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
     for fv, bv, cl in checks[1:]:
         section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv, cl=cl: check_variant(fv, bv, cl))
-    for shape, cl, fv, bv in FB[7:]:
+    for shape, cl, fv, bv in FB[9:]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
     section("fp32 constant B/C, time split", bud)(lambda: check_variant_const())

@@ -277,12 +277,13 @@ def seq_idx_for(b, l):
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["channel", "time"])  # the forward kernel (contiguous inputs: both run)
+@pytest.mark.parametrize("kernel", ["channel", "time"])  # forward and backward kernels (contiguous: both run)
 @pytest.mark.parametrize("bc,nk", [("const", 1), ("step", 2), ("group", 4)])  # nk: states per thread
 def test_triton_fp32_all_options(poisoned, monkeypatch, bc, nk, kernel):
     from mambakit.ops import _triton_selective_scan as k
 
     monkeypatch.setitem(k.FWD_CONFIG, "kernel", kernel)
+    monkeypatch.setitem(k.BWD_CONFIG, "kernel", kernel)
     monkeypatch.setitem(k.FWD_CONFIG, "nk", nk)
     monkeypatch.setitem(k.BWD_CONFIG, "nk", nk)
     check_kernel_rule(bc, torch.float32, seq_idx=seq_idx_for(TRITON_SHAPE["b"], TRITON_SHAPE["l"]))
@@ -345,10 +346,10 @@ def split_seq_idx(b, l):
 
 
 VARIANTS = [  # (B/C layout, dtype, channels-last inputs, forward config, backward config)
-    ("group", torch.float32, False, dict(kernel="channel", parts=3, prefetch=True), dict(parts=4)),
-    ("const", torch.float32, False, dict(kernel="channel", prefetch=2, parts=1), dict(parts=2)),
+    ("group", torch.float32, False, dict(kernel="channel", parts=3, prefetch=True), dict(kernel="channel", parts=4)),
+    ("const", torch.float32, False, dict(kernel="channel", prefetch=2, parts=1), dict(kernel="channel", parts=2)),
     ("step", torch.bfloat16, True, dict(kernel="channel", parts=0, part_programs=4, cl_copy=True, prefetch=True),
-     dict(parts=0, part_programs=4, cl_copy=True)),
+     dict(kernel="channel", parts=0, part_programs=4, cl_copy=True)),
 ]
 
 
@@ -401,7 +402,7 @@ def test_time_split_sizes():
 @pytest.mark.parametrize("bc,n,block_d,dtype", [("step", 4, 1, torch.float32), ("group", 3, 2, torch.float32),
                                                 ("const", 4, 4, torch.float32), ("step", 4, 2, torch.bfloat16)])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype):
-    """The time-parallel forward (and the backward from its chunk-start states) against the reference, with an
+    """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
     per program, d_state not a power of two. Forced on: proves it ran (channels-last inputs would raise)."""
     from mambakit.ops import _triton_scan_time as tk
@@ -409,9 +410,13 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype):
 
     monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
     monkeypatch.setitem(tk.FWD_TIME_CONFIG, "block_d", block_d)
+    from mambakit.ops import _triton_scan_time_bwd as tb
+
+    monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
     calls = []
-    fwd = tk.scan_fwd_time
-    monkeypatch.setattr(tk, "scan_fwd_time", lambda *a, **kw: calls.append(1) or fwd(*a, **kw))
+    fwd, bwd = tk.scan_fwd_time, tb.scan_bwd_time
+    monkeypatch.setattr(tk, "scan_fwd_time", lambda *a, **kw: calls.append("f") or fwd(*a, **kw))
+    monkeypatch.setattr(tb, "scan_bwd_time", lambda *a, **kw: calls.append("b") or bwd(*a, **kw))
     b, d, l = 2, 8, 40
     seq = torch.zeros(b, l, dtype=torch.int64)
     seq[0, 16:] = 1
@@ -419,7 +424,7 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype):
     seq[1, 35:] = 1
     check_kernel_rule(bc, dtype, seq_idx=seq.to(DEVICE), atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
                       b=b, d=d, l=l, n=n)
-    assert calls
+    assert "f" in calls and "b" in calls
 
 
 @needs_triton

@@ -36,6 +36,19 @@ FWD_TIME_CONFIG = dict(chunk=512, num_warps=1, block_d=1, num_stages=None, max_n
 
 
 @triton.jit
+def _tile_index(DIM, NSTATE, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, NP: tl.constexpr):
+    """Of a program of grid (channel blocks, b): pid_d, pid_b (int64), its channels (BLOCK_D,) with their mask
+    and int64 copy, the step and state offsets (CHUNK,), (NP,), and the (BLOCK_D, NP) state mask."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    offs_n = tl.arange(0, NP)
+    mask_s = mask_d[:, None] & (offs_n < NSTATE)[None, :]
+    return pid_d, pid_b, offs_d, mask_d, offs_d.to(tl.int64), tl.arange(0, CHUNK), offs_n, mask_s
+
+
+@triton.jit
 def _scan_time_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, out_ptr, last_ptr, states_ptr,
     L, DIM, DIM_PER_GROUP,
@@ -49,14 +62,7 @@ def _scan_time_fwd_kernel(
     """Grid (channel blocks, b). u, delta, z, out: stride 1 along time. B/C: (d, n) when CONST_BC (s_Bx the
     channel stride), else (b, g, n, l) with s_Bx the group stride (a program never straddles two groups).
     h0, last: (b, d, n); states: (b, cdiv(L, CHUNK), d, n) contiguous, the state before every chunk."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    d64 = offs_d.to(tl.int64)
-    offs_t = tl.arange(0, CHUNK)
-    offs_n = tl.arange(0, NP)
-    mask_s = mask_d[:, None] & (offs_n < NSTATE)[None, :]
+    pid_d, pid_b, offs_d, mask_d, d64, offs_t, offs_n, mask_s = _tile_index(DIM, NSTATE, BLOCK_D, CHUNK, NP)
     st_off = d64[:, None] * NSTATE + offs_n[None, :]
     LOG2E: tl.constexpr = 1.4426950408889634
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)

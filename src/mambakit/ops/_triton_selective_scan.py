@@ -681,6 +681,8 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dl
     gradient arriving at every part's end; pass 3 is the ordinary backward of all parts from those."""
     cfg = _auto_tiles(_config(BWD_CONFIG, **overrides), u, _NARROW_BWD)
     u, delta, z, dout = _contiguous_if_channels_last(cfg, u, delta, z, dout)
+    if dout.stride(2) != 1 and dout.shape[2] > 1 and _time_kernel(cfg, u, delta, z, A, u, seg):
+        dout = dout.contiguous()  # e.g. out_proj's gradient (channels-last): one memory-bound copy
     if _time_kernel(cfg, u, delta, z, A, dout, seg):
         from mambakit.ops import _triton_scan_time_bwd as tb
 

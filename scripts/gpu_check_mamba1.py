@@ -358,7 +358,7 @@ def T(chunk, warps, block_d=1, **kw):
 # Forward at b4 d3072 l4096, contiguous: the old default, the new one (time-parallel), and its tiles: chunk
 # (steps per program iteration), warps (chunk / (32 warps) steps a thread), channels per program.
 FWD_B4 = [CH, {}, T(256, 1)]
-# channels-last (the Mamba module's layout): the channel-parallel kernel, or a contiguous copy then the time one
+# channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = [{}]
 FWD_B1 = [CH, {}]
 

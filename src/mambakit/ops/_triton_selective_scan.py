@@ -4,8 +4,9 @@ Two kernel families: the channel-parallel kernels here (channels on lanes, time 
 and the time-parallel ones of ``_triton_scan_time.py`` / ``_triton_scan_time_bwd.py`` (time on lanes). With
 FWD_CONFIG / BWD_CONFIG "kernel" = "auto", ``scan_fwd`` / ``scan_bwd`` send inputs contiguous along the
 sequence to the time-parallel kernels (H200, bf16, b4 d3072 l4096: fwd 1.04 vs 1.11 ms, fwd+bwd 6.13 vs 7.61;
-b1 d3072 l65536: 5.12 vs 6.25, 27.8 vs 37.9) and channels-last inputs (the Mamba module's views; fwd 0.90 ms
-with prefetch here, 2.5 ms for a contiguous copy first) to these.
+b1 d3072 l65536: 5.12 vs 6.25, 27.8 vs 37.9) and channels-last inputs (transposed views of (b, l, d) tensors;
+fwd 0.90 ms with prefetch here, 2.5 ms for a contiguous copy first) to these. The Mamba module passes
+seqlen-contiguous tensors.
 
 Forward: one program per (block of BLOCK_D channels, batch row) walks the sequence in chunks of CHUNK steps.
 Per chunk it loads (CHUNK, BLOCK_D) tiles of u/delta/z and B/C for the chunk, builds dA = exp(dt A) and
@@ -494,7 +495,7 @@ def _scan_bwd_kernel(
 # to contiguous (b, d, l) before the kernel, so that the kernel reads whole time rows per channel.
 # The GPU script (scripts/gpu_check_mamba1.py) times variants of these.
 # Defaults measured on an H200 (notes/gpu_run3/mamba1, bf16, n = 16): prefetch for channels-last inputs
-# (the Mamba module's layout: b4 d3072 l4096 fwd 0.90 vs 1.22 ms; contiguous 1.14 vs 1.11, so off there);
+# (b4 d3072 l4096 fwd 0.90 vs 1.22 ms; contiguous 1.14 vs 1.11, so off there);
 # an automatic time split on small grids (b1 d3072 l65536 fwd 10.1 -> 6.25 ms with 32 parts, fwd+bwd
 # 76.6 -> 40.5 ms); the backward capped at 168 registers (3 programs an SM: b4 fwd+bwd 8.78 -> 7.63 ms).
 # kernel: "auto" (the time-parallel kernel of _triton_scan_time.py when it takes the inputs: u, delta, z

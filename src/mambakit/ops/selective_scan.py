@@ -425,6 +425,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         out (b, d, l) in u's dtype, possibly a channels-last view ((b, l, d) memory, what ``out_proj`` wants
         after the transpose); with ``return_last_state`` also last_state (b, d, n) float32 (float64 for float64
         inputs). All internal math is in float32 (float64 for float64 inputs).
+    Layouts (CUDA): u, delta, z with stride 1 along l (the official layout) run the time-parallel Triton
+    kernels, the fastest; channels-last views (stride 1 along d) run the channel-parallel ones.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     fn = _TritonScanFn if use_triton(u) else _TorchScanFn

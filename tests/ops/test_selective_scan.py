@@ -429,8 +429,8 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype):
 
 @needs_triton
 def test_triton_time_kernel_dispatch(poisoned, monkeypatch):
-    """auto: contiguous inputs take the time-parallel kernel, channels-last ones the channel-parallel kernel;
-    forcing the time kernel on channels-last inputs is a clear error."""
+    """auto: contiguous inputs take the time-parallel kernel, channels-last ones (and d_state > 16) the
+    channel-parallel kernel; forcing the time kernel on channels-last inputs is a clear error."""
     from mambakit.ops import _triton_selective_scan as k
 
     x = make_inputs(1, 4, 20, 4, "step", dtype=torch.float32, device=DEVICE)
@@ -439,5 +439,7 @@ def test_triton_time_kernel_dispatch(poisoned, monkeypatch):
     assert k._time_kernel(dict(k.FWD_CONFIG), args[0], args[1], None, args[2])
     assert not k._time_kernel(dict(k.FWD_CONFIG), cl[0], cl[1], None, cl[2])
     assert not k._time_kernel(dict(k.FWD_CONFIG, kernel="channel"), args[0], args[1], None, args[2])
+    wide_n = torch.zeros(4, 32, device=DEVICE)  # d_state 32: above the time kernel's measured range
+    assert not k._time_kernel(dict(k.FWD_CONFIG), args[0], args[1], None, wide_n)
     with pytest.raises(ValueError, match="contiguous along the sequence"):
         k.scan_fwd(*cl, None, None, None, None, None, True, False, kernel="time")

@@ -26,7 +26,7 @@ _MAMBA1_KEYS = {
 _MAMBA2_KEYS = {
     "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range", "D_has_hdim",
     "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias", "conv_bias",
-    "chunk_size", "use_mem_eff_path", "process_group", "sequence_parallel",
+    "chunk_size", "use_mem_eff_path", "process_group", "sequence_parallel", "recompute_mixer",  # the last: mambakit
 }
 _ATTN_KEYS = {
     "num_heads", "num_heads_kv", "head_dim", "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved",

@@ -24,7 +24,10 @@ class Mamba2(nn.Module):
     """Mamba-2 mixer. Input and output: (batch, seqlen, d_model).
 
     ``use_mem_eff_path`` is accepted for compatibility; ``process_group`` must be None here (tensor parallelism:
-    ``mambakit.distributed.parallelize(model, group)`` splits a built model).
+    ``mambakit.distributed.parallelize(model, group)`` splits a built model). ``recompute_mixer`` (mambakit):
+    in training passes (gradients on, no cache, no cu_seqlens, d_ssm = d_inner) run the mixer after in_proj
+    through ``mamba_split_conv1d_scan_combined``, recomputed in the backward: about a quarter of the
+    activation memory kept per layer, for one more forward of conv, scan and norm in the backward.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
@@ -34,7 +37,7 @@ class Mamba2(nn.Module):
                  dt_init_floor: float = 1e-4, dt_limit=(0.0, float("inf")), bias: bool = False,
                  conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
                  layer_idx: int | None = None, process_group=None, sequence_parallel: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, recompute_mixer: bool = False):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if process_group is not None:
@@ -59,6 +62,7 @@ class Mamba2(nn.Module):
         self.activation = "silu"
         self.chunk_size = chunk_size
         self.use_mem_eff_path = use_mem_eff_path
+        self.recompute_mixer = recompute_mixer
         self.layer_idx = layer_idx
 
         # in_proj output order: [z, x, B, C, dt] (plus [z0, x0] in front when d_ssm < d_inner).
@@ -121,6 +125,10 @@ class Mamba2(nn.Module):
 
         zxbcdt = self.in_proj(u)  # (b, l, d_in_proj)
         d_mlp = self.d_inner - self.d_ssm
+        if (self.recompute_mixer and torch.is_grad_enabled() and inference_params is None and cu_seqlens is None
+                and d_mlp == 0):
+            out = self._recomputed_mixer(zxbcdt, seq_idx)
+            return out.reshape(batch * seqlen, self.d_model) if flat else out
         z0, x0, z, xBC, dt = torch.split(
             zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
         xBC_t = xBC.transpose(1, 2)  # (b, conv_dim, l), channels-last view
@@ -143,6 +151,18 @@ class Mamba2(nn.Module):
             y = torch.cat([silu_gate(x0, z0), y], dim=-1)
         out = self.out_proj(y)  # (b, l, d_model)
         return out.reshape(batch * seqlen, self.d_model) if flat else out
+
+    def _recomputed_mixer(self, zxbcdt: torch.Tensor, seq_idx) -> torch.Tensor:
+        """conv -> scan -> norm -> out_proj of zxbcdt (b, l, d_in_proj), recomputed in the backward."""
+        from ..ops.ssd.split_conv1d_scan import mamba_split_conv1d_scan_combined
+
+        return mamba_split_conv1d_scan_combined(
+            zxbcdt, conv_weight(self.conv1d), self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
+            self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D, self.chunk_size,
+            seq_idx=seq_idx, dt_limit=self.dt_limit, headdim=self.headdim, ngroups=self.ngroups,
+            rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
+            rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6, norm_before_gate=self.norm_before_gate,
+            outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias)
 
     def _scan(self, x, dt, B, C, z, seq_idx, cu_seqlens, ssm_state, continuing):
         """SSD over (b, l, ...) pieces; returns y (b, l, h, p) [and the state to keep in the cache]."""

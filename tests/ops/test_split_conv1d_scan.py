@@ -121,3 +121,10 @@ def test_module_recompute_mixer_equals_default_and_saves_memory():
     with torch.no_grad():
         assert rel_err(rec(u), y0) < 1e-5
     assert calls == [1]
+
+    class Wrapped(torch.nn.Linear):  # e.g. a tensor-parallel out_proj: the recomputed mixer would bypass it
+        pass
+    wrapped = Wrapped(rec.out_proj.in_features, rec.out_proj.out_features, bias=False, device=DEVICE)
+    wrapped.load_state_dict(rec.out_proj.state_dict())
+    rec.out_proj = wrapped
+    assert rel_err(rec(u), y0) < 1e-5 and calls == [1]

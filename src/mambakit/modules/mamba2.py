@@ -25,9 +25,9 @@ class Mamba2(nn.Module):
 
     ``use_mem_eff_path`` is accepted for compatibility; ``process_group`` must be None here (tensor parallelism:
     ``mambakit.distributed.parallelize(model, group)`` splits a built model). ``recompute_mixer`` (mambakit):
-    in training passes (gradients on, no cache, no cu_seqlens, d_ssm = d_inner) run the mixer after in_proj
-    through ``mamba_split_conv1d_scan_combined``, recomputed in the backward: about a quarter of the
-    activation memory kept per layer, for one more forward of conv, scan and norm in the backward.
+    in training passes (gradients on, no cache, no cu_seqlens, d_ssm = d_inner, plain out_proj and norm) run
+    the mixer after in_proj through ``mamba_split_conv1d_scan_combined``, recomputed in the backward: about a
+    quarter of the activation memory kept per layer, for one more forward of conv, scan and norm.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, conv_init: float | None = None,
@@ -126,7 +126,7 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(u)  # (b, l, d_in_proj)
         d_mlp = self.d_inner - self.d_ssm
         if (self.recompute_mixer and torch.is_grad_enabled() and inference_params is None and cu_seqlens is None
-                and d_mlp == 0):
+                and d_mlp == 0 and self._plain_tail()):
             out = self._recomputed_mixer(zxbcdt, seq_idx)
             return out.reshape(batch * seqlen, self.d_model) if flat else out
         z0, x0, z, xBC, dt = torch.split(
@@ -151,6 +151,11 @@ class Mamba2(nn.Module):
             y = torch.cat([silu_gate(x0, z0), y], dim=-1)
         out = self.out_proj(y)  # (b, l, d_model)
         return out.reshape(batch * seqlen, self.d_model) if flat else out
+
+    def _plain_tail(self) -> bool:
+        """out_proj and the norm are the plain modules the recomputed mixer reimplements (not, e.g., tensor-
+        parallel ones that all-reduce: those keep the ordinary path)."""
+        return type(self.out_proj) is nn.Linear and (not self.rmsnorm or type(self.norm) is RMSNormGated)
 
     def _recomputed_mixer(self, zxbcdt: torch.Tensor, seq_idx) -> torch.Tensor:
         """conv -> scan -> norm -> out_proj of zxbcdt (b, l, d_in_proj), recomputed in the backward."""

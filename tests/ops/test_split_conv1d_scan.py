@@ -16,6 +16,18 @@ def mixer_args(m: Mamba2, zxbcdt, **kw):
                 outproj_weight=m.out_proj.weight, outproj_bias=m.out_proj.bias, **kw)
 
 
+def saved_bytes(fn):
+    """(fn(), bytes of the tensors autograd keeps for the backward while fn runs)."""
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(total)
+
+
 @pytest.mark.parametrize("rmsnorm,ngroups,d_hdim", [(True, 1, False), (True, 2, True), (False, 1, False)])
 def test_equals_the_module_and_saves_less(rmsnorm, ngroups, d_hdim):
     """Output and every parameter gradient equal the module's own forward (same ops, recomputed), and the
@@ -26,16 +38,6 @@ def test_equals_the_module_and_saves_less(rmsnorm, ngroups, d_hdim):
                device=DEVICE)
     u = torch.randn(2, 40, 64, device=DEVICE)
     g = torch.randn(2, 40, 64, device=DEVICE)
-
-    def saved_bytes(fn):
-        total = []
-
-        def pack(t):
-            total.append(t.numel() * t.element_size())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-        return out, sum(total)
 
     u.requires_grad_()
     params = [u] + list(m.parameters())
@@ -108,11 +110,8 @@ def test_module_recompute_mixer_equals_default_and_saves_memory():
     rec._recomputed_mixer = lambda *a: calls.append(1) or fn(*a)
 
     def run(m):
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            y = m(u)
-        return y, torch.autograd.grad(y, [u, *m.parameters()], g), sum(saved)
+        y, saved = saved_bytes(lambda: m(u))
+        return y, torch.autograd.grad(y, [u, *m.parameters()], g), saved
 
     y0, g0, b0 = run(base)
     y1, g1, b1 = run(rec)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops import _triton_selective_scan as _k
-from mambakit.ops._triton_selective_scan import _recurrence_combine, _softplus
+from mambakit.ops._triton_selective_scan import _recurrence_combine, _seq_reset, _softplus
 
 # chunk: steps per program iteration (the scan's length); num_warps: warps per program (chunk / (32 num_warps)
 # steps per thread); block_d: channels per program; max_n: larger d_state goes to the channel-parallel kernel
@@ -48,6 +48,20 @@ def _tile_index(DIM, NSTATE, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, NP: tl.
     offs_n = tl.arange(0, NP)
     mask_s = mask_d[:, None] & (offs_n < NSTATE)[None, :]
     return pid_d, pid_b, offs_d, mask_d, offs_d.to(tl.int64), tl.arange(0, CHUNK), offs_n, mask_s
+
+
+@triton.jit
+def _load_dt(u_base, dt_base, t, m2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u, x (delta + bias) and dt = softplus(x) of a (BLOCK_D, CHUNK) tile at steps t, fp32; dt is 0 at masked
+    steps (past the end: dA = 1, dBu = 0, so the state and its gradient pass through)."""
+    u = tl.load(u_base + t[None, :], mask=m2, other=0.0).to(tl.float32)
+    x = tl.load(dt_base + t[None, :], mask=m2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += bias[:, None]
+    dt = x
+    if SOFTPLUS:
+        dt = _softplus(x)
+    return u, x, tl.where(m2, dt, 0.0)
 
 
 @triton.jit
@@ -98,22 +112,13 @@ def _scan_time_fwd_kernel(
         m2 = mask_d[:, None] & mask_t[None, :]
         if STORE_STATES:
             tl.store(st_ptr + c * (DIM * NSTATE), H, mask=mask_s)
-        u = tl.load(u_base + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(dt_base + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += bias[:, None]
-        dt = x
-        if SOFTPLUS:
-            dt = _softplus(x)
-        dt = tl.where(m2, dt, 0.0)  # past the end: dA = 1, dBu = 0, the state passes through
+        u, _, dt = _load_dt(u_base, dt_base, t, m2, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         y = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         if HAS_D:
             y = Dv[:, None] * u
-        if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
-            cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
-            prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
-            reset = ((cur != prev) & (t > 0) & mask_t)[None, :]
+        if HAS_SEQ:
+            reset = _seq_reset(seq_base, t, mask_t, s_sl)[None, :]
         H_next = H
         for n in tl.static_range(NSTATE):
             a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32) * LOG2E
@@ -150,22 +155,16 @@ def supports(u, delta, z, A, cfg=None) -> bool:
 
 def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
     d, l = u.shape[1], u.shape[2]
-    g = B.shape[1] if B.dim() == 4 else 1
-    block_d = min(cfg["block_d"], triton.next_power_of_2(d))
-    while g > 1 and (d // g) % block_d:
-        block_d //= 2
+    block_d = _k._group_block_d(cfg["block_d"], d, B)
     chunk = max(16, min(cfg["chunk"], triton.next_power_of_2(max(l, 1))))
     warps = max(1, min(cfg["num_warps"], chunk * block_d // 32))
-    meta = dict(BLOCK_D=block_d, CHUNK=chunk, num_warps=warps)
-    if cfg.get("num_stages") is not None:
-        meta["num_stages"] = cfg["num_stages"]
-    return meta
+    return _k._launch_opts(cfg, dict(BLOCK_D=block_d, CHUNK=chunk, num_warps=warps))
 
 
 def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, store_states, **overrides):
     """Like ``_triton_selective_scan.scan_fwd`` (out, last_state, saved states or None, steps between saved
     states) for inputs that ``supports`` accepts. ``overrides``: keys of FWD_TIME_CONFIG."""
-    cfg = dict(FWD_TIME_CONFIG, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = _k._config(FWD_TIME_CONFIG, **overrides)
     b, d, l = u.shape
     n = A.shape[1]
     meta = _launch_meta(cfg, u, B)
@@ -174,12 +173,10 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     last = _k._empty(b, d, n, device=u.device, dtype=torch.float32)
     states = _k._empty(b, triton.cdiv(l, chunk), d, n, device=u.device, dtype=torch.float32) \
         if store_states else None
-    h0_ = h0 if h0 is not None else last
-    z_, seq_ = (z if z is not None else u), (seq_idx if seq_idx is not None else u)
+    h0_, z_, seq_ = _k._opt(h0, last), _k._opt(z, u), _k._opt(seq_idx, u)
     grid = (triton.cdiv(d, meta["BLOCK_D"]), b)
     _scan_time_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else u, z_, delta_bias if delta_bias is not None else u, h0_, seq_,
-        out, last, states if states is not None else last,
+        u, delta, A, B, C, _k._opt(D, u), z_, _k._opt(delta_bias, u), h0_, seq_, out, last, _k._opt(states, last),
         l, d, d // (B.shape[1] if B.dim() == 4 else 1),
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *A.stride(), *_k._bc_strides(B),
         *_k._bc_strides(C), z_.stride(0), z_.stride(1), out.stride(0), out.stride(1),

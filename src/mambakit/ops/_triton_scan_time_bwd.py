@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from mambakit.ops import _triton_selective_scan as k
-from mambakit.ops._triton_scan_time import _tile_index
-from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_combine, _softplus
+from mambakit.ops._triton_scan_time import _load_dt, _tile_index
+from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_combine, _seq_reset
 
 # Measured on an H200 (notes/gpu_run5/call4, bf16, n 16, after the time-parallel forward with 512-step chunks):
 # b4 d3072 l4096 fwd+bwd 6.13 ms with these defaults (channel-parallel backward 7.53; block_d 2: 14.8,
@@ -184,14 +184,7 @@ def _scan_bwd_time_kernel(
         t = c * CHUNK + offs_t  # (CHUNK,) int64
         mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(dt_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += bias[:, None]
-        dt = x
-        if SOFTPLUS:
-            dt = _softplus(x)
-        dt = tl.where(m2, dt, 0.0)  # dA = 1, dBu = 0 past the end: state and gradient pass through
+        u, x, dt = _load_dt(u_row, dt_row, t, m2, bias, HAS_BIAS, SOFTPLUS)  # dt 0 past the end
         if SOFTPLUS:  # softplus is linear above 20, as in torch; only this factor of x stays live
             dsp = tl.where(x > 20.0, 1.0, tl.sigmoid(x))
         dy = tl.load(g_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -200,10 +193,8 @@ def _scan_bwd_time_kernel(
             sz = tl.sigmoid(zv)
             dzf = dy * sz * (1.0 + zv * (1.0 - sz))  # dz = dout y d silu(z)/dz = dzf y
             dy = dy * zv * sz  # dL/d(y + D u)
-        if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
-            cur = tl.load(seq_row + t * s_sl, mask=mask_t, other=0)
-            prev = tl.load(seq_row + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
-            reset = ((cur != prev) & (t > 0) & mask_t)[None, :]
+        if HAS_SEQ:
+            reset = _seq_reset(seq_row, t, mask_t, s_sl)[None, :]
         else:
             reset = first  # placeholder
         dtu = dt * u
@@ -262,12 +253,10 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
         raise ValueError(f"chunk={chunk} must be a power of two and a multiple of the forward's seg={seg} "
                          "(each chunk starts at a saved state)")
     chunk = max(seg, min(chunk, triton.next_power_of_2(max(l, 1))))
-    g = B.shape[1] if B.dim() == 4 else 1
     block_d = min(cfg["block_d"], triton.next_power_of_2(d))
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError(f"block_d={cfg['block_d']} must be a power of two")
-    while g > 1 and (d // g) % block_d:  # a program never straddles two groups
-        block_d //= 2
+    block_d = k._group_block_d(block_d, d, B)
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 128))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg,
                 NP=max(2, triton.next_power_of_2(A.shape[1])), UNROLL=bool(cfg["unroll"]), num_warps=warps)

@@ -92,6 +92,15 @@ def _mul(a, b):
 
 
 @triton.jit
+def _seq_reset(seq_base, t, mask_t, s_sl):
+    """(len(t),) bool: a packed sequence starts at step t (seq_idx changes there), so no decay from the
+    previous state; False at masked steps and at t = 0."""
+    cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
+    prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
+    return (cur != prev) & (t > 0) & mask_t
+
+
+@triton.jit
 def _load_chunk(u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, t0, t_end, offs_t, mask_d, mask_n4,
                 s_ul, s_dtl, s_zl, s_Bl, s_Cl, s_sl,
                 HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, LOAD_C: tl.constexpr):
@@ -108,10 +117,8 @@ def _load_chunk(u_base, dt_base, z_base, B_ptrs, C_ptrs, seq_base, Bk, Ck, t0, t
     if HAS_Z:
         zv = tl.load(z_base + t[:, None] * s_zl, mask=m2, other=0.0)
     reset = t < 0
-    if HAS_SEQ:  # a packed sequence starts where seq_idx changes: no decay from the previous state
-        cur = tl.load(seq_base + t * s_sl, mask=mask_t, other=0)
-        prev = tl.load(seq_base + (t - 1) * s_sl, mask=mask_t & (t > 0), other=0)
-        reset = (cur != prev) & (t > 0) & mask_t
+    if HAS_SEQ:
+        reset = _seq_reset(seq_base, t, mask_t, s_sl)
     if CONST_BC:
         Bt = Bk[:, None, :, :]
         Ct = Ck[:, None, :, :]
@@ -579,14 +586,21 @@ def _bc_strides(M: torch.Tensor):
     return M.stride()
 
 
+def _group_block_d(block_d: int, d: int, B: torch.Tensor) -> int:
+    """Channels per program: block_d, at most next_pow2(d), halved until a program never straddles two groups
+    of B/C ((b, g, n, l) with g > 1)."""
+    g = B.shape[1] if B.dim() == 4 else 1
+    block_d = min(block_d, triton.next_power_of_2(d))
+    while g > 1 and (d // g) % block_d:
+        block_d //= 2
+    return block_d
+
+
 def _blocks(u, A, B, cfg, chunk):
     """Kernel meta-parameters from a config: BLOCK_D, NK, NJ, CHUNK and num_warps.
     A program never straddles two groups of B/C."""
     d, l = u.shape[1], u.shape[2]
-    g = B.shape[1] if B.dim() == 4 else 1
-    block_d = min(cfg["block_d"], triton.next_power_of_2(d))
-    while g > 1 and (d // g) % block_d:
-        block_d //= 2
+    block_d = _group_block_d(cfg["block_d"], d, B)
     BN = max(2, triton.next_power_of_2(A.shape[1]))
     nk = min(cfg["nk"], BN)
     chunk = max(2, min(chunk, triton.next_power_of_2(max(l, 1))))
@@ -609,19 +623,17 @@ def _launch_opts(cfg: dict, meta: dict) -> dict:
     return dict(meta, **{k: cfg[k] for k in ("num_stages", "maxnreg") if cfg.get(k) is not None})
 
 
-def _time_kernel(cfg: dict, u, delta, z, A, dout=None, seg=None) -> bool:
-    """Whether the forward (or, given dout and the saved states' spacing seg, the backward) runs the
-    time-parallel kernel (the config's "kernel" key)."""
+def _time_kernel(cfg: dict, u, delta, z, A, seg=None) -> bool:
+    """Whether the forward (or, given the saved states' spacing seg, the backward) runs the time-parallel
+    kernel (the config's "kernel" key)."""
     if cfg["kernel"] == "channel":
         return False
     from mambakit.ops import _triton_scan_time as tk
 
-    ok = tk.supports(u, delta, z if dout is None else dout, A) and (z is None or tk.supports(u, delta, z, A))
-    if seg is not None:
-        ok = ok and seg & (seg - 1) == 0
+    ok = tk.supports(u, delta, z, A) and (seg is None or seg & (seg - 1) == 0)
     if cfg["kernel"] == "time" and not ok:
-        raise ValueError("selective scan: the time-parallel kernel needs u, delta, z (and the output gradient) "
-                         f"contiguous along the sequence and d_state <= {tk.FWD_TIME_CONFIG['max_n']}; set "
+        raise ValueError("selective scan: the time-parallel kernel needs u, delta and z contiguous along the "
+                         f"sequence and d_state <= {tk.FWD_TIME_CONFIG['max_n']}; set "
                          "FWD_CONFIG / BWD_CONFIG['kernel'] to 'auto' or 'channel' for these inputs")
     return ok
 
@@ -682,11 +694,11 @@ def scan_bwd(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dl
     gradient arriving at every part's end; pass 3 is the ordinary backward of all parts from those."""
     cfg = _auto_tiles(_config(BWD_CONFIG, **overrides), u, _NARROW_BWD)
     u, delta, z, dout = _contiguous_if_channels_last(cfg, u, delta, z, dout)
-    if dout.stride(2) != 1 and dout.shape[2] > 1 and _time_kernel(cfg, u, delta, z, A, u, seg):
-        dout = dout.contiguous()  # e.g. out_proj's gradient (channels-last): one memory-bound copy
-    if _time_kernel(cfg, u, delta, z, A, dout, seg):
+    if _time_kernel(cfg, u, delta, z, A, seg):
         from mambakit.ops import _triton_scan_time_bwd as tb
 
+        if dout.stride(2) != 1 and dout.shape[2] > 1:
+            dout = dout.contiguous()  # e.g. out_proj's gradient (channels-last): one memory-bound copy
         return tb.scan_bwd_time(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dout, dlast, softplus)
     b, d, l = u.shape
     n = A.shape[1]

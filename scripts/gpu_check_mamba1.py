@@ -357,10 +357,15 @@ def T(chunk, warps, block_d=1, **kw):
 
 # Forward at b4 d3072 l4096, contiguous: the old default, the new one (time-parallel), and its tiles: chunk
 # (steps per program iteration), warps (chunk / (32 warps) steps a thread), channels per program.
-FWD_B4 = [CH, {}, T(256, 1)]
+def KT(steps, rows, **kw):
+    """The (T, K) time-parallel forward: K = steps contiguous steps a row, T = rows rows (32 a warp)."""
+    return dict(tc=dict(steps=steps, rows=rows, **kw))
+
+
+FWD_B4 = [{}, KT(8, 32), KT(8, 64), KT(8, 128), KT(16, 32), KT(4, 32), KT(16, 64), KT(4, 64)]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = [{}]
-FWD_B1 = [CH, {}]
+FWD_B1 = [{}, KT(8, 32), KT(16, 32), KT(8, 64)]
 
 
 def TBW(**kw):
@@ -371,16 +376,16 @@ def TBW(**kw):
 # fwd+bwd: (shape, channels-last, forward keys, backward keys): the old default (channel-parallel both ways),
 # the new one (time-parallel both ways, on contiguous inputs), the time forward with the channel backward, and
 # the time backward's tiles (block_d channels a program, chunk T (a multiple of the forward's 512), warps)
-FB = [(B4, False, CH, CH), (B4, False, {}, {}), (B4, False, {}, CH), (B4, False, {}, TBW(block_d=2)),
-      (B4, False, {}, TBW(chunk=1024)), (B4, False, {}, TBW(num_warps=8)), (B4, False, {}, TBW(num_warps=2)),
-      (B4, False, {}, TBW(unroll=True)), (B4, True, {}, {}), (B1, False, CH, CH), (B1, False, {}, {}),
-      (B1, False, {}, CH)]
+FB = [(B4, False, {}, {}), (B4, False, KT(8, 32), TBW(chunk=512)), (B4, False, KT(16, 32), TBW(chunk=512)),
+      (B4, False, KT(8, 32), TBW(chunk=512, num_warps=2)), (B4, False, KT(8, 32), TBW(chunk=256)),
+      (B1, False, {}, {}), (B1, False, KT(8, 32), TBW(chunk=512))]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(kernel="time"), dict(kernel="time"), False),
-          (dict(T(512, 1), kernel="time"), dict(kernel="channel", parts=3), False),
-          (dict(T(1024, 4, 2), kernel="time"), dict(TBW(block_d=2, chunk=2048), kernel="time"), False),
-          (dict(cl_copy=True), dict(cl_copy=True, parts=3), True)]
+CHECKS = [(dict(KT(8, 32), kernel="time"), dict(TBW(chunk=512), kernel="time"), False),
+          (dict(KT(8, 64), kernel="time"), dict(TBW(chunk=512), kernel="time"), False),
+          (dict(KT(16, 128), kernel="time"), dict(TBW(chunk=2048), kernel="time"), False),
+          (dict(KT(4, 32), kernel="time"), dict(kernel="channel", parts=3), False),
+          (dict(kernel="time"), dict(kernel="time"), False)]
 
 
 def main(argv=None):
@@ -407,12 +412,12 @@ def main(argv=None):
         section(f"fwd b4 cl {label(v)}", bud)(lambda v=v: timed(B4, fwd=v, cl=True))
     for v in FWD_B1:
         section(f"fwd b1 {label(v)}", bud)(lambda v=v: timed(B1, fwd=v))
-    for shape, cl, fv, bv in FB[:9]:
+    for shape, cl, fv, bv in FB[:5]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
     for fv, bv, cl in checks[1:]:
         section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv, cl=cl: check_variant(fv, bv, cl))
-    for shape, cl, fv, bv in FB[9:]:
+    for shape, cl, fv, bv in FB[5:]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
     section("fp32 constant B/C, time split", bud)(lambda: check_variant_const())

@@ -399,9 +399,12 @@ def test_time_split_sizes():
 # ------------------------------------------------------------- Triton: the time-parallel forward
 
 @needs_triton
-@pytest.mark.parametrize("bc,n,block_d,dtype", [("step", 4, 1, torch.float32), ("group", 3, 2, torch.float32),
-                                                ("const", 4, 4, torch.float32), ("step", 4, 2, torch.bfloat16)])
-def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype):
+@pytest.mark.parametrize("bc,n,block_d,dtype,steps", [
+    ("step", 4, 1, torch.float32, None), ("group", 3, 2, torch.float32, None), ("const", 4, 4, torch.float32, None),
+    ("step", 4, 2, torch.bfloat16, None),
+    # the (T, K) kernel: 4 rows of 4 steps (16-step chunks, several per sequence)
+    ("step", 4, 1, torch.float32, 4), ("group", 3, 1, torch.bfloat16, 4), ("const", 4, 1, torch.float32, 4)])
+def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
     per program, d_state not a power of two. Forced on: proves it ran (channels-last inputs would raise)."""
@@ -410,6 +413,9 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype):
 
     monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
     monkeypatch.setitem(tk.FWD_TIME_CONFIG, "block_d", block_d)
+    if steps:
+        monkeypatch.setitem(tk.FWD_TIME_CONFIG, "steps", steps)
+        monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 4)
     from mambakit.ops import _triton_scan_time_bwd as tb
 
     monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")

@@ -34,7 +34,9 @@ from mambakit.ops._triton_selective_scan import _recurrence_combine, _seq_reset,
 # (a compile-time constant of the kernel).
 # max_n 16: only d_state <= 16 (Mamba-1's default) was measured on a GPU; the unrolled state loop of a larger
 # d_state would need more registers still (16 states already take 255).
-FWD_TIME_CONFIG = dict(chunk=512, num_warps=1, block_d=1, num_stages=None, max_n=16)
+# steps: None runs the (BLOCK_D, CHUNK) tile kernel; K > 0 runs the (T, K) kernel _scan_time_fwd_kt_kernel
+# with K steps per row and T = rows (None: 32 num_warps) rows, chunk T K (block_d must be 1).
+FWD_TIME_CONFIG = dict(chunk=512, num_warps=1, block_d=1, num_stages=None, max_n=16, steps=None, rows=None)
 
 
 @triton.jit
@@ -145,6 +147,105 @@ def _scan_time_fwd_kernel(
     tl.store(last_ptr + pid_b * DIM * NSTATE + st_off, H, mask=mask_s)
 
 
+@triton.jit
+def _scan_time_fwd_kt_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, out_ptr, last_ptr, states_ptr,
+    L, DIM, DIM_PER_GROUP,
+    s_ub, s_ud, s_dtb, s_dtd, s_Ad, s_An, s_Bb, s_Bx, s_Bn, s_Bl, s_Cb, s_Cx, s_Cn, s_Cl,
+    s_zb, s_zd, s_ob, s_od, s_hb, s_hd, s_hn, s_sb, s_sl,
+    NSTATE: tl.constexpr, NP: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
+    T: tl.constexpr, K: tl.constexpr,
+):
+    """One channel per program, grid (d, b), chunks of T * K steps as a (T, K) tile: row i (one thread when
+    T = 32 num_warps and K elements fill a 16-byte load) holds the K contiguous steps i K .. i K + K - 1.
+    Per state: the scan along K (inside a thread), the scan of the T row aggregates (across lanes), the
+    exclusive row prefix by ``tl.gather`` from the previous row, then h = hs + cumprod(dA) prefix. Arguments
+    as ``_scan_time_fwd_kernel``'s (BLOCK_D = 1)."""
+    CHUNK: tl.constexpr = T * K
+    d64 = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rows = tl.arange(0, T)
+    cols = tl.arange(0, K)
+    offs = rows[:, None] * K + cols[None, :]  # (T, K) step inside the chunk
+    last_col = (cols == K - 1)[None, :]
+    prev_row = tl.maximum(rows - 1, 0)
+    first_row = rows == 0
+    LOG2E: tl.constexpr = 1.4426950408889634
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d64).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + d64).to(tl.float32)
+    if CONST_BC:
+        B_base = B_ptr + d64 * s_Bx
+        C_base = C_ptr + d64 * s_Cx
+    else:
+        group = (d64 // DIM_PER_GROUP).to(tl.int64)
+        B_base = B_ptr + pid_b * s_Bb + group * s_Bx
+        C_base = C_ptr + pid_b * s_Cb + group * s_Cx
+    u_base = u_ptr + pid_b * s_ub + d64 * s_ud
+    dt_base = dt_ptr + pid_b * s_dtb + d64 * s_dtd
+    z_base = z_ptr + pid_b * s_zb + d64 * s_zd
+    o_base = out_ptr + pid_b * s_ob + d64 * s_od
+    seq_base = seq_ptr + pid_b * s_sb
+    # The state carried between chunks lives in last (b, d, n) fp32: every lane stores the same value and
+    # reads back its own store (no barrier needed); loads of it are uniform, one per state and chunk.
+    carry = last_ptr + pid_b * DIM * NSTATE + d64 * NSTATE + rows * 0  # (T,) all equal
+    for n in tl.static_range(NSTATE):
+        h_init = tl.zeros([T], dtype=tl.float32)
+        if HAS_H0:
+            h_init = tl.load(h0_ptr + pid_b * s_hb + d64 * s_hd + n * s_hn + rows * 0).to(tl.float32)
+        tl.store(carry + n, h_init)
+    st_ptr = states_ptr + pid_b * tl.cdiv(L, CHUNK) * DIM * NSTATE + d64 * NSTATE + rows * 0
+    for c in range(pid_b * 0, tl.cdiv(L, CHUNK)):
+        t = c * CHUNK + offs
+        m2 = t < L
+        u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += bias
+        dt = x
+        if SOFTPLUS:
+            dt = _softplus(x)
+        dt = tl.where(m2, dt, 0.0)
+        dtu = dt * u
+        y = tl.zeros([T, K], dtype=tl.float32)
+        if HAS_D:
+            y = Dv * u
+        if HAS_SEQ:
+            reset = _seq_reset(seq_base, t, m2, s_sl)
+        for n in tl.static_range(NSTATE):
+            a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32) * LOG2E
+            if CONST_BC:
+                B_n = tl.load(B_base + n * s_Bn).to(tl.float32)
+                C_n = tl.load(C_base + n * s_Cn).to(tl.float32)
+            else:
+                B_n = tl.load(B_base + n * s_Bn + t * s_Bl, mask=m2, other=0.0).to(tl.float32)
+                C_n = tl.load(C_base + n * s_Cn + t * s_Cl, mask=m2, other=0.0).to(tl.float32)
+            dA = tl.exp2(dt * a_n)
+            if HAS_SEQ:
+                dA = tl.where(reset, 0.0, dA)
+            cA, hs = tl.associative_scan((dA, dtu * B_n), 1, _recurrence_combine)
+            ra = tl.sum(tl.where(last_col, cA, 0.0), axis=1)  # (T,) each row's aggregate
+            rb = tl.sum(tl.where(last_col, hs, 0.0), axis=1)
+            pa, pb = tl.associative_scan((ra, rb), 0, _recurrence_combine)
+            h_start = tl.load(carry + n)  # (T,), equal
+            if STORE_STATES:
+                tl.store(st_ptr + c * (DIM * NSTATE) + n, h_start, mask=first_row)
+            ends = pb + pa * h_start  # (T,) the state after each row
+            pre = tl.where(first_row, h_start, tl.gather(ends, prev_row, 0))
+            h = hs + cA * pre[:, None]
+            y += h * C_n
+            tl.store(carry + n, tl.gather(ends, rows * 0 + (T - 1), 0))
+        if HAS_Z:
+            zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(o_base + t, y.to(out_ptr.dtype.element_ty), mask=m2)
+
+
 def supports(u, delta, z, A, cfg=None) -> bool:
     """Whether the time-parallel kernel takes these inputs: u, delta, z contiguous along time (or length 1)
     and d_state at most max_n."""
@@ -155,6 +256,13 @@ def supports(u, delta, z, A, cfg=None) -> bool:
 
 def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
     d, l = u.shape[1], u.shape[2]
+    if cfg.get("steps"):
+        if cfg["block_d"] != 1:
+            raise ValueError("selective scan: FWD_TIME_CONFIG steps (the (T, K) kernel) needs block_d=1")
+        k = cfg["steps"]
+        rows = cfg.get("rows") or 32 * cfg["num_warps"]
+        rows = max(2, min(rows, triton.next_power_of_2(triton.cdiv(max(l, 1), k))))
+        return _k._launch_opts(cfg, dict(T=rows, K=k, CHUNK=rows * k, num_warps=max(1, rows // 32)))
     block_d = _k._group_block_d(cfg["block_d"], d, B)
     chunk = max(16, min(cfg["chunk"], triton.next_power_of_2(max(l, 1))))
     warps = max(1, min(cfg["num_warps"], chunk * block_d // 32))
@@ -174,8 +282,12 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     states = _k._empty(b, triton.cdiv(l, chunk), d, n, device=u.device, dtype=torch.float32) \
         if store_states else None
     h0_, z_, seq_ = _k._opt(h0, last), _k._opt(z, u), _k._opt(seq_idx, u)
-    grid = (triton.cdiv(d, meta["BLOCK_D"]), b)
-    _scan_time_fwd_kernel[grid](
+    if "K" in meta:
+        kernel, grid = _scan_time_fwd_kt_kernel, (d, b)
+        meta = {k: v for k, v in meta.items() if k != "CHUNK"}
+    else:
+        kernel, grid = _scan_time_fwd_kernel, (triton.cdiv(d, meta["BLOCK_D"]), b)
+    kernel[grid](
         u, delta, A, B, C, _k._opt(D, u), z_, _k._opt(delta_bias, u), h0_, seq_, out, last, _k._opt(states, last),
         l, d, d // (B.shape[1] if B.dim() == 4 else 1),
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *A.stride(), *_k._bc_strides(B),

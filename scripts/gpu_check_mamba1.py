@@ -273,21 +273,21 @@ class variant:
             cfg.update(saved)
 
 
-def timed(shape, fwd=None, bwd=None, cl=False, fb=False):
+def timed(shape, fwd=None, bwd=None, cl=False, fb=False, bc="step"):
     """Time one variant: the forward (no grad), and with fb also forward+backward. Recorded under
     R['variants'][shape key][label]; channels-last shapes get ' cl' in the key."""
     b, d, l = S(*shape)
-    key = f"b{b} d{d} l{l}" + (" cl" if cl else "")
+    key = f"b{b} d{d} l{l}" + (" cl" if cl else "") + ("" if bc == "step" else f" {bc}")
     name = label(fwd, bwd)
     rec = R.setdefault("variants", {}).setdefault(key, {}).setdefault(name, {})
     with variant(fwd, bwd), backend("triton"):
         if not fb or "fwd_ms" not in rec:
-            x = inputs(b, d, l, channels_last=cl)
+            x = inputs(b, d, l, channels_last=cl, bc=bc)
             with torch.no_grad():
                 rec["fwd_ms"] = bench(lambda: call(x))
             del x
         if fb:
-            xg = inputs(b, d, l, channels_last=cl, grad=True)
+            xg = inputs(b, d, l, channels_last=cl, grad=True, bc=bc)
             dout = torch.randn(b, l, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2)  # out_proj's gradient
             if not cl:
                 dout = dout.contiguous()
@@ -362,10 +362,10 @@ def KT(steps, rows, **kw):
     return dict(tc=dict(steps=steps, rows=rows, **kw))
 
 
-FWD_B4 = [{}, KT(8, 32), KT(8, 64), KT(8, 128), KT(16, 32), KT(4, 32), KT(16, 64), KT(4, 64)]
+FWD_B4 = [{}]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = [{}]
-FWD_B1 = [{}, KT(8, 32), KT(16, 32), KT(8, 64)]
+FWD_B1 = [{}]
 
 
 def TBW(**kw):
@@ -376,16 +376,16 @@ def TBW(**kw):
 # fwd+bwd: (shape, channels-last, forward keys, backward keys): the old default (channel-parallel both ways),
 # the new one (time-parallel both ways, on contiguous inputs), the time forward with the channel backward, and
 # the time backward's tiles (block_d channels a program, chunk T (a multiple of the forward's 512), warps)
-FB = [(B4, False, {}, {}), (B4, False, KT(8, 32), TBW(chunk=512)), (B4, False, KT(16, 32), TBW(chunk=512)),
-      (B4, False, KT(8, 32), TBW(chunk=512, num_warps=2)), (B4, False, KT(8, 32), TBW(chunk=256)),
-      (B1, False, {}, {}), (B1, False, KT(8, 32), TBW(chunk=512))]
+FB = [(B4, False, {}, {}), (B4, "const", {}, {}), (B4, False, {}, TBW(num_warps=1)),
+      (B4, False, {}, TBW(maxnreg=96)), (B4, False, {}, TBW(unroll=True)), (B4, False, {}, TBW(unroll=True, num_warps=4)),
+      (B4, False, {}, TBW(maxnreg=168)),
+      (B1, False, {}, {})]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32), kernel="time"), dict(TBW(chunk=512), kernel="time"), False),
-          (dict(KT(8, 64), kernel="time"), dict(TBW(chunk=512), kernel="time"), False),
+CHECKS = [(dict(KT(8, 32, maxnreg=128), kernel="time"), dict(TBW(chunk=512, maxnreg=128), kernel="time"), False),
+          (dict(KT(8, 64, maxnreg=96), kernel="time"), dict(TBW(chunk=512, maxnreg=96), kernel="time"), False),
           (dict(KT(16, 128), kernel="time"), dict(TBW(chunk=2048), kernel="time"), False),
-          (dict(KT(4, 32), kernel="time"), dict(kernel="channel", parts=3), False),
-          (dict(kernel="time"), dict(kernel="time"), False)]
+          (dict(KT(4, 32, prefetch=False), kernel="time"), dict(kernel="channel", parts=3), False)]
 
 
 def main(argv=None):
@@ -412,14 +412,16 @@ def main(argv=None):
         section(f"fwd b4 cl {label(v)}", bud)(lambda v=v: timed(B4, fwd=v, cl=True))
     for v in FWD_B1:
         section(f"fwd b1 {label(v)}", bud)(lambda v=v: timed(B1, fwd=v))
-    for shape, cl, fv, bv in FB[:5]:
+    for shape, cl, fv, bv in FB[:7]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
-            lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
+            lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl is True, fb=True,
+                                                           bc=cl if isinstance(cl, str) else "step"))
     for fv, bv, cl in checks[1:]:
         section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv, cl=cl: check_variant(fv, bv, cl))
-    for shape, cl, fv, bv in FB[5:]:
+    for shape, cl, fv, bv in FB[7:]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
-            lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl, fb=True))
+            lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl is True, fb=True,
+                                                           bc=cl if isinstance(cl, str) else "step"))
     section("fp32 constant B/C, time split", bud)(lambda: check_variant_const())
     section("1M tokens x 5120", bud)(run_1m)
     section("state update", bud)(check_state_update)

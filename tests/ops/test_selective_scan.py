@@ -236,6 +236,10 @@ def poisoned(monkeypatch):
     monkeypatch.setitem(k.BWD_CONFIG, "chunk", 4)
     monkeypatch.setitem(k.BWD_CONFIG, "block_d", 4)
     monkeypatch.setitem(tk.FWD_TIME_CONFIG, "chunk", 16)  # the time-parallel forward: several chunks too
+    monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 2)  # (T, K) kernel: 2 rows of 8 steps
+    from mambakit.ops import _triton_scan_time_bwd as tb
+
+    monkeypatch.setitem(tb.BWD_TIME_CONFIG, "chunk", None)  # the backward in chunks of the forward's 16
     monkeypatch.setattr(k, "_empty", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
     monkeypatch.setattr(k, "_empty_like", lambda *a, **kw: poison_(torch.empty_like(*a, **kw)))
 
@@ -403,7 +407,8 @@ def test_time_split_sizes():
     ("step", 4, 1, torch.float32, None), ("group", 3, 2, torch.float32, None), ("const", 4, 4, torch.float32, None),
     ("step", 4, 2, torch.bfloat16, None),
     # the (T, K) kernel: 4 rows of 4 steps (16-step chunks, several per sequence)
-    ("step", 4, 1, torch.float32, 4), ("group", 3, 1, torch.bfloat16, 4), ("const", 4, 1, torch.float32, 4)])
+    ("step", 4, 1, torch.float32, 4), ("group", 3, 1, torch.bfloat16, 4), ("const", 4, 1, torch.float32, 4),
+    ("step", 4, 1, torch.float32, -4)])  # -4: 4 steps a row without prefetching the next state's loads
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
@@ -413,8 +418,9 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps)
 
     monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
     monkeypatch.setitem(tk.FWD_TIME_CONFIG, "block_d", block_d)
+    monkeypatch.setitem(tk.FWD_TIME_CONFIG, "steps", abs(steps) if steps else None)
     if steps:
-        monkeypatch.setitem(tk.FWD_TIME_CONFIG, "steps", steps)
+        monkeypatch.setitem(tk.FWD_TIME_CONFIG, "prefetch", steps > 0)
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 4)
     from mambakit.ops import _triton_scan_time_bwd as tb
 

@@ -1,17 +1,25 @@
 """Time-parallel Triton forward of the Mamba-1 selective scan (imported lazily: needs Triton).
 
 The kernels of ``_triton_selective_scan.py`` put channels on the GPU's lanes and walk time inside each thread;
-that walk is latency-bound. Here lanes run along time, as in the official CUDA kernel: one program owns
-BLOCK_D channels of one batch row and walks the sequence in chunks of CHUNK steps, a (BLOCK_D, CHUNK) tile
-spread over the lanes and warps along time. Per chunk it loads u, delta (and z) once, then for each state n
-it forms dA = exp(dt A_n), dBu = dt u B_n for the whole tile and runs ``tl.associative_scan`` along time from
-a zero state (a sequential scan inside each thread, shuffles across lanes, shared memory across warps). The
-true states are h = hs + cumprod(dA) h_start, with h_start the state carried from the previous chunk; y
-accumulates h C_n. The chunk's last state is kept, per (channel, n), in a small (BLOCK_D, NP) register tensor for
-the next chunk. The loop over states is unrolled (a static range over the constexpr NSTATE): ptxas then takes
-255 registers a thread with some spills, yet a runtime loop (62-128 registers, 4x the warps an SM) ran 1.3-1.6x
-slower on the H200. Measured there (notes/gpu_run5, bf16, n 16): b4 d3072 l4096 fwd 1.03 ms (channel-parallel
-kernel 1.11), b1 d3072 l65536 5.0 ms (6.25); the defaults are those tiles, 512 steps a program of one warp.
+that walk is latency-bound. Here lanes run along time, as in the official CUDA kernel. Two kernels:
+
+- ``_scan_time_fwd_kt_kernel`` (the default, config steps = K > 0): one channel of one batch row per program,
+  walking the sequence in chunks of T * K steps held as a (T, K) tile: row i (one thread) owns the K
+  contiguous steps i K .. i K + K - 1, which it loads with one 16-byte access per tensor (K = 8 in bf16). Per
+  state n (a static loop over the constexpr NSTATE): dA = exp(dt A_n), dBu = dt u B_n, the scan along K
+  inside the thread (first-order-recurrence combine), the scan of the T row aggregates across lanes, the
+  exclusive row prefix from the previous lane (``tl.gather``), then h = hs + cumprod(dA) prefix and
+  y += h C_n. The state carried between chunks lives in ``last`` (every lane stores and reloads the same
+  value); the next state's loads are issued before this state's stores (prefetch), since the compiler cannot
+  move them above stores it does not know to be disjoint.
+- ``_scan_time_fwd_kernel`` (steps = None): BLOCK_D channels a program as a (BLOCK_D, CHUNK) tile spread over
+  lanes and warps along time, ``tl.associative_scan`` over the whole chunk, the carried state in a (BLOCK_D,
+  NP) register tensor. The previous default.
+
+Measured on an H200 (notes/gpu_run6, bf16, n 16, do_bench medians): b4 d3072 l4096 fwd 0.70 ms with the
+default (K 8, T 32: one warp a program, 256-step chunks, maxnreg 128; 1.05 ms without the prefetch; 0.89 ms
+without maxnreg, which ptxas then gives 168 registers: 12 warps an SM instead of 16; T 64 0.92, K 16 1.05,
+K 4 1.10); the tile kernel 1.04 ms. b1 d3072 l65536: 3.46 ms (T 64 4.30, tile kernel 5.0).
 
 Needs u, delta and z contiguous along time (stride 1 along l): the dispatcher in ``_triton_selective_scan``
 sends channels-last inputs to the channel-parallel kernel. The saved states (for the backward) are the state
@@ -29,14 +37,14 @@ import triton.language as tl
 from mambakit.ops import _triton_selective_scan as _k
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _seq_reset, _softplus
 
-# chunk: steps per program iteration (the scan's length); num_warps: warps per program (chunk / (32 num_warps)
-# steps per thread); block_d: channels per program; max_n: larger d_state goes to the channel-parallel kernel
-# (a compile-time constant of the kernel).
-# max_n 16: only d_state <= 16 (Mamba-1's default) was measured on a GPU; the unrolled state loop of a larger
-# d_state would need more registers still (16 states already take 255).
-# steps: None runs the (BLOCK_D, CHUNK) tile kernel; K > 0 runs the (T, K) kernel _scan_time_fwd_kt_kernel
-# with K steps per row and T = rows (None: 32 num_warps) rows, chunk T K (block_d must be 1).
-FWD_TIME_CONFIG = dict(chunk=512, num_warps=1, block_d=1, num_stages=None, max_n=16, steps=None, rows=None)
+# steps: K > 0 runs the (T, K) kernel _scan_time_fwd_kt_kernel with K steps a row and T = rows (None: 32
+# num_warps) rows, T / 32 warps (at least 1), chunks of T K steps, block_d must be 1; prefetch: its loads of the
+# next state ahead of this state's stores. steps None runs the (BLOCK_D, CHUNK) tile kernel: chunk, steps per
+# program iteration; num_warps, warps a program (chunk / (32 num_warps) steps a thread); block_d, channels a
+# program. max_n: larger d_state goes to the channel-parallel kernel (the state loop is unrolled: only
+# d_state <= 16, Mamba-1's default, was measured on a GPU). num_stages, maxnreg: Triton's launch options.
+FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, chunk=512, num_warps=1, block_d=1,
+                       num_stages=None, max_n=16)
 
 
 @triton.jit
@@ -148,6 +156,20 @@ def _scan_time_fwd_kernel(
 
 
 @triton.jit
+def _kt_state_in(n, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
+                 CONST_BC: tl.constexpr):
+    """What state n of a chunk loads: A[d, n] log2(e), B_n, C_n ((T, K) or scalars) and the carried state."""
+    a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32) * 1.4426950408889634
+    if CONST_BC:
+        B_n = tl.load(B_base + n * s_Bn).to(tl.float32)
+        C_n = tl.load(C_base + n * s_Cn).to(tl.float32)
+    else:
+        B_n = tl.load(B_base + n * s_Bn + t * s_Bl, mask=m2, other=0.0)
+        C_n = tl.load(C_base + n * s_Cn + t * s_Cl, mask=m2, other=0.0)
+    return a_n, B_n, C_n, tl.load(carry + n)
+
+
+@triton.jit
 def _scan_time_fwd_kt_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, out_ptr, last_ptr, states_ptr,
     L, DIM, DIM_PER_GROUP,
@@ -156,13 +178,18 @@ def _scan_time_fwd_kt_kernel(
     NSTATE: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
-    T: tl.constexpr, K: tl.constexpr,
+    T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One channel per program, grid (d, b), chunks of T * K steps as a (T, K) tile: row i (one thread when
     T = 32 num_warps and K elements fill a 16-byte load) holds the K contiguous steps i K .. i K + K - 1.
     Per state: the scan along K (inside a thread), the scan of the T row aggregates (across lanes), the
-    exclusive row prefix by ``tl.gather`` from the previous row, then h = hs + cumprod(dA) prefix. Arguments
-    as ``_scan_time_fwd_kernel``'s (BLOCK_D = 1)."""
+    exclusive row prefix by ``tl.gather`` from the previous row, then h = hs + cumprod(dA) prefix.
+
+    The state carried from chunk to chunk lives in last (b, d, n) fp32: every lane stores the same value and
+    reads back its own store (uniform loads, no barrier). Those stores would keep the compiler from moving the
+    next state's loads above them (it cannot tell that B and C do not alias last), so with PREFETCH state
+    n + 1's loads are issued in program order before state n's work. Arguments as ``_scan_time_fwd_kernel``'s
+    (BLOCK_D = 1)."""
     CHUNK: tl.constexpr = T * K
     d64 = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -172,7 +199,6 @@ def _scan_time_fwd_kt_kernel(
     last_col = (cols == K - 1)[None, :]
     prev_row = tl.maximum(rows - 1, 0)
     first_row = rows == 0
-    LOG2E: tl.constexpr = 1.4426950408889634
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d64).to(tl.float32)
@@ -191,8 +217,6 @@ def _scan_time_fwd_kt_kernel(
     z_base = z_ptr + pid_b * s_zb + d64 * s_zd
     o_base = out_ptr + pid_b * s_ob + d64 * s_od
     seq_base = seq_ptr + pid_b * s_sb
-    # The state carried between chunks lives in last (b, d, n) fp32: every lane stores the same value and
-    # reads back its own store (no barrier needed); loads of it are uniform, one per state and chunk.
     carry = last_ptr + pid_b * DIM * NSTATE + d64 * NSTATE + rows * 0  # (T,) all equal
     for n in tl.static_range(NSTATE):
         h_init = tl.zeros([T], dtype=tl.float32)
@@ -205,6 +229,13 @@ def _scan_time_fwd_kt_kernel(
         m2 = t < L
         u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
         x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
+        if HAS_SEQ:
+            reset = _seq_reset(seq_base, t, m2, s_sl)
+        if PREFETCH:
+            a_n, B_n, C_n, h_start = _kt_state_in(0, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An, s_Bn,
+                                                  s_Bl, s_Cn, s_Cl, CONST_BC)
         if HAS_BIAS:
             x += bias
         dt = x
@@ -215,33 +246,32 @@ def _scan_time_fwd_kt_kernel(
         y = tl.zeros([T, K], dtype=tl.float32)
         if HAS_D:
             y = Dv * u
-        if HAS_SEQ:
-            reset = _seq_reset(seq_base, t, m2, s_sl)
         for n in tl.static_range(NSTATE):
-            a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32) * LOG2E
-            if CONST_BC:
-                B_n = tl.load(B_base + n * s_Bn).to(tl.float32)
-                C_n = tl.load(C_base + n * s_Cn).to(tl.float32)
+            if PREFETCH:
+                if n + 1 < NSTATE:  # the next state's loads, before this state's stores
+                    a_nx, B_nx, C_nx, h_nx = _kt_state_in(n + 1, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad,
+                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
             else:
-                B_n = tl.load(B_base + n * s_Bn + t * s_Bl, mask=m2, other=0.0).to(tl.float32)
-                C_n = tl.load(C_base + n * s_Cn + t * s_Cl, mask=m2, other=0.0).to(tl.float32)
+                a_n, B_n, C_n, h_start = _kt_state_in(n, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An,
+                                                      s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
             dA = tl.exp2(dt * a_n)
             if HAS_SEQ:
                 dA = tl.where(reset, 0.0, dA)
-            cA, hs = tl.associative_scan((dA, dtu * B_n), 1, _recurrence_combine)
+            cA, hs = tl.associative_scan((dA, dtu * B_n.to(tl.float32)), 1, _recurrence_combine)
             ra = tl.sum(tl.where(last_col, cA, 0.0), axis=1)  # (T,) each row's aggregate
             rb = tl.sum(tl.where(last_col, hs, 0.0), axis=1)
             pa, pb = tl.associative_scan((ra, rb), 0, _recurrence_combine)
-            h_start = tl.load(carry + n)  # (T,), equal
             if STORE_STATES:
                 tl.store(st_ptr + c * (DIM * NSTATE) + n, h_start, mask=first_row)
             ends = pb + pa * h_start  # (T,) the state after each row
             pre = tl.where(first_row, h_start, tl.gather(ends, prev_row, 0))
             h = hs + cA * pre[:, None]
-            y += h * C_n
+            y += h * C_n.to(tl.float32)
             tl.store(carry + n, tl.gather(ends, rows * 0 + (T - 1), 0))
+            if PREFETCH:
+                if n + 1 < NSTATE:
+                    a_n, B_n, C_n, h_start = a_nx, B_nx, C_nx, h_nx
         if HAS_Z:
-            zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
             y *= zv * tl.sigmoid(zv)
         tl.store(o_base + t, y.to(out_ptr.dtype.element_ty), mask=m2)
 
@@ -254,7 +284,7 @@ def supports(u, delta, z, A, cfg=None) -> bool:
     return along_time and A.shape[1] <= cfg["max_n"]
 
 
-def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
+def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor, n: int = 16) -> dict:
     d, l = u.shape[1], u.shape[2]
     if cfg.get("steps"):
         if cfg["block_d"] != 1:
@@ -262,7 +292,8 @@ def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
         k = cfg["steps"]
         rows = cfg.get("rows") or 32 * cfg["num_warps"]
         rows = max(2, min(rows, triton.next_power_of_2(triton.cdiv(max(l, 1), k))))
-        return _k._launch_opts(cfg, dict(T=rows, K=k, CHUNK=rows * k, num_warps=max(1, rows // 32)))
+        return _k._launch_opts(cfg, dict(T=rows, K=k, CHUNK=rows * k, num_warps=max(1, rows // 32),
+                                         PREFETCH=bool(cfg.get("prefetch", True))))
     block_d = _k._group_block_d(cfg["block_d"], d, B)
     chunk = max(16, min(cfg["chunk"], triton.next_power_of_2(max(l, 1))))
     warps = max(1, min(cfg["num_warps"], chunk * block_d // 32))
@@ -275,7 +306,7 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     cfg = _k._config(FWD_TIME_CONFIG, **overrides)
     b, d, l = u.shape
     n = A.shape[1]
-    meta = _launch_meta(cfg, u, B)
+    meta = _launch_meta(cfg, u, B, n)
     chunk = meta["CHUNK"]
     out = _k._empty(b, d, l, device=u.device, dtype=u.dtype)
     last = _k._empty(b, d, n, device=u.device, dtype=torch.float32)

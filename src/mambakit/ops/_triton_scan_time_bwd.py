@@ -32,13 +32,13 @@ registers, written once per program as (b, d, n) partials that the launcher sums
 
 Config (BWD_TIME_CONFIG, overridable per call, so that variants can be timed on a GPU):
 - block_d: channels per program (a power of two; halved until it divides d / ngroups);
-- chunk: T, steps per chunk (None: the forward's seg); a power of two and a multiple of seg, capped at
-  the sequence length rounded up to a power of two (not below seg);
-- num_warps: None gives T * block_d / 128 (4 elements of a tile per thread), between 1 and 16;
+- chunk: T, steps per chunk (None or less than the forward's seg: seg); a power of two, capped at the
+  sequence length rounded up to a power of two (not below seg);
+- num_warps: None gives T * block_d / 256 (8 elements of a tile per thread), between 1 and 16;
 - unroll: False runs the states in a run-time loop; True unrolls it (tl.static_range), which lets the
   compiler interleave states but spills: ptxas for sm_90, bf16, n = 16, chunk 1024, block_d 1, 4 warps
   (8 elements a thread) gives 255 registers + 592 bytes of stack unrolled, 255 + 8 as a loop; with 8 warps
-  (4 elements a thread, the default) the loop takes 176 registers and no stack; block_d 2 at 16 warps
+  (4 elements a thread) the loop takes 176 registers and no stack; block_d 2 at 16 warps
   hits the 128-register cap of 512 threads (24 bytes of stack);
 - num_stages, maxnreg: Triton's launch options (None: its default).
 
@@ -59,7 +59,9 @@ from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_co
 # Measured on an H200 (notes/gpu_run5/call4, bf16, n 16, after the time-parallel forward with 512-step chunks):
 # b4 d3072 l4096 fwd+bwd 6.13 ms with these defaults (channel-parallel backward 7.53; block_d 2: 14.8,
 # chunk 1024: 9.46, 8 warps: 10.1, 2 warps: 6.42, unrolled: 9.44); b1 d3072 l65536 27.8 ms (36.6).
-BWD_TIME_CONFIG = dict(block_d=1, chunk=None, num_warps=None, unroll=False, num_stages=None, maxnreg=None)
+# With the (T, K) forward (256-step checkpoints; notes/gpu_run6): b4 fwd+bwd 5.68 ms with these defaults
+# (chunk 512, 2 warps, maxnreg 128; 4 warps 5.80, without maxnreg 5.87, chunk 256 6.39, chunk 1024 6.04).
+BWD_TIME_CONFIG = dict(block_d=1, chunk=512, num_warps=None, unroll=False, num_stages=None, maxnreg=128)
 
 
 @triton.jit
@@ -248,7 +250,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
     d, l = u.shape[1], u.shape[2]
     if seg < 1 or seg & (seg - 1):
         raise ValueError(f"seg={seg}: the time-parallel backward needs a power-of-two checkpoint spacing")
-    chunk = cfg["chunk"] or seg
+    chunk = max(cfg["chunk"] or seg, seg)
     if chunk & (chunk - 1) or chunk % seg:
         raise ValueError(f"chunk={chunk} must be a power of two and a multiple of the forward's seg={seg} "
                          "(each chunk starts at a saved state)")
@@ -257,7 +259,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError(f"block_d={cfg['block_d']} must be a power of two")
     block_d = k._group_block_d(block_d, d, B)
-    warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 128))
+    warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg,
                 NP=max(2, triton.next_power_of_2(A.shape[1])), UNROLL=bool(cfg["unroll"]), num_warps=warps)
 

@@ -376,13 +376,14 @@ def TBW(**kw):
 # fwd+bwd: (shape, channels-last, forward keys, backward keys): the old default (channel-parallel both ways),
 # the new one (time-parallel both ways, on contiguous inputs), the time forward with the channel backward, and
 # the time backward's tiles (block_d channels a program, chunk T (a multiple of the forward's 512), warps)
-FB = [(B4, False, {}, {}), (B4, "const", {}, {}), (B4, False, {}, TBW(num_warps=1)),
-      (B4, False, {}, TBW(maxnreg=96)), (B4, False, {}, TBW(unroll=True)), (B4, False, {}, TBW(unroll=True, num_warps=4)),
-      (B4, False, {}, TBW(maxnreg=168)),
-      (B1, False, {}, {})]
+FB = [(B4, False, {}, {}), (B4, False, {}, TBW(copies=16)), (B4, False, {}, TBW(maxnreg=168)),
+      (B4, False, {}, TBW(steps=None, chunk=512, maxnreg=128)),  # the (BLOCK_D, CHUNK) tile backward (previous default)
+      (B4, "const", {}, {}),
+      (B1, False, {}, {}), (B1, False, {}, TBW(steps=None, chunk=512, maxnreg=128))]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
 CHECKS = [(dict(KT(8, 32, maxnreg=128), kernel="time"), dict(TBW(chunk=512, maxnreg=128), kernel="time"), False),
+          (dict(KT(8, 32), kernel="time"), dict(TBW(copies=16, maxnreg=None), kernel="time"), False),
           (dict(KT(8, 64, maxnreg=96), kernel="time"), dict(TBW(chunk=512, maxnreg=96), kernel="time"), False),
           (dict(KT(16, 128), kernel="time"), dict(TBW(chunk=2048), kernel="time"), False),
           (dict(KT(4, 32, prefetch=False), kernel="time"), dict(kernel="channel", parts=3), False)]
@@ -416,12 +417,12 @@ def main(argv=None):
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl is True, fb=True,
                                                            bc=cl if isinstance(cl, str) else "step"))
-    for fv, bv, cl in checks[1:]:
-        section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv, cl=cl: check_variant(fv, bv, cl))
     for shape, cl, fv, bv in FB[7:]:
         section(f"fwd+bwd {shape} cl={cl} {label(fv, bv)}", bud)(
             lambda shape=shape, cl=cl, fv=fv, bv=bv: timed(shape, fwd=fv, bwd=bv, cl=cl is True, fb=True,
                                                            bc=cl if isinstance(cl, str) else "step"))
+    for fv, bv, cl in checks[1:]:
+        section(f"check {label(fv, bv)}", bud)(lambda fv=fv, bv=bv, cl=cl: check_variant(fv, bv, cl))
     section("fp32 constant B/C, time split", bud)(lambda: check_variant_const())
     section("1M tokens x 5120", bud)(run_1m)
     section("state update", bud)(check_state_update)

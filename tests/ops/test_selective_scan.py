@@ -403,13 +403,18 @@ def test_time_split_sizes():
 # ------------------------------------------------------------- Triton: the time-parallel forward
 
 @needs_triton
-@pytest.mark.parametrize("bc,n,block_d,dtype,steps", [
-    ("step", 4, 1, torch.float32, None), ("group", 3, 2, torch.float32, None), ("const", 4, 4, torch.float32, None),
-    ("step", 4, 2, torch.bfloat16, None),
-    # the (T, K) kernel: 4 rows of 4 steps (16-step chunks, several per sequence)
-    ("step", 4, 1, torch.float32, 4), ("group", 3, 1, torch.bfloat16, 4), ("const", 4, 1, torch.float32, 4),
-    ("step", 4, 1, torch.float32, -4)])  # -4: 4 steps a row without prefetching the next state's loads
-def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps):
+@pytest.mark.parametrize("bc,n,block_d,dtype,steps,bcfg", [
+    ("step", 4, 1, torch.float32, None, {}), ("group", 3, 2, torch.float32, None, dict(steps=8)),
+    ("const", 4, 4, torch.float32, None, {}), ("step", 4, 2, torch.bfloat16, None, dict(steps=8)),
+    # the (T, K) kernels: 4 rows of 4 steps (16-step chunks, several per sequence); the backward's own tile,
+    # also 32-step chunks (two of the forward's checkpoints each) with dB/dC in 3 partial copies; {}: the
+    # (BLOCK_D, CHUNK) tile backward
+    ("step", 4, 1, torch.float32, 4, dict(steps=4)), ("group", 3, 1, torch.bfloat16, 4, dict(steps=2)),
+    ("const", 4, 1, torch.float32, 4, dict(steps=4)), ("const", 4, 1, torch.bfloat16, 4, {}),
+    ("group", 3, 1, torch.float32, 4, dict(steps=4, chunk=32, copies=3)),
+    # -4: 4 steps a row without prefetching the next state's loads
+    ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False))])
+def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
     per program, d_state not a power of two. Forced on: proves it ran (channels-last inputs would raise)."""
@@ -422,6 +427,14 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps)
     if steps:
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, "prefetch", steps > 0)
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 4)
+    from mambakit.ops import _triton_scan_time_bwd as tb
+
+    for key, v in dict(dict(steps=None), **bcfg).items():
+        monkeypatch.setitem(tb.BWD_TIME_CONFIG, key, v)
+    kinds = []
+    kt, tile = tb._scan_bwd_time_kt_kernel, tb._scan_bwd_time_kernel
+    monkeypatch.setattr(tb, "_scan_bwd_time_kt_kernel", _Spy(kt, kinds, "kt"))
+    monkeypatch.setattr(tb, "_scan_bwd_time_kernel", _Spy(tile, kinds, "tile"))
     from mambakit.ops import _triton_scan_time_bwd as tb
 
     monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
@@ -437,6 +450,18 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps)
     check_kernel_rule(bc, dtype, seq_idx=seq.to(DEVICE), atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
                       b=b, d=d, l=l, n=n)
     assert "f" in calls and "b" in calls
+    assert set(kinds) == {"kt" if bcfg.get("steps") else "tile"}, kinds
+
+
+class _Spy:
+    """A kernel stand-in that records its launches (kernel[grid](...)) and launches the real one."""
+
+    def __init__(self, kernel, log, name):
+        self.kernel, self.log, self.name = kernel, log, name
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
 
 
 @needs_triton

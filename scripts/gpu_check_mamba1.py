@@ -364,7 +364,7 @@ def KT(steps, rows, **kw):
 
 FWD_B4 = [{}]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
-FWD_B4_CL = [{}]
+FWD_B4_CL = []
 FWD_B1 = [{}]
 
 
@@ -376,14 +376,13 @@ def TBW(**kw):
 # fwd+bwd: (shape, channels-last, forward keys, backward keys): the old default (channel-parallel both ways),
 # the new one (time-parallel both ways, on contiguous inputs), the time forward with the channel backward, and
 # the time backward's tiles (block_d channels a program, chunk T (a multiple of the forward's 512), warps)
-FB = [(B4, False, {}, {}), (B4, False, {}, TBW(copies=16)), (B4, False, {}, TBW(maxnreg=168)),
+FB = [(B4, False, {}, {}), (B4, False, {}, TBW(block_d=2)), (B4, False, {}, TBW(block_d=4)),
       (B4, False, {}, TBW(steps=None, chunk=512, maxnreg=128)),  # the (BLOCK_D, CHUNK) tile backward (previous default)
-      (B4, "const", {}, {}),
-      (B1, False, {}, {}), (B1, False, {}, TBW(steps=None, chunk=512, maxnreg=128))]
+      (B1, False, {}, {}), (B1, False, {}, TBW(block_d=2))]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32, maxnreg=128), kernel="time"), dict(TBW(chunk=512, maxnreg=128), kernel="time"), False),
-          (dict(KT(8, 32), kernel="time"), dict(TBW(copies=16, maxnreg=None), kernel="time"), False),
+CHECKS = [(dict(KT(8, 32), kernel="time"), dict(TBW(block_d=2), kernel="time"), False),
+          (dict(KT(8, 32, maxnreg=128), kernel="time"), dict(TBW(chunk=512, maxnreg=128), kernel="time"), False),
           (dict(KT(8, 64, maxnreg=96), kernel="time"), dict(TBW(chunk=512, maxnreg=96), kernel="time"), False),
           (dict(KT(16, 128), kernel="time"), dict(TBW(chunk=2048), kernel="time"), False),
           (dict(KT(4, 32, prefetch=False), kernel="time"), dict(kernel="channel", parts=3), False)]

@@ -412,6 +412,9 @@ def test_time_split_sizes():
     ("step", 4, 1, torch.float32, 4, dict(steps=4)), ("group", 3, 1, torch.bfloat16, 4, dict(steps=2)),
     ("const", 4, 1, torch.float32, 4, dict(steps=4)), ("const", 4, 1, torch.bfloat16, 4, {}),
     ("group", 3, 1, torch.float32, 4, dict(steps=4, chunk=32, copies=3)),
+    # two and four channels a program (one warp each on a GPU; dB/dC summed over them before the atomics)
+    ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=2, copies=2)),
+    ("const", 4, 1, torch.float32, 4, dict(steps=4, block_d=4)), ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=8)),
     # -4: 4 steps a row without prefetching the next state's loads
     ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):

@@ -1,45 +1,51 @@
 """Time-parallel Triton backward of the Mamba-1 selective scan (imported lazily: needs Triton).
 
-The kernels of ``_triton_selective_scan`` put channels across lanes and walk time inside each thread; this one
-puts time across lanes, like the official CUDA kernel, and pairs with a time-parallel forward that saves the
-state before every chunk of T steps.
-
-One program per (block of BLOCK_D channels, batch row), grid (cdiv(d, BLOCK_D), b). It walks its chunks of
-T steps (T = CHUNK, a power of two and a multiple of the forward's checkpoint spacing seg) from the last to
-the first. Per chunk it loads (BLOCK_D, T) tiles of u, delta, z and dout, recomputes dt (bias, softplus),
-dt u and dy = dout silu(z), and then, one iteration per state n (``_state_grad``; a run-time loop, or
-unrolled with the unroll key):
-- recomputes dA = exp(dt A_n), dBu = dt u B_n and the forward states h_t with ``tl.associative_scan`` along
-  time (first-order-recurrence combine), the chunk's saved start state folded into its first step;
-- runs the reverse scan g_t = dL/dh_t = dy_t C_t + dA_{t+1} g_{t+1}. It reads the *next* step's dA, so it
-  scans triples (dA of the segment's first step, product of its other dA, value) with
-  ``_reverse_combine`` instead of shifting dA by one lane. The gradient arriving from the next chunk
-  (dA_T g_T, or dlast for the last chunk) is added at the chunk's last step; it passes through the masked
-  steps past the end of the sequence, where dt = 0 gives dA = 1 and dy = 0. The carries of all states live
-  in a (BLOCK_D, NP) register tile (column n read with a masked sum, written back with ``tl.where``);
-  after the first chunk it is dh0;
-- accumulates w = g (h - dBu) (= g_t dA_t h_{t-1}, dL/d(dt A_n)): ddt += w A_n, sum_n g B_n (for du = dt
-  sum_n g B_n and ddt += u sum_n g B_n), dA[:, n] += sum_t w dt, and y = sum_n h C_n for dz.
+The kernels of ``_triton_selective_scan`` put channels across lanes and walk time inside each thread; these
+put time across lanes, like the official CUDA kernel, and pair with a time-parallel forward that saves the
+state before every chunk of seg steps. Both walk a program's chunks from the last to the first, recompute the
+forward states of each chunk from its saved start state, and run the reverse recurrence
+g_t = dL/dh_t = dy_t C_t + dA_{t+1} g_{t+1} (dy = dout silu(z)), per state n:
+w = g (h - dt u B_n) (= g_t dA_t h_{t-1} = dL/d(dt A_n)) gives ddt += w A_n and dA[:, n] += sum_t w dt;
+g B_n gives du = dt sum_n g B_n and ddt += u sum_n g B_n; h C_n gives y for dz; dB_t = g dt u, dC_t = dy h.
 Packed sequences (seq_idx): dA = 0 where a new sequence starts, so no state and no gradient crosses the
-boundary (and dA's gradient there is w = 0). After the state loop: the D skip, dz, the softplus gradient and
-the stores of du, ddelta, dz; dD and ddelta_bias are summed per program.
+boundary (w = 0 there). Past the end of the sequence dt = 0 (dA = 1, dy = 0): the gradient passes through.
 
-dB and dC per step ((b, g, n, l) fp32): a program's channels all belong to one group, so each step's
-g dt u and dy h are first summed over the program's BLOCK_D channels (``tl.sum`` over the tile's channel
-axis) and only the (T,) sums are added with relaxed fp32 atomics: b * cdiv(d, BLOCK_D) * l * n atomics each
-for dB and dC, BLOCK_D times fewer than one per channel. Constant B/C ((d, n)): per-channel sums in
-registers, written once per program as (b, d, n) partials that the launcher sums over b (like dA, dD, dbias).
+Two kernels (BWD_TIME_CONFIG steps):
+
+- ``_scan_bwd_time_kt_kernel`` (steps = K, the default 8): the layout of the (T, K) forward. DB (block_d)
+  channels of one batch row per program, one warp each when T = 32, a (DB, T, K) tile per chunk of T K steps
+  (chunk, default the forward's seg), row i of a channel holding the K contiguous steps i K .. i K + K - 1.
+  The forward states and g come from two-level scans (in each thread along K, then the row aggregates across
+  lanes); g's in-thread scan is written out column by column (``_rev_rows8``) because Triton's reverse=True
+  scan also reverses the lanes (32 shuffles a state); dA_{t+1} comes from delta loaded one step later. g at
+  the step after the chunk (dlast for the last chunk) is carried in dh0 and becomes dh0 = g_0 dA_0 in the
+  first chunk. Per-step dB, dC are summed over the program's channels and added with relaxed fp32 atomics
+  into ``copies`` partial copies (program p into copy p % copies, summed by the launcher: fewer atomics on
+  one address) in a slot order that makes each 16-byte vector reduction of a warp cover 512 contiguous bytes
+  (``_atomic_rows``, ``_unpermute``). ptxas (sm_90a, bf16, n 16, K 8, T 32): 255 registers, 128 bytes of
+  stack, ~7,200 instructions a chunk (about 450 a state for 8 steps a thread).
+- ``_scan_bwd_time_kernel`` (steps = None; the previous default): BLOCK_D channels a program as a
+  (BLOCK_D, CHUNK) tile over lanes and warps along time, ``tl.associative_scan`` over the whole chunk, g's
+  reverse scan on triples (dA of the segment's first step, product of its other dA, value;
+  ``_reverse_combine``) instead of a shift by one lane, the carries of all states in a (BLOCK_D, NP) register
+  tile, the states in a run-time loop (``_state_grad``; unrolled with the unroll key). Its per-step dB, dC are
+  summed over BLOCK_D channels before the atomics.
+
+Constant B/C ((d, n)): per-channel sums in registers, written once per program as (b, d, n) partials that the
+launcher sums over b (like dA, dD, ddelta_bias).
 
 Config (BWD_TIME_CONFIG, overridable per call, so that variants can be timed on a GPU):
-- block_d: channels per program (a power of two; halved until it divides d / ngroups);
-- chunk: T, steps per chunk (None or less than the forward's seg: seg); a power of two, capped at the
-  sequence length rounded up to a power of two (not below seg);
-- num_warps: None gives T * block_d / 256 (8 elements of a tile per thread), between 1 and 16;
-- unroll: False runs the states in a run-time loop; True unrolls it (tl.static_range), which lets the
-  compiler interleave states but spills: ptxas for sm_90, bf16, n = 16, chunk 1024, block_d 1, 4 warps
-  (8 elements a thread) gives 255 registers + 592 bytes of stack unrolled, 255 + 8 as a loop; with 8 warps
-  (4 elements a thread) the loop takes 176 registers and no stack; block_d 2 at 16 warps
-  hits the 128-register cap of 512 threads (24 bytes of stack);
+- steps: K (a power of two) for the (T, K) kernel, None for the tile kernel; prefetch: the (T, K) kernel
+  issues the next state's loads before this state's stores (the compiler cannot move them across stores it
+  does not know to be disjoint); copies: partial copies of per-step dB/dC, capped at ~128 MB for the two;
+- block_d: channels per program (a power of two; halved until it divides d and d / ngroups);
+- chunk: steps per chunk (None or less than the forward's seg: seg); a power of two and a multiple of seg,
+  capped at the sequence length rounded up to a power of two (not below seg);
+- num_warps: None gives block_d T / 32 for the (T, K) kernel, T * block_d / 256 for the tile kernel (8
+  elements of a tile per thread), between 1 and 16;
+- unroll (tile kernel): False runs the states in a run-time loop; True unrolls it, which spills: ptxas for
+  sm_90, bf16, n = 16, chunk 1024, block_d 1, 4 warps gives 255 registers + 592 bytes of stack unrolled,
+  255 + 8 as a loop;
 - num_stages, maxnreg: Triton's launch options (None: its default).
 
 All offsets that scale with batch, channels or time are int64. Everything inside is fp32 (bf16/fp16 loads
@@ -55,12 +61,14 @@ import triton.language as tl
 from mambakit.ops import _triton_selective_scan as k
 from mambakit.ops._triton_scan_time import _load_dt, _tile_index
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_combine, _seq_reset, _softplus
+from mambakit.ops.causal_conv1d import _join8, _split8
 
-# Measured on an H200 (notes/gpu_run5/call4, bf16, n 16, after the time-parallel forward with 512-step chunks):
-# b4 d3072 l4096 fwd+bwd 6.13 ms with these defaults (channel-parallel backward 7.53; block_d 2: 14.8,
-# chunk 1024: 9.46, 8 warps: 10.1, 2 warps: 6.42, unrolled: 9.44); b1 d3072 l65536 27.8 ms (36.6).
-# With the (T, K) forward (256-step checkpoints; notes/gpu_run6): b4 fwd+bwd 5.68 ms with these defaults
-# (chunk 512, 2 warps, maxnreg 128; 4 warps 5.80, without maxnreg 5.87, chunk 256 6.39, chunk 1024 6.04).
+# Measured on an H200 (bf16, n 16, b4 d3072 l4096 fwd+bwd with the (T, K) forward, do_bench medians):
+# notes/gpu_run7/call3: the (T, K) backward with these defaults 4.93 ms, the tile backward (steps None, chunk
+# 512, maxnreg 128, the previous default) 5.62; block_d 2: 7.12, block_d 4: 7.44 (the cross-warp sums and
+# layout changes cost more than the halved atomics save); b1 d3072 l65536 20.0 ms (block_d 2: 28.0).
+# notes/gpu_run7/call2 (before the slot order): copies 1 6.70, 4 5.65, 16 5.31, 64 5.21; maxnreg 128 with
+# 16 copies 6.38, 168 5.36; constant B/C (no per-step atomics) 2.93 (call1): the atomics are the main cost.
 BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=1, chunk=None, num_warps=None, unroll=False,
                        num_stages=None, maxnreg=None)
 
@@ -270,65 +278,36 @@ def _unpermute(x: torch.Tensor, l: int, T: int, K: int) -> torch.Tensor:
 
 
 @triton.jit
-def _cols8(v, T: tl.constexpr):
-    """The 8 columns (T,) of a (T, 8) tile, through register-local reshapes and splits."""
-    x0, x1 = tl.split(tl.reshape(v, (T, 2, 2, 2)))  # column 4 a + 2 b + c: split c, then b, then a
-    x00, x01 = tl.split(x0)
-    x10, x11 = tl.split(x1)
-    c0, c4 = tl.split(x00)
-    c2, c6 = tl.split(x01)
-    c1, c5 = tl.split(x10)
-    c3, c7 = tl.split(x11)
-    return c0, c1, c2, c3, c4, c5, c6, c7
+def _rstep(a, b, s, p):
+    """One step of a reverse first-order scan: (g, product of a) before a step from those after it."""
+    return b + a * s, a * p
 
 
 @triton.jit
-def _join8(c0, c1, c2, c3, c4, c5, c6, c7, T: tl.constexpr):
-    """The (T, 8) tile of 8 columns (the inverse of ``_cols8``)."""
-    x00 = tl.join(c0, c4)
-    x01 = tl.join(c2, c6)
-    x10 = tl.join(c1, c5)
-    x11 = tl.join(c3, c7)
-    return tl.reshape(tl.join(tl.join(x00, x01), tl.join(x10, x11)), (T, 8))
+def _rev_rows8(a, b, R: tl.constexpr):
+    """The reverse first-order scan g_j = b_j + a_j g_{j+1} inside each row of (R, 8) tiles, from g = 0 after
+    the row, written out column by column (Triton's reverse=True scan reverses the lanes too: 32 shuffles a
+    state). Returns the row aggregates (product of a, g at column 0; (R, 1)) and the (R, 8) tiles of the
+    partial g and of the product of a from each column to the row's end."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a, R, 8)
+    b0, b1, b2, b3, b4, b5, b6, b7 = _split8(b, R, 8)
+    s6, p6 = _rstep(a6, b6, b7, a7)
+    s5, p5 = _rstep(a5, b5, s6, p6)
+    s4, p4 = _rstep(a4, b4, s5, p5)
+    s3, p3 = _rstep(a3, b3, s4, p4)
+    s2, p2 = _rstep(a2, b2, s3, p3)
+    s1, p1 = _rstep(a1, b1, s2, p2)
+    s0, p0 = _rstep(a0, b0, s1, p1)
+    return p0, s0, _join8(s0, s1, s2, s3, s4, s5, s6, b7, R, 8), _join8(p0, p1, p2, p3, p4, p5, p6, a7, R, 8)
 
 
 @triton.jit
-def _rev_rows8(a, b, T: tl.constexpr):
-    """The reverse first-order scan g_j = b_j + a_j g_{j+1} inside each row of (T, 8) tiles, from g = 0 after
-    the row, written out column by column (Triton's reverse=True scan reverses the lanes too, 32 shuffles a
-    state). Returns the row aggregates (product of a, g at column 0) and the (T, 8) tile of (g, product of a
-    from the column to the row's end) packed for ``_rev_rows8_fix``."""
-    a0, a1, a2, a3, a4, a5, a6, a7 = _cols8(a, T)
-    b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(b, T)
-    s6 = b6 + a6 * b7
-    p6 = a6 * a7
-    s5 = b5 + a5 * s6
-    p5 = a5 * p6
-    s4 = b4 + a4 * s5
-    p4 = a4 * p5
-    s3 = b3 + a3 * s4
-    p3 = a3 * p4
-    s2 = b2 + a2 * s3
-    p2 = a2 * p3
-    s1 = b1 + a1 * s2
-    p1 = a1 * p2
-    s0 = b0 + a0 * s1
-    p0 = a0 * p1
-    return p0, s0, (_join8(s0, s1, s2, s3, s4, s5, s6, b7, T), _join8(p0, p1, p2, p3, p4, p5, p6, a7, T))
-
-
-@triton.jit
-def _rev_rows8_fix(sp, post, T: tl.constexpr):
-    """g of every step from ``_rev_rows8``'s partial sums and g after each row (T,)."""
-    return sp[0] + sp[1] * post[:, None]
-
-
-@triton.jit
-def _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d64, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
+def _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d_idx, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
                      s_stn, CONST_BC: tl.constexpr):
-    """What state n of a chunk loads: A[d, n], B_n, C_n ((T, K) tiles, or scalars when constant, in B's and
-    C's dtypes), the state saved before the chunk and g at the step after it (both (T,), equal in all lanes)."""
-    A_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32)
+    """What state n of a chunk loads: A[d, n] (DB,), B_n, C_n ((DB, T, K) tiles of the program's group, the same
+    for every channel, or (DB, 1, 1) when constant; in B's and C's dtypes), the state saved before the chunk
+    and g at the step after it (both (DB, T), equal along T)."""
+    A_n = tl.load(A_ptr + d_idx * s_Ad + n * s_An).to(tl.float32)
     if CONST_BC:
         B_n = tl.load(B_base + n * s_Bn)
         C_n = tl.load(C_base + n * s_Cn)
@@ -348,78 +327,87 @@ def _scan_bwd_time_kt_kernel(
     s_stb, s_stc, s_std, s_stn, s_sb, s_sl,
     NSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
-    T: tl.constexpr, K: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
+    T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
     COPIES: tl.constexpr,
 ):
-    """The backward as the (T, K) forward: one channel of one batch row per program, grid (d, b), chunks of
-    T * K steps (a multiple of the forward's checkpoint spacing) from the last to the first, row i (one thread
-    when T = 32 num_warps) holding the K contiguous steps i K .. i K + K - 1. Per state n:
+    """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
+    (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
+    the chunks from the last to the first; row i of a channel (one thread when T = 32) holds the K contiguous
+    steps i K .. i K + K - 1. Per state n:
     - the forward states h (as ``_scan_time_fwd_kt_kernel``: the scan along K in each thread, the scan of the
       row aggregates across lanes, the chunk's saved start state);
     - g_t = dL/dh_t = dy_t C_n,t + dA_{t+1} g_{t+1} by the same two-level scan run in reverse on the pairs
       (dA_{t+1}, dy_t C_n,t): dA_{t+1} comes from delta loaded once more, one step later (no shift across
-      lanes), and g at the step after the chunk (dlast for the last chunk) is carried in dh0 (every lane stores
-      and reloads the same value, as the forward's carry);
-    - w = g (h - dt u B) (= g_t dA_t h_{t-1}) into ddt (w A_n) and dA (sum of w dt, a (NP,) register
-      accumulator), g B into du and ddt, h C into dz, and per-step dB = g dt u, dC = dy h with relaxed fp32
-      atomics (16-byte vector reductions of K contiguous steps; constant B/C: per-program sums instead).
-    After the last (first in time) chunk, dh0 = g_0 dA_0. Arguments as ``_scan_bwd_time_kernel``'s."""
+      lanes), and g at the step after the chunk (dlast for the last chunk) is carried in dh0 (every lane of a
+      channel stores and reloads the same value, as the forward's carry);
+    - w = g (h - dt u B) (= g_t dA_t h_{t-1}) into ddt (w A_n) and dA (sum of w dt, a (DB, NP) register
+      accumulator), g B into du and ddt, h C into dz, and per-step dB = g dt u, dC = dy h summed over the DB
+      channels (across warps) and added with relaxed fp32 atomics (``_atomic_rows``) into copy
+      pid % COPIES of dB, dC; constant B/C: per-channel sums instead.
+    In the first chunk the carry becomes dh0 = g_0 dA_0. Arguments as ``_scan_bwd_time_kernel``'s."""
     CHUNK: tl.constexpr = T * K
-    d64 = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     LP = tl.cdiv(L, CHUNK) * CHUNK  # per-step dB, dC: (COPIES, b, g, n, LP) in ``_atomic_rows``' slot order
+    d_idx = pid_d.to(tl.int64) * DB + tl.arange(0, DB)  # (DB,): DB divides DIM / NGROUPS
+    d2 = d_idx[:, None]
+    d3 = d_idx[:, None, None]
     rows = tl.arange(0, T)
     cols = tl.arange(0, K)
-    offs = rows[:, None] * K + cols[None, :]
-    first_col = (cols == 0)[None, :]
-    last_col = (cols == K - 1)[None, :]
-    prev_row = tl.maximum(rows - 1, 0)
-    next_row = tl.minimum(rows + 1, T - 1)
-    first_row = rows == 0
-    last_row = rows == T - 1
-    offs_n = tl.arange(0, NP)
-    bias = 0.0
+    offs = rows[None, :, None] * K + cols[None, None, :]  # (1, T, K)
+    first_col = (cols == 0)[None, None, :]
+    last_col = (cols == K - 1)[None, None, :]
+    zeros2 = tl.zeros([DB, T], dtype=tl.int32)
+    prev_row = zeros2 + tl.maximum(rows - 1, 0)[None, :]
+    next_row = zeros2 + tl.minimum(rows + 1, T - 1)[None, :]
+    first_row = (rows == 0)[None, :]
+    last_row = (rows == T - 1)[None, :]
+    offs_n = tl.arange(0, NP)[None, :]
+    bias = tl.zeros([DB, 1, 1], dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d64).to(tl.float32)
-    Dv = 0.0
+        bias += tl.load(bias_ptr + d3).to(tl.float32)
+    Dv = tl.zeros([DB, 1, 1], dtype=tl.float32)
     if HAS_D:
-        Dv = tl.load(D_ptr + d64).to(tl.float32)
+        Dv += tl.load(D_ptr + d3).to(tl.float32)
     if CONST_BC:
-        B_base = B_ptr + d64 * s_Bx
-        C_base = C_ptr + d64 * s_Cx
-        dBC_base = dB_ptr  # placeholder
+        B_base = B_ptr + d3 * s_Bx  # (DB, 1, 1)
+        C_base = C_ptr + d3 * s_Cx
+        dBC_base = 0  # placeholder
     else:
-        group = (d64 // DIM_PER_GROUP).to(tl.int64)
+        group = ((pid_d * DB) // DIM_PER_GROUP).to(tl.int64)
         B_base = B_ptr + pid_b * s_Bb + group * s_Bx
         C_base = C_ptr + pid_b * s_Cb + group * s_Cx
-        # COPIES partial copies of dB, dC: channel d adds into copy d % COPIES (fewer atomics on one address)
-        dBC_base = (((d64 % COPIES) * tl.num_programs(1) + pid_b) * NGROUPS + group) * NSTATE * LP
-    u_base = u_ptr + pid_b * s_ub + d64 * s_ud
-    dt_base = dt_ptr + pid_b * s_dtb + d64 * s_dtd
-    z_base = z_ptr + pid_b * s_zb + d64 * s_zd
-    g_base = dout_ptr + pid_b * s_gb + d64 * s_gd
-    o_base = (pid_b * DIM + d64) * L  # contiguous (b, d, l) outputs
+        # COPIES partial copies of dB, dC (fewer atomics on one address): program pid_d adds into copy
+        # pid_d % COPIES
+        dBC_base = (((pid_d % COPIES) * tl.num_programs(1) + pid_b) * NGROUPS + group) * NSTATE * LP
+    u_base = u_ptr + pid_b * s_ub + d3 * s_ud  # (DB, 1, 1)
+    dt_base = dt_ptr + pid_b * s_dtb + d3 * s_dtd
+    z_base = z_ptr + pid_b * s_zb + d3 * s_zd
+    g_base = dout_ptr + pid_b * s_gb + d3 * s_gd
+    o_base = (pid_b * DIM + d3) * L  # contiguous (b, d, l) outputs
     seq_base = seq_ptr + pid_b * s_sb
-    carry = dh0_ptr + (pid_b * DIM + d64) * NSTATE + rows * 0  # (T,) all equal: g after the current chunk
+    bdn = (pid_b * DIM + d2) * NSTATE  # (DB, 1) in (b, d, n)
+    carry = dh0_ptr + bdn + zeros2  # (DB, T), equal along T: g after the current chunk
     for n in tl.static_range(NSTATE):
-        g_end = tl.zeros([T], dtype=tl.float32)
+        g_end = tl.zeros([DB, T], dtype=tl.float32)
         if HAS_DLAST:
-            g_end = tl.load(dlast_ptr + (pid_b * DIM + d64) * NSTATE + n + rows * 0)
+            g_end = tl.load(dlast_ptr + bdn + n + zeros2)
         tl.store(carry + n, g_end)
-    st_row = states_ptr + pid_b * s_stb + d64 * s_std + rows * 0
-    x0 = tl.load(dt_base + rows * 0).to(tl.float32) + bias  # dt at step 0 (no packed-sequence start there)
-    dt0 = x0
+    st_row = states_ptr + pid_b * s_stb + d2 * s_std + zeros2  # (DB, T)
+    x0 = tl.load(dt_ptr + pid_b * s_dtb + d2 * s_dtd + zeros2).to(tl.float32) + tl.reshape(bias, (DB, 1))
+    dt0 = x0  # dt at step 0, (DB, T) (no packed-sequence start there)
     if SOFTPLUS:
         dt0 = _softplus(x0)
-    dA_acc = tl.zeros([NP], dtype=tl.float32)
-    dBc_acc = tl.zeros([NP], dtype=tl.float32)
-    dCc_acc = tl.zeros([NP], dtype=tl.float32)
-    dD_acc = 0.0
-    dbias_acc = 0.0
+    dA_acc = tl.zeros([DB, NP], dtype=tl.float32)
+    dBc_acc = tl.zeros([DB, NP], dtype=tl.float32)
+    dCc_acc = tl.zeros([DB, NP], dtype=tl.float32)
+    dD_acc = tl.zeros([DB], dtype=tl.float32)
+    dbias_acc = tl.zeros([DB], dtype=tl.float32)
     nchunks = tl.cdiv(L, CHUNK)
     for i in range(pid_b * 0, nchunks):
         c = nchunks - 1 - i
-        t = c * CHUNK + offs  # (T, K) int64
+        t = c * CHUNK + offs  # (1, T, K) int64
+        tb = t + d3 * 0  # (DB, T, K): B and C loaded in the tiles' layout (the same steps for every channel)
         m2 = t < L
         mn = (t + 1) < L
         st_ptr = st_row + (c * SEGS_PER_CHUNK) * s_stc
@@ -433,11 +421,11 @@ def _scan_bwd_time_kt_kernel(
             reset = _seq_reset(seq_base, t, m2, s_sl)
             reset_n = _seq_reset(seq_base, t + 1, mn, s_sl)
         if PREFETCH:
-            A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, B_base, C_base, st_ptr, carry, d64, t, m2,
-                                                             s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn, CONST_BC)
-        if HAS_BIAS:
-            x += bias
-            xn += bias
+            A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, B_base, C_base, st_ptr, carry, d_idx, tb,
+                                                             m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
+                                                             CONST_BC)
+        x += bias
+        xn += bias
         dt = x
         dtn = xn
         if SOFTPLUS:
@@ -448,67 +436,72 @@ def _scan_bwd_time_kt_kernel(
         dtu = dt * u
         if HAS_Z:
             dy = dy * zv * tl.sigmoid(zv)  # dL/d(y + D u)
-        ddt_acc = tl.zeros([T, K], dtype=tl.float32)  # sum_n w A_n
-        gB_acc = tl.zeros([T, K], dtype=tl.float32)  # sum_n g B_n
-        y_acc = tl.zeros([T, K], dtype=tl.float32)  # sum_n h C_n
+        ddt_acc = tl.zeros([DB, T, K], dtype=tl.float32)  # sum_n w A_n
+        gB_acc = tl.zeros([DB, T, K], dtype=tl.float32)  # sum_n g B_n
+        y_acc = tl.zeros([DB, T, K], dtype=tl.float32)  # sum_n h C_n
         for n in tl.static_range(NSTATE):
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     A_nx, B_nx, C_nx, h_nx, g_nx = _kt_bwd_state_in(
-                        n + 1, A_ptr, B_base, C_base, st_ptr, carry, d64, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
-                        s_stn, CONST_BC)
+                        n + 1, A_ptr, B_base, C_base, st_ptr, carry, d_idx, tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn,
+                        s_Cl, s_stn, CONST_BC)
             else:
-                A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d64, t,
-                                                                 m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
+                A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d_idx,
+                                                                 tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
                                                                  CONST_BC)
             Bf = B_n.to(tl.float32)
             Cf = C_n.to(tl.float32)
-            a2 = A_n * 1.4426950408889634  # exp(x) = exp2(x log2 e)
-            dA = tl.exp2(dt * a2)
-            dAn = tl.exp2(dtn * a2)
+            A3 = A_n[:, None, None]
+            a2 = A_n[:, None] * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+            dA = tl.exp2(dt * a2[:, :, None])
+            dAn = tl.exp2(dtn * a2[:, :, None])
             if HAS_SEQ:
                 dA = tl.where(reset, 0.0, dA)
                 dAn = tl.where(reset_n, 0.0, dAn)
             dBu = dtu * Bf
             # forward states
-            cA, hs = tl.associative_scan((dA, dBu), 1, _recurrence_combine)
-            ra = tl.sum(tl.where(last_col, cA, 0.0), axis=1)
-            rb = tl.sum(tl.where(last_col, hs, 0.0), axis=1)
-            pa, pb = tl.associative_scan((ra, rb), 0, _recurrence_combine)
+            cA, hs = tl.associative_scan((dA, dBu), 2, _recurrence_combine)
+            ra = tl.sum(tl.where(last_col, cA, 0.0), axis=2)
+            rb = tl.sum(tl.where(last_col, hs, 0.0), axis=2)
+            pa, pb = tl.associative_scan((ra, rb), 1, _recurrence_combine)
             ends = pb + pa * h_start
-            pre = tl.where(first_row, h_start, tl.gather(ends, prev_row, 0))
-            h = hs + cA * pre[:, None]
+            pre = tl.where(first_row, h_start, tl.gather(ends, prev_row, 1))
+            h = hs + cA * pre[:, :, None]
             # g, the same scan in reverse (Triton passes the later aggregate first: the same combine)
+            cg = dy * Cf
             if K == 8:
-                qa, qb, g = _rev_rows8(dAn, dy * Cf, T)
+                qa, qb, gs, cR = _rev_rows8(tl.reshape(dAn, (DB * T, K)), tl.reshape(cg, (DB * T, K)), DB * T)
+                qa = tl.reshape(qa, (DB, T))
+                qb = tl.reshape(qb, (DB, T))
+                gs = tl.reshape(gs, (DB, T, K))
+                cR = tl.reshape(cR, (DB, T, K))
             else:
-                cR, gs = tl.associative_scan((dAn, dy * Cf), 1, _recurrence_combine, reverse=True)
-                qa = tl.sum(tl.where(first_col, cR, 0.0), axis=1)
-                qb = tl.sum(tl.where(first_col, gs, 0.0), axis=1)
-            sa, sb = tl.associative_scan((qa, qb), 0, _recurrence_combine, reverse=True)
+                cR, gs = tl.associative_scan((dAn, cg), 2, _recurrence_combine, reverse=True)
+                qa = tl.sum(tl.where(first_col, cR, 0.0), axis=2)
+                qb = tl.sum(tl.where(first_col, gs, 0.0), axis=2)
+            sa, sb = tl.associative_scan((qa, qb), 1, _recurrence_combine, reverse=True)
             starts = sb + sa * g_end  # g at each row's first step
-            post = tl.where(last_row, g_end, tl.gather(starts, next_row, 0))
-            if K == 8:
-                g = _rev_rows8_fix(g, post, T)
-            else:
-                g = gs + cR * post[:, None]
-            g_first = tl.gather(starts, rows * 0, 0)  # g at the chunk's first step
+            post = tl.where(last_row, g_end, tl.gather(starts, next_row, 1))
+            g = gs + cR * post[:, :, None]
+            g_first = tl.gather(starts, zeros2, 1)  # g at the chunk's first step
             if c == 0:  # then dh0 = dL/dh_{-1} = dA_0 g_0, stored in place (a read-modify-write of the
                 # carry after the loop would race between warps)
                 g_first *= tl.exp2(dt0 * a2)
             tl.store(carry + n, g_first)
             w = g * (h - dBu)  # g_t dA_t h_{t-1} = dL/d(dt_t A_n)
-            ddt_acc += w * A_n
+            ddt_acc += w * A3
             gB_acc += g * Bf
             if HAS_Z:
                 y_acc += h * Cf
-            dA_acc = tl.where(offs_n == n, dA_acc + tl.sum(tl.sum(w * dt, axis=1), axis=0), dA_acc)
+            dA_acc = tl.where(offs_n == n, dA_acc + tl.sum(tl.sum(w * dt, axis=2), axis=1)[:, None], dA_acc)
             if CONST_BC:
-                dBc_acc = tl.where(offs_n == n, dBc_acc + tl.sum(tl.sum(g * dtu, axis=1), axis=0), dBc_acc)
-                dCc_acc = tl.where(offs_n == n, dCc_acc + tl.sum(tl.sum(dy * h, axis=1), axis=0), dCc_acc)
-            else:
-                _atomic_rows(dB_ptr + dBC_base + n * LP + c * CHUNK, g * dtu, rows, L - c * CHUNK, T, K)
-                _atomic_rows(dC_ptr + dBC_base + n * LP + c * CHUNK, dy * h, rows, L - c * CHUNK, T, K)
+                dBc_acc = tl.where(offs_n == n, dBc_acc + tl.sum(tl.sum(g * dtu, axis=2), axis=1)[:, None], dBc_acc)
+                dCc_acc = tl.where(offs_n == n, dCc_acc + tl.sum(tl.sum(dy * h, axis=2), axis=1)[:, None], dCc_acc)
+            else:  # summed over the program's channels first
+                _atomic_rows(dB_ptr + dBC_base + n * LP + c * CHUNK, tl.sum(g * dtu, axis=0), rows,
+                             L - c * CHUNK, T, K)
+                _atomic_rows(dC_ptr + dBC_base + n * LP + c * CHUNK, tl.sum(dy * h, axis=0), rows,
+                             L - c * CHUNK, T, K)
             if PREFETCH:
                 if n + 1 < NSTATE:
                     A_n, B_n, C_n, h_start, g_end = A_nx, B_nx, C_nx, h_nx, g_nx
@@ -518,7 +511,7 @@ def _scan_bwd_time_kt_kernel(
         ddt = ddt_acc + gB_acc * u
         if HAS_D:
             du += Dv * dy
-            dD_acc += tl.sum(tl.sum(dy * u, axis=1), axis=0)
+            dD_acc += tl.sum(tl.sum(dy * u, axis=2), axis=1)
         if HAS_Z:
             zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
@@ -531,17 +524,17 @@ def _scan_bwd_time_kt_kernel(
             x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32) + bias
             ddt *= tl.where(x > 20.0, 1.0, tl.sigmoid(x))  # softplus is linear above 20, as in torch
         ddt = tl.where(m2, ddt, 0.0)
-        dbias_acc += tl.sum(tl.sum(ddt, axis=1), axis=0)
+        dbias_acc += tl.sum(tl.sum(ddt, axis=2), axis=1)
         tl.store(du_ptr + o_base + t, du.to(du_ptr.dtype.element_ty), mask=m2)
         tl.store(ddt_ptr + o_base + t, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
     nmask = offs_n < NSTATE
-    bdn = (pid_b * DIM + d64) * NSTATE + offs_n
-    tl.store(dA_ptr + bdn, dA_acc, mask=nmask)
+    tl.store(dA_ptr + bdn + offs_n, dA_acc, mask=nmask)
     if CONST_BC:
-        tl.store(dB_ptr + bdn, dBc_acc, mask=nmask)
-        tl.store(dC_ptr + bdn, dCc_acc, mask=nmask)
-    tl.store(dD_ptr + pid_b * DIM + d64, dD_acc)
-    tl.store(dbias_ptr + pid_b * DIM + d64, dbias_acc)
+        tl.store(dB_ptr + bdn + offs_n, dBc_acc, mask=nmask)
+        tl.store(dC_ptr + bdn + offs_n, dCc_acc, mask=nmask)
+    tl.store(dD_ptr + pid_b * DIM + d_idx, dD_acc)
+    tl.store(dbias_ptr + pid_b * DIM + d_idx, dbias_acc)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Launcher
@@ -564,9 +557,10 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
     np_ = max(2, triton.next_power_of_2(A.shape[1]))
     if cfg.get("steps"):  # the (T, K) kernel
         steps = cfg["steps"]
-        if steps & (steps - 1) or cfg["block_d"] != 1:
-            raise ValueError(f"BWD_TIME_CONFIG steps={steps} (the (T, K) backward) must be a power of two, with "
-                             f"block_d=1 (got {cfg['block_d']})")
+        if steps & (steps - 1):
+            raise ValueError(f"BWD_TIME_CONFIG steps={steps} (the (T, K) backward) must be a power of two")
+        while d % block_d:  # the (T, K) kernel has no channel mask
+            block_d //= 2
         kk = min(steps, chunk // 2)
         rows = chunk // kk
         copies = cfg.get("copies") or 1
@@ -575,8 +569,9 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
         # at most ~128 MB of copies for dB and dC together (1M tokens, n 16: 2 copies)
         g = B.shape[1] if B.dim() == 4 else 1
         copies = max(1, min(copies, (1 << 27) // max(1, 8 * u.shape[0] * g * A.shape[1] * l)))
-        return dict(T=rows, K=kk, SEGS_PER_CHUNK=chunk // seg, NP=np_, PREFETCH=bool(cfg.get("prefetch", True)),
-                    COPIES=min(copies, d), num_warps=cfg["num_warps"] or max(1, rows // 32))
+        return dict(T=rows, K=kk, DB=block_d, SEGS_PER_CHUNK=chunk // seg, NP=np_,
+                    PREFETCH=bool(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
+                    num_warps=cfg["num_warps"] or block_d * max(1, rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),
                 num_warps=warps)
@@ -625,7 +620,7 @@ def scan_bwd_time(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dou
     dlast_ = dlast.to(f32).contiguous() if dlast is not None else None
     z_, seq_ = k._opt(z, u), k._opt(seq_idx, u)
     if "K" in meta:
-        kernel, grid = _scan_bwd_time_kt_kernel, (d, b)
+        kernel, grid = _scan_bwd_time_kt_kernel, (d // meta["DB"], b)
     else:
         kernel, grid = _scan_bwd_time_kernel, (triton.cdiv(d, meta["BLOCK_D"]), b)
     kernel[grid](

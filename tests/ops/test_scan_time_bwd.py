@@ -205,7 +205,11 @@ def test_bad_layouts_and_configs_raise():
     with pytest.raises(ValueError, match="stride 1 along seqlen"):
         call(u=torch.randn(b, l, d).transpose(1, 2))
     with pytest.raises(ValueError, match="multiple of the forward's seg"):
-        call(chunk=4)
+        call(chunk=12)  # (a chunk below seg runs chunks of seg)
+    with pytest.raises(ValueError, match="steps=3 .* must be a power of two"):
+        call(steps=3)
+    with pytest.raises(ValueError, match="copies=0 must be at least 1"):
+        call(copies=0)
     with pytest.raises(ValueError, match="states has shape"):
         call(states=torch.zeros(b, 2, d, n))
     with pytest.raises(ValueError, match="unknown scan_bwd_time config keys"):

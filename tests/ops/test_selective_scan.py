@@ -415,6 +415,10 @@ def test_time_split_sizes():
     # two and four channels a program (one warp each on a GPU; dB/dC summed over them before the atomics)
     ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=2, copies=2)),
     ("const", 4, 1, torch.float32, 4, dict(steps=4, block_d=4)), ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=8)),
+    # the forward saving the state every 8 steps (two a chunk; fseg: FWD_TIME_CONFIG seg), the backward in
+    # chunks of 8 (2 rows of 4) with two channels a program, or of 16
+    ("group", 3, 1, torch.float32, 4, dict(steps=4, block_d=2, fseg=8)),
+    ("step", 4, 1, torch.float32, 4, dict(steps=4, chunk=16, fseg=8)),
     # -4: 4 steps a row without prefetching the next state's loads
     ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
@@ -432,6 +436,8 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 4)
     from mambakit.ops import _triton_scan_time_bwd as tb
 
+    bcfg = dict(bcfg)
+    monkeypatch.setitem(tk.FWD_TIME_CONFIG, "seg", bcfg.pop("fseg", None))
     for key, v in dict(dict(steps=None), **bcfg).items():
         monkeypatch.setitem(tb.BWD_TIME_CONFIG, key, v)
     kinds = []

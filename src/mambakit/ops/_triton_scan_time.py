@@ -43,7 +43,9 @@ from mambakit.ops._triton_selective_scan import _recurrence_combine, _seq_reset,
 # program iteration; num_warps, warps a program (chunk / (32 num_warps) steps a thread); block_d, channels a
 # program. max_n: larger d_state goes to the channel-parallel kernel (the state loop is unrolled: only
 # d_state <= 16, Mamba-1's default, was measured on a GPU). num_stages, maxnreg: Triton's launch options.
-FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, chunk=512, num_warps=1, block_d=1,
+# seg ((T, K) kernel): steps between the states saved for the backward, steps times a power of two, at most
+# the chunk (None: the chunk); a smaller seg lets the backward run smaller chunks.
+FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
                        num_stages=None, max_n=16)
 
 
@@ -178,7 +180,7 @@ def _scan_time_fwd_kt_kernel(
     NSTATE: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
-    T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr,
+    T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr, SEG_ROWS: tl.constexpr,
 ):
     """One channel per program, grid (d, b), chunks of T * K steps as a (T, K) tile: row i (one thread when
     T = 32 num_warps and K elements fill a 16-byte load) holds the K contiguous steps i K .. i K + K - 1.
@@ -223,7 +225,8 @@ def _scan_time_fwd_kt_kernel(
         if HAS_H0:
             h_init = tl.load(h0_ptr + pid_b * s_hb + d64 * s_hd + n * s_hn + rows * 0).to(tl.float32)
         tl.store(carry + n, h_init)
-    st_ptr = states_ptr + pid_b * tl.cdiv(L, CHUNK) * DIM * NSTATE + d64 * NSTATE + rows * 0
+    SEG: tl.constexpr = SEG_ROWS * K  # steps between saved states (the state before every SEG_ROWS-th row)
+    st_ptr = states_ptr + pid_b * tl.cdiv(L, SEG) * DIM * NSTATE + d64 * NSTATE + rows * 0
     for c in range(pid_b * 0, tl.cdiv(L, CHUNK)):
         t = c * CHUNK + offs
         m2 = t < L
@@ -262,9 +265,14 @@ def _scan_time_fwd_kt_kernel(
             rb = tl.sum(tl.where(last_col, hs, 0.0), axis=1)
             pa, pb = tl.associative_scan((ra, rb), 0, _recurrence_combine)
             if STORE_STATES:
-                tl.store(st_ptr + c * (DIM * NSTATE) + n, h_start, mask=first_row)
+                if SEG_ROWS == T:
+                    tl.store(st_ptr + c * (DIM * NSTATE) + n, h_start, mask=first_row)
             ends = pb + pa * h_start  # (T,) the state after each row
             pre = tl.where(first_row, h_start, tl.gather(ends, prev_row, 0))
+            if STORE_STATES:
+                if SEG_ROWS < T:  # several saved states a chunk: the state before rows 0, SEG_ROWS, ...
+                    tl.store(st_ptr + (c * (T // SEG_ROWS) + rows // SEG_ROWS) * (DIM * NSTATE) + n, pre,
+                             mask=(rows % SEG_ROWS == 0) & (c * CHUNK + rows * K < L))
             h = hs + cA * pre[:, None]
             y += h * C_n.to(tl.float32)
             tl.store(carry + n, tl.gather(ends, rows * 0 + (T - 1), 0))
@@ -292,8 +300,12 @@ def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor, n: int = 16) -> di
         k = cfg["steps"]
         rows = cfg.get("rows") or 32 * cfg["num_warps"]
         rows = max(2, min(rows, triton.next_power_of_2(triton.cdiv(max(l, 1), k))))
+        seg = cfg.get("seg") or rows * k
+        if seg % k or (seg // k) & (seg // k - 1):
+            raise ValueError(f"selective scan: FWD_TIME_CONFIG seg={seg} must be steps={k} times a power of two")
         return _k._launch_opts(cfg, dict(T=rows, K=k, CHUNK=rows * k, num_warps=max(1, rows // 32),
-                                         PREFETCH=bool(cfg.get("prefetch", True))))
+                                         PREFETCH=bool(cfg.get("prefetch", True)),
+                                         SEG_ROWS=max(1, min(rows, seg // k))))
     block_d = _k._group_block_d(cfg["block_d"], d, B)
     chunk = max(16, min(cfg["chunk"], triton.next_power_of_2(max(l, 1))))
     warps = max(1, min(cfg["num_warps"], chunk * block_d // 32))
@@ -307,10 +319,10 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     b, d, l = u.shape
     n = A.shape[1]
     meta = _launch_meta(cfg, u, B, n)
-    chunk = meta["CHUNK"]
+    seg = meta["SEG_ROWS"] * meta["K"] if "K" in meta else meta["CHUNK"]  # steps between saved states
     out = _k._empty(b, d, l, device=u.device, dtype=u.dtype)
     last = _k._empty(b, d, n, device=u.device, dtype=torch.float32)
-    states = _k._empty(b, triton.cdiv(l, chunk), d, n, device=u.device, dtype=torch.float32) \
+    states = _k._empty(b, triton.cdiv(l, seg), d, n, device=u.device, dtype=torch.float32) \
         if store_states else None
     h0_, z_, seq_ = _k._opt(h0, last), _k._opt(z, u), _k._opt(seq_idx, u)
     if "K" in meta:
@@ -330,4 +342,4 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
         HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None, CONST_BC=B.dim() == 2, STORE_STATES=store_states,
         **meta,
     )
-    return out, last, states, chunk
+    return out, last, states, seg

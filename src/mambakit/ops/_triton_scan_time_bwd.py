@@ -563,7 +563,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
             block_d //= 2
         kk = min(steps, chunk // 2)
         rows = chunk // kk
-        copies = cfg.get("copies") or 1
+        copies = 1 if cfg.get("copies") is None else cfg["copies"]
         if copies < 1:
             raise ValueError(f"BWD_TIME_CONFIG copies={copies} must be at least 1")
         # at most ~128 MB of copies for dB and dC together (1M tokens, n 16: 2 copies)
@@ -571,7 +571,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
         copies = max(1, min(copies, (1 << 27) // max(1, 8 * u.shape[0] * g * A.shape[1] * l)))
         return dict(T=rows, K=kk, DB=block_d, SEGS_PER_CHUNK=chunk // seg, NP=np_,
                     PREFETCH=bool(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
-                    num_warps=cfg["num_warps"] or block_d * max(1, rows // 32))
+                    num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),
                 num_warps=warps)

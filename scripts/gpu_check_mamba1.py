@@ -376,12 +376,17 @@ def TBW(**kw):
 # fwd+bwd: (shape, channels-last, forward keys, backward keys): the old default (channel-parallel both ways),
 # the new one (time-parallel both ways, on contiguous inputs), the time forward with the channel backward, and
 # the time backward's tiles (block_d channels a program, chunk T (a multiple of the forward's 512), warps)
-FB = [(B4, False, {}, {}), (B4, False, {}, TBW(block_d=2)), (B4, False, {}, TBW(block_d=4)),
+# Next to measure: 2 or 4 channels in one warp (rows of 16 or 8: the forward saves a state every 128 or 64
+# steps), dB/dC summed over them across lanes before the atomics (ptxas: 8,250 / 8,110 instructions a chunk
+# against 7,200 for one channel, half / a quarter of the atomic bytes, but 8- / 4-byte reductions)
+FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, seg=128), TBW(block_d=2)),
+      (B4, False, KT(8, 32, seg=64), TBW(block_d=4)), (B4, False, KT(8, 32, seg=128), {}),
       (B4, False, {}, TBW(steps=None, chunk=512, maxnreg=128)),  # the (BLOCK_D, CHUNK) tile backward (previous default)
-      (B1, False, {}, {}), (B1, False, {}, TBW(block_d=2))]
+      (B1, False, {}, {}), (B1, False, KT(8, 32, seg=128), TBW(block_d=2))]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32), kernel="time"), dict(TBW(block_d=2), kernel="time"), False),
+CHECKS = [(dict(KT(8, 32, seg=128), kernel="time"), dict(TBW(block_d=2), kernel="time"), False),
+          (dict(KT(8, 32), kernel="time"), dict(TBW(block_d=2), kernel="time"), False),
           (dict(KT(8, 32, maxnreg=128), kernel="time"), dict(TBW(chunk=512, maxnreg=128), kernel="time"), False),
           (dict(KT(8, 64, maxnreg=96), kernel="time"), dict(TBW(chunk=512, maxnreg=96), kernel="time"), False),
           (dict(KT(16, 128), kernel="time"), dict(TBW(chunk=2048), kernel="time"), False),

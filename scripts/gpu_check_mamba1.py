@@ -377,8 +377,9 @@ def TBW(**kw):
 # the new one (time-parallel both ways, on contiguous inputs), the time forward with the channel backward, and
 # the time backward's tiles (block_d channels a program, chunk T (a multiple of the forward's 512), warps)
 # Next to measure: 2 or 4 channels in one warp (rows of 16 or 8: the forward saves a state every 128 or 64
-# steps), dB/dC summed over them across lanes before the atomics (ptxas: 8,250 / 8,110 instructions a chunk
-# against 7,200 for one channel, half / a quarter of the atomic bytes, but 8- / 4-byte reductions)
+# steps), dB/dC summed over them across lanes before the atomics. ptxas: 2 channels (_atomic_pair) 7,790
+# instructions a chunk against 7,200 for one channel, half the atomic bytes and instructions; 4 channels
+# 8,110, a quarter of the bytes but 4-byte reductions.
 FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, seg=128), TBW(block_d=2)),
       (B4, False, KT(8, 32, seg=64), TBW(block_d=4)), (B4, False, KT(8, 32, seg=128), {}),
       (B4, False, {}, TBW(steps=None, chunk=512, maxnreg=128)),  # the (BLOCK_D, CHUNK) tile backward (previous default)

@@ -418,6 +418,7 @@ def test_time_split_sizes():
     # the forward saving the state every 8 steps (two a chunk; fseg: FWD_TIME_CONFIG seg), the backward in
     # chunks of 8 (2 rows of 4) with two channels a program, or of 16
     ("group", 3, 1, torch.float32, 4, dict(steps=4, block_d=2, fseg=8)),
+    ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=2)),  # 2 channels of 8 steps a row: _atomic_pair
     ("step", 4, 1, torch.float32, 4, dict(steps=4, chunk=16, fseg=8)),
     # -4: 4 steps a row without prefetching the next state's loads
     ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False))])

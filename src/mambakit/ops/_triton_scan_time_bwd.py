@@ -23,7 +23,9 @@ Two kernels (BWD_TIME_CONFIG steps):
   into ``copies`` partial copies (program p into copy p % copies, summed by the launcher: fewer atomics on
   one address) in a slot order that makes each 16-byte vector reduction of a warp cover 512 contiguous bytes
   (``_atomic_rows``, ``_unpermute``). ptxas (sm_90a, bf16, n 16, K 8, T 32): 255 registers, 128 bytes of
-  stack, ~7,200 instructions a chunk (about 450 a state for 8 steps a thread).
+  stack, ~7,200 instructions a chunk (about 450 a state for 8 steps a thread). block_d 2 with rows of 16
+  (one warp; the forward saving a state every 128 steps, FWD_TIME_CONFIG seg) halves the atomics' bytes and
+  instructions (``_atomic_pair``) for ~7,800 instructions a chunk: not measured on a GPU yet.
 - ``_scan_bwd_time_kernel`` (steps = None; the previous default): BLOCK_D channels a program as a
   (BLOCK_D, CHUNK) tile over lanes and warps along time, ``tl.associative_scan`` over the whole chunk, g's
   reverse scan on triples (dA of the segment's first step, product of its other dA, value;
@@ -270,6 +272,23 @@ def _atomic_rows(base, v, rows, n_valid, T: tl.constexpr, K: tl.constexpr):
         tl.atomic_add(base + offs, v, mask=offs < n_valid, sem="relaxed")
 
 
+@triton.jit
+def _atomic_pair(base, v, rows, n_valid, T: tl.constexpr):
+    """``_atomic_rows`` (K = 8) of the sum of a (2, T, 8) tile over its two channels, the work split between
+    them: channel 0's lanes add the first 4 steps of each row, channel 1's the last 4, each lane one 16-byte
+    vector reduction of its own 4 values plus the partner channel's (``tl.gather`` across channels: 4
+    shuffles when both channels share a warp). A sum over the channel axis instead leaves a result that
+    Triton spreads as 8-byte pieces (twice the reduction instructions)."""
+    lo, hi = tl.split(tl.permute(tl.reshape(v, (2, T, 2, 4)), (0, 1, 3, 2)))  # (2, T, 4): steps j, 4 + j
+    ch = tl.arange(0, 2)[:, None, None]
+    keep = tl.where(ch == 0, lo, hi)
+    other = tl.gather(tl.where(ch == 0, hi, lo), (1 - ch) + tl.zeros([2, T, 4], dtype=tl.int32), 0)
+    j = tl.arange(0, 4)[None, None, :]
+    r = rows[None, :, None]
+    step = r * 8 + ch * 4 + j
+    tl.atomic_add(base + ch * (4 * T) + r * 4 + j, keep + other, mask=step < n_valid, sem="relaxed")
+
+
 def _unpermute(x: torch.Tensor, l: int, T: int, K: int) -> torch.Tensor:
     """The step order of ``_atomic_rows``' slots: x (..., nchunks * T * K) -> (..., l)."""
     if K == 8:
@@ -342,8 +361,9 @@ def _scan_bwd_time_kt_kernel(
       channel stores and reloads the same value, as the forward's carry);
     - w = g (h - dt u B) (= g_t dA_t h_{t-1}) into ddt (w A_n) and dA (sum of w dt, a (DB, NP) register
       accumulator), g B into du and ddt, h C into dz, and per-step dB = g dt u, dC = dy h summed over the DB
-      channels (across warps) and added with relaxed fp32 atomics (``_atomic_rows``) into copy
-      pid % COPIES of dB, dC; constant B/C: per-channel sums instead.
+      channels and added with relaxed fp32 atomics (``_atomic_rows``; with DB = 2 and K = 8
+      ``_atomic_pair``, which splits the sums between the two channels) into copy pid % COPIES of dB, dC;
+      constant B/C: per-channel sums instead.
     In the first chunk the carry becomes dh0 = g_0 dA_0. Arguments as ``_scan_bwd_time_kernel``'s."""
     CHUNK: tl.constexpr = T * K
     pid_d = tl.program_id(0)
@@ -497,6 +517,9 @@ def _scan_bwd_time_kt_kernel(
             if CONST_BC:
                 dBc_acc = tl.where(offs_n == n, dBc_acc + tl.sum(tl.sum(g * dtu, axis=2), axis=1)[:, None], dBc_acc)
                 dCc_acc = tl.where(offs_n == n, dCc_acc + tl.sum(tl.sum(dy * h, axis=2), axis=1)[:, None], dCc_acc)
+            elif DB == 2 and K == 8:  # the two channels' sums split between them (see _atomic_pair)
+                _atomic_pair(dB_ptr + dBC_base + n * LP + c * CHUNK, g * dtu, rows, L - c * CHUNK, T)
+                _atomic_pair(dC_ptr + dBC_base + n * LP + c * CHUNK, dy * h, rows, L - c * CHUNK, T)
             else:  # summed over the program's channels first
                 _atomic_rows(dB_ptr + dBC_base + n * LP + c * CHUNK, tl.sum(g * dtu, axis=0), rows,
                              L - c * CHUNK, T, K)

@@ -158,17 +158,35 @@ def _scan_time_fwd_kernel(
 
 
 @triton.jit
+def _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC: tl.constexpr):
+    """B_n, C_n of a chunk in B's and C's dtypes: tiles at steps t, or B_base / C_base's shape when constant
+    (B_base, C_base then point at the channel's row of (d, n))."""
+    if CONST_BC:
+        return tl.load(B_base + n * s_Bn), tl.load(C_base + n * s_Cn)
+    return (tl.load(B_base + n * s_Bn + t * s_Bl, mask=m2, other=0.0),
+            tl.load(C_base + n * s_Cn + t * s_Cl, mask=m2, other=0.0))
+
+
+@triton.jit
 def _kt_state_in(n, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
                  CONST_BC: tl.constexpr):
-    """What state n of a chunk loads: A[d, n] log2(e), B_n, C_n ((T, K) or scalars) and the carried state."""
+    """What state n of a chunk loads: A[d, n] log2(e), B_n, C_n (``_kt_bc``) and the carried state."""
     a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32) * 1.4426950408889634
-    if CONST_BC:
-        B_n = tl.load(B_base + n * s_Bn).to(tl.float32)
-        C_n = tl.load(C_base + n * s_Cn).to(tl.float32)
-    else:
-        B_n = tl.load(B_base + n * s_Bn + t * s_Bl, mask=m2, other=0.0)
-        C_n = tl.load(C_base + n * s_Cn + t * s_Cl, mask=m2, other=0.0)
+    B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
     return a_n, B_n, C_n, tl.load(carry + n)
+
+
+@triton.jit
+def _kt_scans(dA, dBu, last_col, AX: tl.constexpr):
+    """The two scans of h_t = dA_t h_{t-1} + dBu_t over a chunk of (..., T, K) tiles whose last axis AX runs
+    along a row's K steps and axis AX - 1 along the T rows: along K inside each thread from a zero state
+    (cumulative dA, partial states), then of the row aggregates across lanes (pa, pb: the state after each
+    row is pb + pa h_start, with h_start the state before the chunk)."""
+    cA, hs = tl.associative_scan((dA, dBu), AX, _recurrence_combine)
+    ra = tl.sum(tl.where(last_col, cA, 0.0), axis=AX)  # each row's aggregate
+    rb = tl.sum(tl.where(last_col, hs, 0.0), axis=AX)
+    pa, pb = tl.associative_scan((ra, rb), AX - 1, _recurrence_combine)
+    return cA, hs, pa, pb
 
 
 @triton.jit
@@ -260,10 +278,7 @@ def _scan_time_fwd_kt_kernel(
             dA = tl.exp2(dt * a_n)
             if HAS_SEQ:
                 dA = tl.where(reset, 0.0, dA)
-            cA, hs = tl.associative_scan((dA, dtu * B_n.to(tl.float32)), 1, _recurrence_combine)
-            ra = tl.sum(tl.where(last_col, cA, 0.0), axis=1)  # (T,) each row's aggregate
-            rb = tl.sum(tl.where(last_col, hs, 0.0), axis=1)
-            pa, pb = tl.associative_scan((ra, rb), 0, _recurrence_combine)
+            cA, hs, pa, pb = _kt_scans(dA, dtu * B_n.to(tl.float32), last_col, 1)
             if STORE_STATES:
                 if SEG_ROWS == T:
                     tl.store(st_ptr + c * (DIM * NSTATE) + n, h_start, mask=first_row)
@@ -292,7 +307,7 @@ def supports(u, delta, z, A, cfg=None) -> bool:
     return along_time and A.shape[1] <= cfg["max_n"]
 
 
-def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor, n: int = 16) -> dict:
+def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
     d, l = u.shape[1], u.shape[2]
     if cfg.get("steps"):
         if cfg["block_d"] != 1:
@@ -318,7 +333,7 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     cfg = _k._config(FWD_TIME_CONFIG, **overrides)
     b, d, l = u.shape
     n = A.shape[1]
-    meta = _launch_meta(cfg, u, B, n)
+    meta = _launch_meta(cfg, u, B)
     seg = meta["SEG_ROWS"] * meta["K"] if "K" in meta else meta["CHUNK"]  # steps between saved states
     out = _k._empty(b, d, l, device=u.device, dtype=u.dtype)
     last = _k._empty(b, d, n, device=u.device, dtype=torch.float32)

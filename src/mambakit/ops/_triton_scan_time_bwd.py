@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops import _triton_selective_scan as k
-from mambakit.ops._triton_scan_time import _load_dt, _tile_index
+from mambakit.ops._triton_scan_time import _kt_bc, _kt_scans, _load_dt, _tile_index
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_combine, _seq_reset, _softplus
 from mambakit.ops.causal_conv1d import _join8, _split8
 
@@ -327,12 +327,7 @@ def _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d_idx, t, m2, s_Ad
     for every channel, or (DB, 1, 1) when constant; in B's and C's dtypes), the state saved before the chunk
     and g at the step after it (both (DB, T), equal along T)."""
     A_n = tl.load(A_ptr + d_idx * s_Ad + n * s_An).to(tl.float32)
-    if CONST_BC:
-        B_n = tl.load(B_base + n * s_Bn)
-        C_n = tl.load(C_base + n * s_Cn)
-    else:
-        B_n = tl.load(B_base + n * s_Bn + t * s_Bl, mask=m2, other=0.0)
-        C_n = tl.load(C_base + n * s_Cn + t * s_Cl, mask=m2, other=0.0)
+    B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
     return A_n, B_n, C_n, tl.load(st_ptr + n * s_stn), tl.load(carry + n)
 
 
@@ -414,7 +409,9 @@ def _scan_bwd_time_kt_kernel(
             g_end = tl.load(dlast_ptr + bdn + n + zeros2)
         tl.store(carry + n, g_end)
     st_row = states_ptr + pid_b * s_stb + d2 * s_std + zeros2  # (DB, T)
-    x0 = tl.load(dt_ptr + pid_b * s_dtb + d2 * s_dtd + zeros2).to(tl.float32) + tl.reshape(bias, (DB, 1))
+    x0 = tl.load(dt_ptr + pid_b * s_dtb + d2 * s_dtd + zeros2).to(tl.float32)
+    if HAS_BIAS:
+        x0 += tl.reshape(bias, (DB, 1))
     dt0 = x0  # dt at step 0, (DB, T) (no packed-sequence start there)
     if SOFTPLUS:
         dt0 = _softplus(x0)
@@ -444,8 +441,9 @@ def _scan_bwd_time_kt_kernel(
             A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, B_base, C_base, st_ptr, carry, d_idx, tb,
                                                              m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
                                                              CONST_BC)
-        x += bias
-        xn += bias
+        if HAS_BIAS:
+            x += bias
+            xn += bias
         dt = x
         dtn = xn
         if SOFTPLUS:
@@ -479,11 +477,7 @@ def _scan_bwd_time_kt_kernel(
                 dA = tl.where(reset, 0.0, dA)
                 dAn = tl.where(reset_n, 0.0, dAn)
             dBu = dtu * Bf
-            # forward states
-            cA, hs = tl.associative_scan((dA, dBu), 2, _recurrence_combine)
-            ra = tl.sum(tl.where(last_col, cA, 0.0), axis=2)
-            rb = tl.sum(tl.where(last_col, hs, 0.0), axis=2)
-            pa, pb = tl.associative_scan((ra, rb), 1, _recurrence_combine)
+            cA, hs, pa, pb = _kt_scans(dA, dBu, last_col, 2)  # the forward states
             ends = pb + pa * h_start
             pre = tl.where(first_row, h_start, tl.gather(ends, prev_row, 1))
             h = hs + cA * pre[:, :, None]
@@ -544,7 +538,9 @@ def _scan_bwd_time_kt_kernel(
             dzf = tl.load(g_base + t, mask=m2, other=0.0).to(tl.float32) * sz * (1.0 + zv * (1.0 - sz))
             tl.store(dz_ptr + o_base + t, (dzf * y).to(dz_ptr.dtype.element_ty), mask=m2)  # dout y dsilu(z)
         if SOFTPLUS:
-            x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32) + bias
+            x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                x += bias
             ddt *= tl.where(x > 20.0, 1.0, tl.sigmoid(x))  # softplus is linear above 20, as in torch
         ddt = tl.where(m2, ddt, 0.0)
         dbias_acc += tl.sum(tl.sum(ddt, axis=2), axis=1)

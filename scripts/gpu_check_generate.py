@@ -172,6 +172,7 @@ def kernel_profile(model, top: int = 8) -> list:
     return [(k, n, round(t, 1)) for k, (n, t) in rows]
 
 
+B1_REPEATS = 3  # --b1-repeats
 SMALL_BATCHES = (2, 4)  # --small-batches: fused vs unfused at these batch sizes
 N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
 # GEMV_CONFIG overrides (update_tile: UPDATE_TILE; max_fused_weight: MAX_FUSED_WEIGHT, to fuse the big layers)
@@ -249,7 +250,7 @@ def run_model(name: str, results: dict, big_batch: bool, deadline: float) -> Non
     for k in ("top_kernels_fused", "top_kernels_unfused"):
         print(f"[{name}] {k}: {r[k]}", flush=True)
     for cg in (True, False):
-        ms, _ = decode_ms(model, 1, 16, cg)
+        ms, _ = decode_ms(model, 1, 16, cg, repeats=B1_REPEATS if cg else 3)
         r[f"b1_ms_per_token_cg={cg}"] = ms
         print(f"[{name}] b1 cg={cg}: {ms:.3f} ms/token", flush=True)
     clear_graph_cache(model)
@@ -314,8 +315,12 @@ def main(argv=None) -> int:
     p.add_argument("--variants", type=int, default=None, help="time only the first N GEMV variants")
     p.add_argument("--small-batches", default="2,4", help="batch sizes timed fused vs unfused (comma list)")
     p.add_argument("--only", default=None, help="comma list of model names to run (default: all four)")
+    p.add_argument("--large-big-batch", action="store_true",
+                   help="also time batch 64 after 2048-token prompts on the 2.8b / 2.7b shapes")
+    p.add_argument("--b1-repeats", type=int, default=3, help="repeats of the b1 decode timing (median)")
     args = p.parse_args(argv)
-    global DEVICE, N_VARIANTS, SMALL_BATCHES
+    global DEVICE, N_VARIANTS, SMALL_BATCHES, B1_REPEATS
+    B1_REPEATS = args.b1_repeats
     N_VARIANTS = args.variants
     SMALL_BATCHES = tuple(int(b) for b in args.small_batches.split(",") if b)
     if args.smoke:
@@ -337,7 +342,7 @@ def main(argv=None) -> int:
         if args.skip_large or time.perf_counter() > start + 0.6 * args.budget:
             results[name] = "skipped (time budget)"
             continue
-        run_model(name, results, big_batch=False, deadline=deadline)
+        run_model(name, results, big_batch=args.large_big_batch, deadline=deadline)
     results["wall_seconds"] = time.perf_counter() - start
     out = args.out if args.out.endswith(".json") else os.path.join(args.out, "gpu_check_generate.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -380,6 +380,59 @@ def stages_and_variants():
     return res
 
 
+# whole forward (and fwd+bwd) at the goal shapes under combinations of state_fwd and scan_fwd blocks: the
+# scan with two heads a program (HEADS=2, sharing the C B^T dot), the state kernel split in time or with longer
+# source blocks. Each combination's output is compared with the default's and with the fp32 PyTorch path.
+FWD_COMBOS = {
+    "default": ({}, {}),
+    "scan H2": ({}, dict(HEADS=2)),
+    "scan H2 w8": ({}, dict(HEADS=2, num_warps=8)),
+    "scan H2 M64": ({}, dict(HEADS=2, BLOCK_M=64, BLOCK_K=32, num_stages=3)),
+    "scan H2 M64 K64": ({}, dict(HEADS=2, BLOCK_M=64, BLOCK_K=64, num_stages=2)),
+    "state N32 st3": (dict(BLOCK_N=32, num_stages=3), {}),
+    "state split2": (dict(TIME_SPLIT=2), {}),
+    "state K128": (dict(BLOCK_K=128), {}),
+    "state N32 st3 + scan H2": (dict(BLOCK_N=32, num_stages=3), dict(HEADS=2)),
+}
+FWD_COMBO_SHAPES = ("b8", "b4")
+
+
+def _no_grad_call(t):
+    with torch.no_grad():
+        return call(t)
+
+
+def fwd_variants():
+    from mambakit.ops.ssd import triton_path
+
+    res = {}
+    for shape, off_f, goal_f, *_ in GOALS:
+        key = "b{b} l{l} h{h} p{p} n{n} g{g}".format(**shape)
+        if not any(key.startswith(k + " ") for k in FWD_COMBO_SHAPES):
+            continue
+        t = make(**shape, dtype=SMALL["low"])
+        with torch.no_grad():
+            ref = call({k: v.float() if v.is_floating_point() else v for k, v in t.items()}, "torch")
+            base = call(t)
+        res[key] = {"official_fwd_ms": off_f, "goal_fwd_ms": goal_f}
+        for name, (st, sc) in FWD_COMBOS.items():
+            try:
+                with triton_path.overridden_blocks(("state_fwd",), **st), \
+                        triton_path.overridden_blocks(("scan_fwd",), **sc):
+                    with torch.no_grad():
+                        out = call(t)
+                    r = {"fwd_ms": bench_ms(lambda: _no_grad_call(t)),
+                         "rel_err_vs_default": rel(out, base), "rel_err_vs_fp32": rel(out, ref)}
+                    if name in ("default", "scan H2", "state N32 st3 + scan H2"):
+                        r["fwd_bwd_ms"] = _bench_shape(shape)[1]
+            except Exception as exc:  # noqa: BLE001 - reported, the other combinations still run
+                r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            res[key][name] = r
+            print(f"  {key} {name}: {r}", flush=True)
+        del t
+    return res
+
+
 def dbc_blocks(blk):
     """Run the dB / dC backward (chunk_scan_bwd_dbc) with the blocks ``blk`` (VARIANT, tile sizes)."""
     from mambakit.ops.ssd import triton_path
@@ -472,6 +525,10 @@ def _shrink():
     GOALS[:] = [(dict(b=1, l=40, h=2, p=64, n=128, g=1), *g[1:]) for g in GOALS[:1]]
     for v in VARIANTS.values():
         del v[2:]
+    global FWD_COMBO_SHAPES
+    FWD_COMBO_SHAPES = ("b1",)
+    for name in list(FWD_COMBOS)[2:-1]:
+        del FWD_COMBOS[name]
 
 
 def table() -> str:
@@ -521,6 +578,20 @@ def table() -> str:
             lines.append(f"stages {key}: " + ", ".join(parts))
     if "dbc_variants" in RESULTS:
         lines.extend(_dbc_table(RESULTS["dbc_variants"]))
+    fv = RESULTS.get("fwd_variants", {})
+    if "error" in fv:
+        lines.append(f"fwd_variants ERROR {fv['error'][:150]}")
+    for key, combos in (fv.items() if "error" not in fv else ()):
+        lines.append(f"fwd variants {key} (goal {combos['goal_fwd_ms']}, official {combos['official_fwd_ms']}): "
+                     f"{'fwd ms':>7s} {'f+b ms':>7s} {'err/def':>8s} {'err/fp32':>8s}")
+        for name, r in combos.items():
+            if not isinstance(r, dict):
+                continue
+            if "error" in r:
+                lines.append(f"  {name:26s} ERROR {r['error'][:120]}")
+                continue
+            lines.append(f"  {name:26s} {r['fwd_ms']:7.3f} {r.get('fwd_bwd_ms', float('nan')):7.3f} "
+                         f"{r['rel_err_vs_default']:8.1e} {r['rel_err_vs_fp32']:8.1e}")
     lines.append(f"total {time.time() - T0:.0f}s")
     return "\n".join(lines)
 
@@ -547,7 +618,7 @@ def main(argv=None):
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.split(",")))
     for fn in (correct_fp32, correct_bf16, split_correct, long_131k, long_1m, bench, time_split,
-               stages_and_variants, dbc_variants):
+               stages_and_variants, dbc_variants, fwd_variants):
         if fn.__name__ not in skip and (not only or fn.__name__ in only):
             part(fn)
     out = pathlib.Path(args.out)

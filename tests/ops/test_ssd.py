@@ -508,3 +508,44 @@ def test_dbc_variant_name_checked():
     x = torch.randn(1, 16, 2, 4)
     with pytest.raises(ValueError, match="VARIANT must be one of"):
         chunk_scan_bwd_dbc(x, None, None, None, None, None, None, None, None, 16, {"VARIANT": "fast"})
+
+
+# ---------------------------------------------------------------- scan_fwd with two heads a program
+
+
+@needs_triton
+@pytest.mark.parametrize("g, dtype, with_seq, D_hdim", [(1, torch.float32, True, True), (2, LOW, False, False),
+                                                        (4, torch.float32, False, False)])
+def test_triton_scan_fwd_two_heads_matches_reference(g, dtype, with_seq, D_hdim):
+    """scan_fwd HEADS=2 (two heads of a group share the C B^T dot): outputs, final states and every gradient
+    under the tolerance rule, and equal to one head a program. g=4 of 4 heads has one head a group, where
+    the launcher falls back to one head a program."""
+    from mambakit.ops.ssd import triton_path
+    from mambakit.ops.ssd.chunk_scan import chunk_scan_fwd
+
+    t = on_device(make_inputs(**SHAPE, g=g, D_hdim=D_hdim))
+    opts = dict(dt_softplus=True)
+    if with_seq:
+        seq_idx = torch.zeros(SHAPE["b"], SHAPE["l"], dtype=torch.int32, device=DEVICE)
+        seq_idx[:, CHUNK:] = 1
+        seq_idx[0, CHUNK + 5:] = 2
+        opts["seq_idx"] = seq_idx
+    ref = run(ssd_chunked_torch, cast(t, torch.float64), chunk_size=CHUNK, **opts)
+    base = run(ssd_chunked_torch, cast(t, dtype), chunk_size=CHUNK, **opts)
+    seen = []
+    real = triton_path.chunk_scan_fwd
+
+    def spy(*args, **kw):
+        seen.append(dict(args[-1] or {}))
+        return real(*args, **kw)
+
+    with triton_path.overridden_blocks(("scan_fwd",), HEADS=2), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_path, "chunk_scan_fwd", spy)
+        two = run_triton(cast(t, dtype), CHUNK, **opts)
+    assert seen and all(s.get("HEADS") == 2 for s in seen)
+    one = run_triton(cast(t, dtype), CHUNK, **opts)
+    for k in ref:
+        assert_rule(k, two[k], base[k], ref[k], atol=1e-5 if dtype == torch.float32 else 2e-3)
+        assert rel_err(two[k], one[k]) < (1e-6 if dtype == torch.float32 else 1e-3), k
+    with pytest.raises(ValueError, match="HEADS"):
+        chunk_scan_fwd(*[t[k] for k in ("x", "B", "C")], None, None, None, None, None, None, CHUNK, {"HEADS": 3})

@@ -27,6 +27,44 @@ from mambakit.ops.ssd.state_passing import dot_precision
 
 
 @triton.jit
+def _fwd_head_init(Cm, states_ptr, dA_cs_ptr, S_off, row, offs_m, offs_n, offs_p, mask_n, mask_p, dstate, seq_in_ok,
+                   dtype, DOT_PREC: tl.constexpr):
+    """One head's decay cumsum a_m over this program's rows and its entering-state term exp(a_m) C S_c."""
+    a_m = tl.load(dA_cs_ptr + row + offs_m)
+    # the state entering the chunk, read transposed: (BLOCK_N, BLOCK_P)
+    S = tl.load(states_ptr + S_off + offs_n[:, None] + offs_p[None, :] * dstate,
+                mask=mask_n[:, None] & mask_p[None, :], other=0.0)
+    scale_m = tl.where(seq_in_ok, tl.exp(a_m), 0.0)
+    return a_m, tl.dot(Cm, S.to(dtype), input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
+
+
+@triton.jit
+def _fwd_head_step(acc, cb, keep, a_m, dA_cs_ptr, dt_ptr, row, offs_k, x_k, mask_kp, dtype, DOT_PREC: tl.constexpr):
+    """acc += (C B^T * exp(a_m - a_k) dt_k, causal and sequence masked) x_k for one head and source block."""
+    a_k = tl.load(dA_cs_ptr + row + offs_k)
+    dt_k = tl.load(dt_ptr + row + offs_k)
+    # mask before exp: above the diagonal a[t] - a[s] > 0 could overflow
+    decay = tl.exp(tl.where(keep, a_m[:, None] - a_k[None, :], float("-inf"))) * dt_k[None, :]
+    xk = tl.load(x_k, mask=mask_kp, other=0.0)
+    return acc + tl.dot((cb * decay).to(dtype), xk.to(dtype), input_precision=DOT_PREC)
+
+
+@triton.jit
+def _fwd_head_store(acc, x_m, z_m, D_ptr, pid_h, offs_p, mask_p, mask_mp, stride_D_h, stride_D_p, out_ptr, y_ptr,
+                    out_m, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """D skip, the gate and the stores of one head's (BLOCK_M, BLOCK_P) outputs."""
+    if HAS_D:
+        xm = tl.load(x_m, mask=mask_mp, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
+        acc += xm * Dv[None, :]
+    if HAS_Z:
+        tl.store(y_ptr + out_m, acc.to(y_ptr.dtype.element_ty), mask=mask_mp)
+        zm = tl.load(z_m, mask=mask_mp, other=0.0).to(tl.float32)
+        acc = acc * zm * tl.sigmoid(zm)
+    tl.store(out_ptr + out_m, acc.to(out_ptr.dtype.element_ty), mask=mask_mp)
+
+
+@triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, B_ptr, C_ptr, dt_ptr, dA_cs_ptr, states_ptr, D_ptr, z_ptr, seq_ptr, out_ptr, y_ptr,
     seqlen, nheads, nchunks, heads_per_group, headdim, dstate,
@@ -37,11 +75,12 @@ def _chunk_scan_fwd_kernel(
     stride_seq_b, stride_seq_l, stride_D_h, stride_D_p,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEADS: tl.constexpr,
 ):
+    # HEADS (1 or 2) consecutive heads of one group a program: the C B^T dot of each source block is shared
     pid_bc = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_h = tl.program_id(2)
+    pid_h = tl.program_id(2) * HEADS
     pid_b = (pid_bc // nchunks).to(tl.int64)
     pid_c = pid_bc % nchunks
     dtype = x_ptr.dtype.element_ty
@@ -51,10 +90,12 @@ def _chunk_scan_fwd_kernel(
     g = pid_h // heads_per_group
     # 64-bit scalar bases of this chunk (1M-token inputs overflow int32), 32-bit offsets inside it
     x_c = x_ptr + pid_b * stride_x_b + start64 * stride_x_l + pid_h * stride_x_h
+    z_c = z_ptr + pid_b * stride_z_b + start64 * stride_z_l + pid_h * stride_z_h
     B_c = B_ptr + pid_b * stride_B_b + start64 * stride_B_l + g * stride_B_g
     C_c = C_ptr + pid_b * stride_C_b + start64 * stride_C_l + g * stride_C_g
     seq_c = seq_ptr + pid_b * stride_seq_b + start64 * stride_seq_l
     row = ((pid_b * nheads + pid_h) * nchunks + pid_c) * Q  # this chunk's row in dt / dA_cs (b, h, c, Q)
+    row1 = row + nchunks * Q  # the second head's row
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -62,18 +103,19 @@ def _chunk_scan_fwd_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
 
-    a_m = tl.load(dA_cs_ptr + row + offs_m)
     Cm = tl.load(C_c + offs_m[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)  # (BLOCK_M, BLOCK_N)
-    # the state entering the chunk, read transposed: (BLOCK_N, BLOCK_P)
-    S_c = states_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
-    S = tl.load(S_c + offs_n[:, None] + offs_p[None, :] * dstate, mask=mask_n[:, None] & mask_p[None, :], other=0.0)
-    scale_m = tl.exp(a_m)
+    seq_in_ok = mask_m | True
     if HAS_SEQ:
         seq_m = tl.load(seq_c + offs_m * stride_seq_l, mask=mask_m, other=-1)
         seq_in = tl.load(seq_ptr + pid_b * stride_seq_b + tl.maximum(start64 - 1, 0) * stride_seq_l)
-        scale_m = tl.where(seq_m == seq_in, scale_m, 0.0)
-    acc = tl.dot(Cm, S.to(dtype), input_precision=DOT_PREC) * scale_m[:, None]  # (BLOCK_M, BLOCK_P)
+        seq_in_ok = seq_m == seq_in
+    S_off = ((pid_b * nchunks + pid_c) * nheads + pid_h) * headdim * dstate
+    a_m, acc = _fwd_head_init(Cm, states_ptr, dA_cs_ptr, S_off, row, offs_m, offs_n, offs_p, mask_n, mask_p,
+                              dstate, seq_in_ok, dtype, DOT_PREC)
+    if HEADS == 2:
+        a_m1, acc1 = _fwd_head_init(Cm, states_ptr, dA_cs_ptr, S_off + headdim * dstate, row1, offs_m, offs_n,
+                                    offs_p, mask_n, mask_p, dstate, seq_in_ok, dtype, DOT_PREC)
 
     k_hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_len)  # causal: sources up to the diagonal
     for k0 in range(0, k_hi, BLOCK_K):
@@ -82,33 +124,28 @@ def _chunk_scan_fwd_kernel(
         Bk = tl.load(B_c + offs_k[None, :] * stride_B_l + offs_n[:, None] * stride_B_n,
                      mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(dtype)  # (BLOCK_N, BLOCK_K)
         cb = tl.dot(Cm, Bk, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_K)
-        a_k = tl.load(dA_cs_ptr + row + offs_k)
-        dt_k = tl.load(dt_ptr + row + offs_k)
         keep = (offs_m[:, None] >= offs_k[None, :]) & mask_k[None, :]
         if HAS_SEQ:
             seq_k = tl.load(seq_c + offs_k * stride_seq_l, mask=mask_k, other=-2)
             keep &= seq_m[:, None] == seq_k[None, :]
-        # mask before exp: above the diagonal a[t] - a[s] > 0 could overflow
-        decay = tl.exp(tl.where(keep, a_m[:, None] - a_k[None, :], float("-inf"))) * dt_k[None, :]
-        xk = tl.load(x_c + offs_k[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
-                     mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-        acc += tl.dot((cb * decay).to(dtype), xk.to(dtype), input_precision=DOT_PREC)
+        x_k = x_c + offs_k[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
+        mask_kp = mask_k[:, None] & mask_p[None, :]
+        acc = _fwd_head_step(acc, cb, keep, a_m, dA_cs_ptr, dt_ptr, row, offs_k, x_k, mask_kp, dtype, DOT_PREC)
+        if HEADS == 2:
+            acc1 = _fwd_head_step(acc1, cb, keep, a_m1, dA_cs_ptr, dt_ptr, row1, offs_k, x_k + stride_x_h, mask_kp,
+                                  dtype, DOT_PREC)
 
     mask_mp = mask_m[:, None] & mask_p[None, :]
-    if HAS_D:
-        xm = tl.load(x_c + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p, mask=mask_mp,
-                     other=0.0).to(tl.float32)
-        Dv = tl.load(D_ptr + pid_h * stride_D_h + offs_p * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
-        acc += xm * Dv[None, :]
-    tok_m = offs_m[:, None] * (nheads * headdim) + offs_p[None, :]  # out and y are contiguous (b, l, h, p)
-    out_c = ((pid_b * seqlen + start64) * nheads + pid_h) * headdim
-    if HAS_Z:
-        tl.store(y_ptr + out_c + tok_m, acc.to(y_ptr.dtype.element_ty), mask=mask_mp)
-        zm = tl.load(z_ptr + pid_b * stride_z_b + start64 * stride_z_l + pid_h * stride_z_h
-                     + offs_m[:, None] * stride_z_l + offs_p[None, :] * stride_z_p, mask=mask_mp,
-                     other=0.0).to(tl.float32)
-        acc = acc * zm * tl.sigmoid(zm)
-    tl.store(out_ptr + out_c + tok_m, acc.to(out_ptr.dtype.element_ty), mask=mask_mp)
+    x_m = x_c + offs_m[:, None] * stride_x_l + offs_p[None, :] * stride_x_p
+    z_m = z_c + offs_m[:, None] * stride_z_l + offs_p[None, :] * stride_z_p
+    # out and y are contiguous (b, l, h, p)
+    out_m = ((pid_b * seqlen + start64) * nheads + pid_h) * headdim + offs_m[:, None] * (nheads * headdim) \
+        + offs_p[None, :]
+    _fwd_head_store(acc, x_m, z_m, D_ptr, pid_h, offs_p, mask_p, mask_mp, stride_D_h, stride_D_p, out_ptr, y_ptr,
+                    out_m, HAS_D, HAS_Z)
+    if HEADS == 2:
+        _fwd_head_store(acc1, x_m + stride_x_h, z_m + stride_z_h, D_ptr, pid_h + 1, offs_p, mask_p, mask_mp,
+                        stride_D_h, stride_D_p, out_ptr, y_ptr, out_m + headdim, HAS_D, HAS_Z)
 
 
 @triton.jit
@@ -513,7 +550,11 @@ def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=N
     D: (h, p) / (h,) / None, z: (b, l, h, p) / None.
 
     Returns out (b, l, h, p) contiguous in x's dtype, and y = out before the gate (only when z is given).
+    ``blocks`` may set HEADS=2: two heads of a group a program, sharing the C B^T dot of each source block.
     """
+    heads = (blocks or {}).get("HEADS", 1)
+    if heads not in (1, 2):
+        raise ValueError(f"scan_fwd HEADS (heads a program) must be 1 or 2, got {heads}")
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nchunks = dt_p.shape[2]
@@ -525,12 +566,14 @@ def chunk_scan_fwd(x, B, C, dt_p, dA_cs, states, D, z, seq_idx, Q: int, blocks=N
     Dv = D if D is not None else dt_p
     D_strides = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
     seq = seq_idx if seq_idx is not None else dt_p
-    _chunk_scan_fwd_kernel[(b * nchunks, Q // BM, h)](
+    if (h // g) % heads:
+        heads = 1  # the heads of a program share their group's C B^T: an odd number of heads a group takes 1
+    _chunk_scan_fwd_kernel[(b * nchunks, Q // BM, h // heads)](
         x, B, C, dt_p, dA_cs, states, Dv, zz, seq, out, y,
         l, h, nchunks, h // g, p, n,
         *x.stride(), *B.stride(), *C.stride(), *zz.stride(), seq.stride(0), seq.stride(1), *D_strides,
         Q=Q, BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), **_launch_opts(blocks, x.dtype),
+        HAS_SEQ=seq_idx is not None, DOT_PREC=dot_precision(x.dtype), HEADS=heads, **_launch_opts(blocks, x.dtype),
     )
     return out, (y if z is not None else None)
 

@@ -180,8 +180,10 @@ GEMV_VARIANTS = [dict(pdl=False), dict(kernel="dot"), dict(elements=8192), dict(
                  dict(update_tile=2048)]
 # 2.7b/2.8b: fuse Mamba-2's big layers too (elements 32768 by default: 8 rows of K = 2560, padded to 4096, a
 # program; 16384: 4 rows); {} repeats the default (a fresh capture), which shows the run-to-run spread
-LARGE_VARIANTS = [dict(max_fused_weight=1 << 30), dict(max_fused_weight=1 << 30, elements=16384), {},
-                  dict(max_fused_weight=1 << 30, whole_programs_per_sm=1)]
+# large_step: decode.LARGE_MAMBA2_STEP ("fused_out": cuBLAS in_proj, gated norm fused into out_proj), alternated
+# with fresh captures of the default so that the capture-to-capture spread shows
+LARGE_VARIANTS = [dict(large_step="fused_out"), {}, dict(large_step="fused_out"), {},
+                  dict(large_step="fused_out"), dict(max_fused_weight=1 << 30), dict(max_fused_weight=1 << 30)]
 
 
 class config:
@@ -191,14 +193,16 @@ class config:
         self.variant = variant
 
     def __enter__(self):
-        self.saved = (dict(fused_decode.GEMV_CONFIG), fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT)
+        self.saved = (dict(fused_decode.GEMV_CONFIG), fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT,
+                      fused_decode.LARGE_MAMBA2_STEP)
         v = self.variant
         fused_decode.GEMV_CONFIG.update({k: x for k, x in v.items() if k in fused_decode.GEMV_CONFIG})
         fused_decode.UPDATE_TILE = v.get("update_tile", fused_decode.UPDATE_TILE)
         fused_decode.MAX_FUSED_WEIGHT = v.get("max_fused_weight", fused_decode.MAX_FUSED_WEIGHT)
+        fused_decode.LARGE_MAMBA2_STEP = v.get("large_step", fused_decode.LARGE_MAMBA2_STEP)
 
     def __exit__(self, *exc):
-        base, fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT = self.saved
+        base, fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT, fused_decode.LARGE_MAMBA2_STEP = self.saved
         fused_decode.GEMV_CONFIG.clear()
         fused_decode.GEMV_CONFIG.update(base)
 
@@ -211,11 +215,12 @@ def gemv_variants(model, r: dict, deadline: float, variants: list) -> None:
             break
         clear_graph_cache(model)
         with config(v):
-            if "max_fused_weight" in v and "kernels" not in r.setdefault("large_fused", {}):
-                r["large_fused"] = dict(fused_vs_unfused(model), kernels=kernel_profile(model))
-                print(f"  large fused: {r['large_fused']}", flush=True)
-            ms, _ = decode_ms(model, 1, 16, True)
-        r.setdefault("gemv_variants", {})[str(v)] = ms
+            key = "large_fused" if "max_fused_weight" in v else "large_fused_out" if "large_step" in v else None
+            if key and key not in r:
+                r[key] = dict(fused_vs_unfused(model), kernels=kernel_profile(model))
+                print(f"  {key}: {r[key]}", flush=True)
+            ms, _ = decode_ms(model, 1, 16, True, repeats=B1_REPEATS)
+        r.setdefault("gemv_variants", {}).setdefault(str(v), []).append(ms)
         print(f"  gemv {v}: {ms:.3f} ms/token", flush=True)
     clear_graph_cache(model)
 
@@ -301,8 +306,8 @@ def table(results: dict) -> str:
                      f"{f('unfused_kernels_per_layer', '8.1f')} {r['check']['cg_vs_eager_rel_err']:8.1e} "
                      f"{r['check'].get('fused_vs_unfused_rel_err', float('nan')):9.1e}")
         if r.get("gemv_variants"):
-            lines.append("    gemv variants (b1 cg ms/tok): " + ", ".join(
-                f"{k}={v:.3f}" for k, v in r["gemv_variants"].items()))
+            lines.append("    gemv variants (b1 cg ms/tok, each capture): " + ", ".join(
+                f"{k}=" + "/".join(f"{x:.3f}" for x in v) for k, v in r["gemv_variants"].items()))
     return "\n".join(lines)
 
 

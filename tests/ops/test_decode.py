@@ -178,6 +178,31 @@ def test_large_batch_or_layer_takes_unfused_path(monkeypatch, limit):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_large_mamba2_layer_fused_out_step(monkeypatch, residual_in_fp32):
+    """LARGE_MAMBA2_STEP="fused_out": a Mamba-2 layer above MAX_FUSED_WEIGHT keeps the unfused norm, in_proj
+    and conv update but fuses the gated norm into out_proj (the only fused GEMV launched); logits and every
+    cached state equal the unfused step's."""
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=60, pad_vocab_size_multiple=16,
+                      residual_in_fp32=residual_in_fp32, **MODELS["mamba2"])
+    model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
+    monkeypatch.setattr(dec, "MAX_FUSED_WEIGHT", 1)
+    monkeypatch.setattr(dec, "LARGE_MAMBA2_STEP", "fused_out")
+    calls = []
+    gemv = dec._gemv
+    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: calls.append(k["pro"]) or gemv(*a, **k))
+    ids = torch.randint(0, 60, (2, 5)).to(DEVICE)
+    ref, p_ref = _decode(model, ids, 3, fused=False)
+    assert not calls
+    out, p_fused = _decode(model, ids, 3, fused=True)
+    assert calls == [2] * (2 * 3)  # gated norm + out_proj, per layer and step
+    assert rel_err(out, ref) < 1e-5
+    for i, (conv, ssm) in p_ref.key_value_memory_dict.items():
+        conv_k, ssm_k = p_fused.key_value_memory_dict[i]
+        assert rel_err(conv_k, conv) < 1e-6 and rel_err(ssm_k, ssm) < 1e-5, f"layer {i} states"
+
+
 @pytest.mark.skipif(not triton_ok, reason="triton not installed")
 @pytest.mark.parametrize("elements", [28160, 32768, 5000, 100])
 def test_whole_tiles_are_powers_of_two(monkeypatch, elements):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from ..cache import InferenceParams
 from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
                    selective_state_update)
+from ..ops import decode as _decode
+from ..ops import rms_norm_fn
 from ..ops.decode import gated_norm_linear, linear, mamba2_state_update, norm_linear
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, fused_step_states, init_dt_bias,
                       new_conv_window, seq_idx_from_cu_seqlens, silu_gate, varlen_conv_windows)
@@ -235,15 +237,29 @@ class Mamba2(nn.Module):
         """
         if self.d_ssm != self.d_inner or type(self.in_proj) is not nn.Linear or type(self.out_proj) is not nn.Linear:
             return None
-        states = fused_step_states(self, hidden_states, inference_params)
+        # a layer too large for our in_proj GEMV (decode.LARGE_MAMBA2_STEP): norm, cuBLAS and the conv update
+        # kernels first, then the same fused state update and gated norm + out_proj
+        large = self.in_proj.weight.numel() > _decode.MAX_FUSED_WEIGHT
+        if large and _decode.LARGE_MAMBA2_STEP != "fused_out":
+            return None
+        states = fused_step_states(self, hidden_states, inference_params, size_limited=not large)
         if states is None:
             return None
         conv_state, ssm_state = states
-        zxbcdt, residual, xBC = norm_linear(
-            hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
-            residual=None if residual is None else residual[:, 0], residual_in_fp32=residual_in_fp32,
-            bias=self.in_proj.bias, conv_state=conv_state, conv_start=self.d_ssm, conv_weight=conv_weight(self.conv1d),
-            conv_bias=self.conv1d.bias)  # [z, xBC, dt] (b, d_in_proj); xBC = conv output (b, conv_dim)
+        if large:
+            normed, residual = rms_norm_fn(hidden_states[:, 0], norm.weight, None,
+                                           residual=None if residual is None else residual[:, 0], prenorm=True,
+                                           residual_in_fp32=residual_in_fp32, eps=norm.eps)
+            zxbcdt = self.in_proj(normed)  # (b, d_in_proj)
+            xBC = causal_conv1d_update(zxbcdt[:, self.d_ssm:self.d_ssm + self.conv_dim], conv_state,
+                                       conv_weight(self.conv1d), self.conv1d.bias, activation=self.activation)
+        else:
+            zxbcdt, residual, xBC = norm_linear(
+                hidden_states[:, 0], self.in_proj.weight, norm.weight, norm.eps,
+                residual=None if residual is None else residual[:, 0], residual_in_fp32=residual_in_fp32,
+                bias=self.in_proj.bias, conv_state=conv_state, conv_start=self.d_ssm,
+                conv_weight=conv_weight(self.conv1d),
+                conv_bias=self.conv1d.bias)  # [z, xBC, dt] (b, d_in_proj); xBC = conv output (b, conv_dim)
         A, D, dt_bias = self._step_constants()
         y = mamba2_state_update(zxbcdt, xBC, ssm_state, A, D, dt_bias, self.dt_limit, self.ngroups,
                                 dt_start=self.d_ssm + self.conv_dim, z_start=None if self.rmsnorm else 0)  # (b, d_ssm)

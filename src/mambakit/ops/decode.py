@@ -52,6 +52,11 @@ MAX_FUSED_BATCH = 2  # rows per fused step (the kernels take up to 16, the dot's
 # Mamba-2 in_proj weight elements (130m: 2.6M, 2.7b: 27M) above which the unfused step is used: at 2.7b it won
 # (2.72 vs 3.0 ms/token fused); Mamba-1 2.8b fused won (2.13-2.31 vs 3.13 ms), so Mamba-1 ignores this limit.
 MAX_FUSED_WEIGHT = 1 << 23
+# Mamba-2 layers above MAX_FUSED_WEIGHT: "unfused" runs the unfused step (7 kernels a layer at 2.7b: norm,
+# in_proj, conv, state update, gated norm, out_proj and cuBLAS' split-K reduce); "fused_out" keeps the norm and
+# cuBLAS' in_proj (faster than our GEMV on a 27M-element weight) but fuses the gated norm into the out_proj
+# GEMV (5 kernels). scripts/gpu_check_generate.py times both.
+LARGE_MAMBA2_STEP = "unfused"
 # GEMV launch. kernel: "whole" (_gemv_whole_kernel: a program holds its rows' whole weight slice, loaded before
 # the grid-dependency wait, for K <= MAX_WHOLE_K) or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).
 # whole: weight elements per program and programs per SM aimed at; dot: programs per SM, K slice per dot,

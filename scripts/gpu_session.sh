@@ -21,7 +21,7 @@ for spec in "$@"; do
   part=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
   case $part in
     env) run_part env "$limit" bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import mambakit, mambakit.ops; print(\"import ok\")"' ;;
-    mamba1) run_part mamba1 "$limit" python3 scripts/gpu_check_mamba1.py --out "$OUT/mamba1" --budget $((limit - 50)) ;;
+    mamba1) run_part mamba1 "$limit" python3 scripts/gpu_check_mamba1.py --out "$OUT/mamba1" --budget $((limit - 50)) ${M1_ARGS:-} ;;
     ssd) run_part ssd "$limit" python3 scripts/gpu_check_ssd.py --out "$OUT/ssd" ${SSD_ARGS:-} ;;
     conv) run_part conv "$limit" python3 scripts/gpu_check_conv_norm.py --out "$OUT/conv" ;;
     generate) run_part generate "$limit" python3 scripts/gpu_check_generate.py --out "$OUT/generate" --budget $((limit - 40)) ${GEN_ARGS:-} ;;

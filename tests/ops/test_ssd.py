@@ -352,14 +352,21 @@ def test_state_plan_time_split_only_for_small_grids(monkeypatch):
     monkeypatch.setattr(sp, "num_sms", lambda device: 132)  # H100/H200
     plan = lambda b, l, h, dtype=torch.bfloat16, **blk: sp.state_plan(256, b, h, 64, 128, -(-l // 256), blk, dtype,
                                                                       torch.device("cpu"))
-    for b, l, h in ((4, 4096, 48), (8, 2048, 80), (16, 512, 24)):
+    # unsplit; BLOCK_K 128 (the backward only above 4 programs an SM) and 3 forward stages above 4 programs an SM
+    for b, l, h, stages, bwd_k in ((4, 4096, 48, 2, 64), (8, 2048, 80, 3, 128), (16, 512, 24, 3, 128)):
         got = plan(b, l, h)
-        assert (got["parts"], got["BLOCK_N"], got["num_stages"]) == (1, 64, 2)
+        assert (got["parts"], got["BLOCK_N"], got["BLOCK_K"], got["num_stages"]) == (1, 64, 128, stages)
+        bwd = sp.state_plan(256, b, h, 64, 128, -(-l // 256), {}, torch.bfloat16, torch.device("cpu"), stage="bwd")
+        assert (bwd["BLOCK_K"], bwd["num_stages"]) == (bwd_k, 2)
+    assert plan(8, 2048, 80, torch.float32)["BLOCK_K"] == 32  # fp32 and other shapes: the former tiles
+    assert sp.state_plan(256, 8, 80, 128, 128, 8, {}, torch.bfloat16, torch.device("cpu"))["BLOCK_K"] == 64
+    assert plan(8, 2048, 80, BLOCK_K=64, num_stages=2)["BLOCK_K"] == 64
     long = plan(1, 65536, 48)
     assert long["parts"] == 8 and long["chunks_per_part"] == 32 and long["BLOCK_N"] == 64
+    assert (long["BLOCK_K"], long["num_stages"]) == (128, 3)
     assert plan(1, 65536, 48, TIME_SPLIT=3)["parts"] == 3
     off = plan(1, 65536, 48, TIME_SPLIT=1)
-    assert (off["parts"], off["BLOCK_N"], off["num_stages"]) == (1, 32, 3)
+    assert (off["parts"], off["BLOCK_N"], off["BLOCK_K"], off["num_stages"]) == (1, 32, 64, 3)
     assert plan(1, 65536, 48, torch.float32, TIME_SPLIT=1)["num_stages"] == 2
     short = plan(1, 1024, 48)  # 4 chunks: too short to split, and the former plan
     assert (short["parts"], short["BLOCK_N"], short["num_stages"]) == (1, 32, 2)

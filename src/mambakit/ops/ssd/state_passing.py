@@ -276,6 +276,14 @@ MIN_PART_CHUNKS = 4
 # 1.187 against 1.228). Measured for 16-bit inputs at headdim 64, dstate 128 on a long sequence only; it now
 # applies where such a sequence runs unsplit (TIME_SPLIT=1).
 _SHRUNK_16BIT_STAGES = 3
+# BLOCK_K (positions a dot) of 16-bit inputs at headdim <= 64, dstate <= 128 (notes/gpu_run8, H200, bf16, whole
+# forward ms, BLOCK_K 64 -> 128): b4 l4096 h48 (384 programs) 0.399 -> 0.359, b8 l2048 h80 (1280) 0.696 ->
+# 0.612, b1 l65536 h48 (time split, 768 programs) 1.658 -> 1.568; 256 was slower everywhere. 3 stages on top:
+# 0.461 at b4 (two programs an SM instead of three: 1.5 waves), 0.595 at b8, 1.535 at b1, so they are taken
+# above 4 programs an SM. state_bwd with BLOCK_K 128 (fwd+bwd ms): b4 1.517 -> 1.547, b8 2.537 -> 2.485, b1
+# 6.194 -> 6.119: taken above 4 programs an SM too.
+_WIDE_K = 128
+_BUSY_GRID = 4  # programs per SM above which the 16-bit state kernels take 3 stages (fwd) and _WIDE_K (bwd)
 
 
 def time_parts(programs: int, nchunks: int, sms: int) -> int:
@@ -288,14 +296,14 @@ def time_parts(programs: int, nchunks: int, sms: int) -> int:
     return max(1, min(want, nchunks // MIN_PART_CHUNKS))
 
 
-def state_plan(Q, batch, nheads, headdim, dstate, nchunks, blocks, dtype, device) -> dict:
-    """Tiles, launch options and time split of the state kernels.
+def state_plan(Q, batch, nheads, headdim, dstate, nchunks, blocks, dtype, device, stage: str = "fwd") -> dict:
+    """Tiles, launch options and time split of the state kernels (``stage``: "fwd" or "bwd").
 
     ``blocks`` overrides: BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages, TIME_SPLIT (parts; 1 = off).
     Returns dict(BLOCK_P, BLOCK_N, BLOCK_K, parts, chunks_per_part, num_warps, num_stages).
     """
     sixteen = dtype in (torch.float16, torch.bfloat16)
-    BK = min(Q, blocks.get("BLOCK_K") or (64 if sixteen else 32))
+    measured = sixteen and headdim <= 64 and dstate <= 128  # where _WIDE_K / _BUSY_GRID were measured
     BP = blocks.get("BLOCK_P") or max(16, min(64, triton.next_power_of_2(headdim)))
     BN = blocks.get("BLOCK_N") or max(16, min(64, triton.next_power_of_2(dstate)))
     sms = num_sms(device)
@@ -304,15 +312,20 @@ def state_plan(Q, batch, nheads, headdim, dstate, nchunks, blocks, dtype, device
     per_part = triton.cdiv(max(nchunks, 1), max(1, min(parts, nchunks)))
     parts = triton.cdiv(max(nchunks, 1), per_part)  # no empty part
     stages = blocks.get("num_stages")
+    shrunk = False
     if parts == 1 and blocks.get("BLOCK_N") is None:
         # not split: long sequential loops want many programs, so shrink the dstate block until the grid fills
-        shrunk = False
         while BN > 32 and batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) < 2 * sms:
             BN //= 2
             shrunk = True
         long_seq = nchunks >= 2 * MIN_PART_CHUNKS  # only measured there; short sequences keep 2 stages
         if stages is None and shrunk and long_seq and sixteen and headdim <= 64 and dstate <= 128:
             stages = _SHRUNK_16BIT_STAGES
+    busy = parts * batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) > _BUSY_GRID * sms
+    wide = measured and not shrunk and (stage == "fwd" or busy)  # the shrunk plan was measured with 64
+    BK = min(Q, blocks.get("BLOCK_K") or (_WIDE_K if wide else 64 if sixteen else 32))
+    if stages is None and measured and stage == "fwd" and busy and BK == _WIDE_K:
+        stages = 3
     return dict(BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK, parts=parts, chunks_per_part=per_part,
                 num_warps=blocks.get("num_warps", 4 if sixteen else 8), num_stages=stages or 2)
 
@@ -385,7 +398,7 @@ def state_bwd(dy, C, dA_cs, states, dfinal, seq_idx, Q: int, blocks=None):
     b, l, h, p = dy.shape
     g, n = C.shape[2:]
     nchunks = dA_cs.shape[2]
-    plan = state_plan(Q, b, h, p, n, nchunks, blocks or {}, dy.dtype, dy.device)
+    plan = state_plan(Q, b, h, p, n, nchunks, blocks or {}, dy.dtype, dy.device, stage="bwd")
     parts, split = plan["parts"], plan["parts"] > 1
     BP, BN = plan["BLOCK_P"], plan["BLOCK_N"]
     nblk = triton.cdiv(p, BP) * triton.cdiv(n, BN)

@@ -382,9 +382,10 @@ def TBW(**kw):
 # 8,110, a quarter of the bytes but 4-byte reductions.
 # Measured (notes/gpu_run8/call1, H200): default 4.939, bd2 + seg 128 4.767, bd4 + seg 64 4.652, seg 128 with
 # one channel 8.55 (chunks of 128 steps). Next: 8 channels (seg 32) and the b1 shape.
-# Then (call2): bd4 + seg 64 4.658 again (passes the full-size checks), bd8 + seg 32 6.55. Next: the b1 shape.
-FB = [(B1, False, {}, {}), (B1, False, KT(8, 32, seg=64), TBW(block_d=4)),
-      (B4, False, {}, {}), (B4, False, KT(8, 32, seg=64), TBW(block_d=4))]
+# Then (call2): bd4 + seg 64 4.658 again (passes the full-size checks), bd8 + seg 32 6.55; (call3) b1: default
+# 19.87, bd4 + seg 64 24.0, hence the busy-grid rule (_triton_scan_time.busy_grid), now the default: the
+# defaults at both shapes (b4 takes bd4 + seg 64, b1 the former plan).
+FB = [(B4, False, {}, {}), (B1, False, {}, {})]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
 CHECKS = [(dict(KT(8, 32, seg=64), kernel="time"), dict(TBW(block_d=4), kernel="time"), False),

@@ -463,6 +463,43 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
     assert set(kinds) == {"kt" if bcfg.get("steps") else "tile"}, kinds
 
 
+@needs_triton
+@pytest.mark.parametrize("busy", [True, False])
+def test_triton_time_kernels_busy_grid_plan(poisoned, monkeypatch, busy):
+    """The default plan: on a busy grid the forward saves a state every BUSY_SEG (64) steps and the backward
+    runs 4 channels a program (chunks of 64 steps); otherwise a state a 256-step chunk and one channel. Both
+    against the reference (initial state, packed sequences, groups), and the launches' meta checked."""
+    from mambakit.ops import _triton_scan_time as tk
+    from mambakit.ops import _triton_scan_time_bwd as tb
+    from mambakit.ops import _triton_selective_scan as k
+
+    monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
+    monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
+    monkeypatch.setattr(tk, "BUSY_CHANNELS_PER_SM", 0 if busy else 1 << 30)
+    monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 32)  # the default tile (the fixture shrinks it)
+    metas = []
+
+    class MetaSpy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                metas.append((self.name, {key: meta.get(key) for key in ("T", "K", "SEG_ROWS", "DB")}))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", MetaSpy(tk._scan_time_fwd_kt_kernel, "fwd"))
+    monkeypatch.setattr(tb, "_scan_bwd_time_kt_kernel", MetaSpy(tb._scan_bwd_time_kt_kernel, "bwd"))
+    b, d, l = 2, 8, 300
+    check_kernel_rule("group", torch.float32, seq_idx=seq_idx_for(b, l), b=b, d=d, l=l, n=3)
+    fwd = [m for name, m in metas if name == "fwd"]
+    bwd = [m for name, m in metas if name == "bwd"]
+    assert fwd and bwd, metas
+    assert fwd[0] == dict(T=32, K=8, SEG_ROWS=8 if busy else 32, DB=None)
+    assert bwd[0]["DB"] == (4 if busy else 1) and bwd[0]["T"] * bwd[0]["K"] == (64 if busy else 256)
+
+
 class _Spy:
     """A kernel stand-in that records its launches (kernel[grid](...)) and launches the real one."""
 

@@ -44,9 +44,25 @@ from mambakit.ops._triton_selective_scan import _recurrence_combine, _seq_reset,
 # program. max_n: larger d_state goes to the channel-parallel kernel (the state loop is unrolled: only
 # d_state <= 16, Mamba-1's default, was measured on a GPU). num_stages, maxnreg: Triton's launch options.
 # seg ((T, K) kernel): steps between the states saved for the backward, steps times a power of two, at most
-# the chunk (None: the chunk); a smaller seg lets the backward run smaller chunks.
+# the chunk (None: BUSY_SEG on a busy grid, see below, else the chunk); a smaller seg lets the backward run
+# smaller chunks.
 FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
                        num_stages=None, max_n=16)
+# Busy grids (b * d >= BUSY_CHANNELS_PER_SM channels an SM): the forward saves a state every BUSY_SEG steps and
+# the backward (BWD_TIME_CONFIG block_d None) runs 4 channels of 64-step chunks in one warp, its dB/dC summed
+# over them before the atomics. H200, bf16, n 16, fwd+bwd ms (notes/gpu_run8): b4 d3072 l4096 (93 channels an
+# SM) 4.939 / 4.940 -> 4.652 / 4.658 (2 channels, seg 128: 4.767; 8 channels, seg 32: 6.55), but b1 d3072
+# l65536 (23 an SM, 768 programs of 4 channels) 19.9 -> 24.0, hence the threshold; the forward is unchanged
+# (0.70 ms) and its saved states take 4x the memory (50 MB at b4 d3072 l4096).
+BUSY_CHANNELS_PER_SM = 64
+BUSY_SEG = 64
+
+
+def busy_grid(batch: int, dim: int, device) -> bool:
+    """Whether a scan over batch x dim channels takes the busy-grid plan above."""
+    from mambakit.ops.dispatch import num_sms
+
+    return batch * dim >= BUSY_CHANNELS_PER_SM * num_sms(device)
 
 
 @triton.jit
@@ -316,6 +332,9 @@ def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
         rows = cfg.get("rows") or 32 * cfg["num_warps"]
         rows = max(2, min(rows, triton.next_power_of_2(triton.cdiv(max(l, 1), k))))
         seg = cfg.get("seg") or rows * k
+        if cfg.get("seg") is None and BUSY_SEG % k == 0 and rows * k > BUSY_SEG \
+                and busy_grid(u.shape[0], d, u.device):
+            seg = BUSY_SEG
         if seg % k or (seg // k) & (seg // k - 1):
             raise ValueError(f"selective scan: FWD_TIME_CONFIG seg={seg} must be steps={k} times a power of two")
         return _k._launch_opts(cfg, dict(T=rows, K=k, CHUNK=rows * k, num_warps=max(1, rows // 32),

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops import _triton_selective_scan as k
-from mambakit.ops._triton_scan_time import _kt_bc, _kt_scans, _load_dt, _tile_index
+from mambakit.ops._triton_scan_time import _kt_bc, _kt_scans, _load_dt, _tile_index, busy_grid
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_combine, _seq_reset, _softplus
 from mambakit.ops.causal_conv1d import _join8, _split8
 
@@ -71,7 +71,9 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # layout changes cost more than the halved atomics save); b1 d3072 l65536 20.0 ms (block_d 2: 28.0).
 # notes/gpu_run7/call2 (before the slot order): copies 1 6.70, 4 5.65, 16 5.31, 64 5.21; maxnreg 128 with
 # 16 copies 6.38, 168 5.36; constant B/C (no per-step atomics) 2.93 (call1): the atomics are the main cost.
-BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=1, chunk=None, num_warps=None, unroll=False,
+# block_d None: 1, or on a busy grid (_triton_scan_time.busy_grid) with the forward's seg of 64 or 128 steps
+# and no chunk set, as many channels as fill one warp with rows of `steps` (4 at seg 64, 2 at seg 128).
+BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=None, chunk=None, num_warps=None, unroll=False,
                        num_stages=None, maxnreg=None)
 
 
@@ -569,7 +571,12 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
         raise ValueError(f"chunk={chunk} must be a power of two and a multiple of the forward's seg={seg} "
                          "(each chunk starts at a saved state)")
     chunk = max(seg, min(chunk, triton.next_power_of_2(max(l, 1))))
-    block_d = min(cfg["block_d"], triton.next_power_of_2(d))
+    block_d = cfg["block_d"]
+    if block_d is None:
+        steps = cfg.get("steps") or 0
+        fill = 32 * steps // seg if steps and chunk == seg else 0  # channels that fill a warp of seg-step rows
+        block_d = fill if fill in (2, 4) and busy_grid(u.shape[0], d, u.device) else 1
+    block_d = min(block_d, triton.next_power_of_2(d))
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError(f"block_d={cfg['block_d']} must be a power of two")
     block_d = k._group_block_d(block_d, d, B)

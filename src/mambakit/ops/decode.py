@@ -55,7 +55,8 @@ MAX_FUSED_WEIGHT = 1 << 23
 # Mamba-2 layers above MAX_FUSED_WEIGHT: "unfused" runs the unfused step (7 kernels a layer at 2.7b: norm,
 # in_proj, conv, state update, gated norm, out_proj and cuBLAS' split-K reduce); "fused_out" keeps the norm and
 # cuBLAS' in_proj (faster than our GEMV on a 27M-element weight) but fuses the gated norm into the out_proj
-# GEMV (5 kernels). scripts/gpu_check_generate.py times both.
+# GEMV (5 kernels). scripts/gpu_check_generate.py times both. H200, 2.7b, b1 CUDA graphs (notes/gpu_run8): unfused
+# 2.49-2.69 ms/token over 6 captures, fused_out 2.47-2.63 over 3: not distinguishable, so "unfused" stays.
 LARGE_MAMBA2_STEP = "unfused"
 # GEMV launch. kernel: "whole" (_gemv_whole_kernel: a program holds its rows' whole weight slice, loaded before
 # the grid-dependency wait, for K <= MAX_WHOLE_K) or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).

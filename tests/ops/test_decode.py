@@ -143,26 +143,33 @@ def _decode(model, ids, steps, fused):
     return torch.stack(out, 1), params
 
 
+def _fused_equals_unfused(model, monkeypatch, steps=3):
+    """Greedy decoding of 2 rows on the unfused path (which must launch no fused GEMV) and on the fused one:
+    logits and every cached state equal. Returns the fused GEMVs' prologue kinds (``pro``), in launch order."""
+    calls = []
+    gemv = dec._gemv
+    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: calls.append(k["pro"]) or gemv(*a, **k))
+    ids = torch.randint(0, 60, (2, 5)).to(DEVICE)
+    ref, p_ref = _decode(model, ids, steps, fused=False)
+    assert not calls
+    out, p_fused = _decode(model, ids, steps, fused=True)
+    assert rel_err(out, ref) < 1e-5
+    for i, (conv, ssm) in p_ref.key_value_memory_dict.items():
+        conv_k, ssm_k = p_fused.key_value_memory_dict[i]
+        assert rel_err(conv_k, conv) < 1e-6 and rel_err(ssm_k, ssm) < 1e-5, f"layer {i} states"
+    return calls
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_fused_decode_equals_unfused(name, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(dec, "MAX_FUSED_BATCH", 2)  # the kernels take several rows: test two
     cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=60, pad_vocab_size_multiple=16, **MODELS[name])
     model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
-    calls = []
-    gemv = dec._gemv
-    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: calls.append(k["pro"]) or gemv(*a, **k))
-    ids = torch.randint(0, 60, (2, 5)).to(DEVICE)
-    ref, p_ref = _decode(model, ids, 3, fused=False)
-    assert not calls
-    out, p_fused = _decode(model, ids, 3, fused=True)
+    calls = _fused_equals_unfused(model, monkeypatch)
     mamba1 = name == "mamba1"
     # per layer and step: norm+in_proj, then x_proj and out_proj (Mamba-1) or gated norm+out_proj (Mamba-2)
     assert len(calls) == 2 * 3 * (3 if mamba1 else 2)
-    assert rel_err(out, ref) < 1e-5
-    for i, (conv, ssm) in p_ref.key_value_memory_dict.items():
-        conv_k, ssm_k = p_fused.key_value_memory_dict[i]
-        assert rel_err(conv_k, conv) < 1e-6 and rel_err(ssm_k, ssm) < 1e-5, f"layer {i} states"
 
 
 @pytest.mark.parametrize("limit", ["MAX_FUSED_BATCH", "MAX_FUSED_WEIGHT"])
@@ -189,18 +196,8 @@ def test_large_mamba2_layer_fused_out_step(monkeypatch, residual_in_fp32):
     model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
     monkeypatch.setattr(dec, "MAX_FUSED_WEIGHT", 1)
     monkeypatch.setattr(dec, "LARGE_MAMBA2_STEP", "fused_out")
-    calls = []
-    gemv = dec._gemv
-    monkeypatch.setattr(dec, "_gemv", lambda *a, **k: calls.append(k["pro"]) or gemv(*a, **k))
-    ids = torch.randint(0, 60, (2, 5)).to(DEVICE)
-    ref, p_ref = _decode(model, ids, 3, fused=False)
-    assert not calls
-    out, p_fused = _decode(model, ids, 3, fused=True)
+    calls = _fused_equals_unfused(model, monkeypatch)
     assert calls == [2] * (2 * 3)  # gated norm + out_proj, per layer and step
-    assert rel_err(out, ref) < 1e-5
-    for i, (conv, ssm) in p_ref.key_value_memory_dict.items():
-        conv_k, ssm_k = p_fused.key_value_memory_dict[i]
-        assert rel_err(conv_k, conv) < 1e-6 and rel_err(ssm_k, ssm) < 1e-5, f"layer {i} states"
 
 
 @pytest.mark.skipif(not triton_ok, reason="triton not installed")

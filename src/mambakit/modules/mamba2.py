@@ -16,8 +16,8 @@ from ..cache import InferenceParams
 from ..ops import (RMSNormGated, causal_conv1d_fn, causal_conv1d_update, mamba_chunk_scan_combined,
                    selective_state_update)
 from ..ops import decode as _decode
-from ..ops import rms_norm_fn
 from ..ops.decode import gated_norm_linear, linear, mamba2_state_update, norm_linear
+from .block import add_norm
 from ._common import (cache_slot, check_hidden, conv_weight, decode_constants, fused_step_states, init_dt_bias,
                       new_conv_window, seq_idx_from_cu_seqlens, silu_gate, varlen_conv_windows)
 
@@ -247,9 +247,8 @@ class Mamba2(nn.Module):
             return None
         conv_state, ssm_state = states
         if large:
-            normed, residual = rms_norm_fn(hidden_states[:, 0], norm.weight, None,
-                                           residual=None if residual is None else residual[:, 0], prenorm=True,
-                                           residual_in_fp32=residual_in_fp32, eps=norm.eps)
+            normed, residual = add_norm(hidden_states[:, 0], None if residual is None else residual[:, 0], norm,
+                                        residual_in_fp32)
             zxbcdt = self.in_proj(normed)  # (b, d_in_proj)
             xBC = causal_conv1d_update(zxbcdt[:, self.d_ssm:self.d_ssm + self.conv_dim], conv_state,
                                        conv_weight(self.conv1d), self.conv1d.bias, activation=self.activation)

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from mambakit.ops import _triton_selective_scan as _k
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _seq_reset, _softplus
+from mambakit.ops.dispatch import num_sms
 
 # steps: K > 0 runs the (T, K) kernel _scan_time_fwd_kt_kernel with K steps a row and T = rows (None: 32
 # num_warps) rows, T / 32 warps (at least 1), chunks of T K steps, block_d must be 1; prefetch: its loads of the
@@ -60,8 +61,6 @@ BUSY_SEG = 64
 
 def busy_grid(batch: int, dim: int, device) -> bool:
     """Whether a scan over batch x dim channels takes the busy-grid plan above."""
-    from mambakit.ops.dispatch import num_sms
-
     return batch * dim >= BUSY_CHANNELS_PER_SM * num_sms(device)
 
 

@@ -303,25 +303,29 @@ def state_plan(Q, batch, nheads, headdim, dstate, nchunks, blocks, dtype, device
     Returns dict(BLOCK_P, BLOCK_N, BLOCK_K, parts, chunks_per_part, num_warps, num_stages).
     """
     sixteen = dtype in (torch.float16, torch.bfloat16)
-    measured = sixteen and headdim <= 64 and dstate <= 128  # where _WIDE_K / _BUSY_GRID were measured
+    # where _SHRUNK_16BIT_STAGES, _WIDE_K and _BUSY_GRID were measured
+    measured = sixteen and headdim <= 64 and dstate <= 128
     BP = blocks.get("BLOCK_P") or max(16, min(64, triton.next_power_of_2(headdim)))
     BN = blocks.get("BLOCK_N") or max(16, min(64, triton.next_power_of_2(dstate)))
     sms = num_sms(device)
-    programs = batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN)
-    parts = blocks.get("TIME_SPLIT") or time_parts(programs, nchunks, sms)
+
+    def programs(bn: int) -> int:  # of one time part, with a dstate block of bn
+        return batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, bn)
+
+    parts = blocks.get("TIME_SPLIT") or time_parts(programs(BN), nchunks, sms)
     per_part = triton.cdiv(max(nchunks, 1), max(1, min(parts, nchunks)))
     parts = triton.cdiv(max(nchunks, 1), per_part)  # no empty part
     stages = blocks.get("num_stages")
     shrunk = False
     if parts == 1 and blocks.get("BLOCK_N") is None:
         # not split: long sequential loops want many programs, so shrink the dstate block until the grid fills
-        while BN > 32 and batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) < 2 * sms:
+        while BN > 32 and programs(BN) < 2 * sms:
             BN //= 2
             shrunk = True
         long_seq = nchunks >= 2 * MIN_PART_CHUNKS  # only measured there; short sequences keep 2 stages
-        if stages is None and shrunk and long_seq and sixteen and headdim <= 64 and dstate <= 128:
+        if stages is None and shrunk and long_seq and measured:
             stages = _SHRUNK_16BIT_STAGES
-    busy = parts * batch * nheads * triton.cdiv(headdim, BP) * triton.cdiv(dstate, BN) > _BUSY_GRID * sms
+    busy = parts * programs(BN) > _BUSY_GRID * sms
     wide = measured and not shrunk and (stage == "fwd" or busy)  # the shrunk plan was measured with 64
     BK = min(Q, blocks.get("BLOCK_K") or (_WIDE_K if wide else 64 if sixteen else 32))
     if stages is None and measured and stage == "fwd" and busy and BK == _WIDE_K:

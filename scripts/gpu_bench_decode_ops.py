@@ -131,12 +131,94 @@ def first(t):
     return t[0] if isinstance(t, tuple) else t
 
 
+# --sweep: the large layers' GEMVs (Mamba-2 2.7b's in_proj with its norm and conv window, its gated norm +
+# out_proj, the plain out_proj / x_proj of Mamba-1 2.8b) over whole-kernel tiles (split: a row as two
+# power-of-two tiles; elements a program; warps) and dot-kernel tiles. Each call of the graph reads another
+# copy of the weight (at least L2_BYTES of copies), as a decode step reads 64 layers' weights, so the rates are
+# HBM rates, not L2 ones (the default sweep above reuses one weight and overstates the 26 MB out_proj).
+L2_BYTES = 200e6
+SWEEP_SHAPES = {  # kind, n, k (, the conv window's first column and width)
+    "m2-2.7b in_proj": (1, 10576, 2560, 5120, 5376), "m2-2.7b out_proj": (2, 2560, 5120),
+    "out_proj plain": (0, 2560, 5120), "m1-2.8b in_proj": (1, 10240, 2560, 0, 5120), "m1-2.8b x_proj": (0, 192, 5120)}
+SWEEP = ([dict(split=sp, elements=el, num_warps=nw) for sp in (False, True) for el in (8192, 16384, 32768, 65536)
+          for nw in (4, 8)]
+         + [dict(kernel="dot", programs_per_sm=pps, block_k=bk, num_stages=st)
+            for pps, bk, st in ((4, 256, 3), (8, 256, 3), (4, 512, 3), (2, 256, 4))])
+SMOKE_SWEEP = {"m2 in_proj": (1, 40, 48, 10, 20), "m2 out_proj": (2, 24, 48), "plain": (0, 24, 40)}
+
+
+def sweep_ops(kind: int, n: int, k: int, c0: int = 0, c: int = 0):
+    """(fused call of weight copy i, cuBLAS call of copy i, copies, reference call) for one GEMV shape.
+    kind 0: plain linear; 1: add + RMSNorm + linear, output columns c0 .. c0 + c entering a conv window
+    (in_proj); 2: gated RMSNorm + linear (Mamba-2's out_proj)."""
+    copies = max(1, min(REPS, int(-(-L2_BYTES // (n * k * 2)))))
+    ws = [rnd(n, k, scale=k ** -0.5) for _ in range(copies)]
+    x, res, z, nw = rnd(1, k), rnd(1, k), rnd(1, k), rnd(k, scale=0.1) + 1
+    if kind == 1:
+        conv = dict(conv_state=rnd(1, c, 4), conv_start=c0, conv_weight=rnd(c, 4, scale=0.5), conv_bias=rnd(c))
+        fused = lambda i: dec.norm_linear(x, ws[i], nw, 1e-5, residual=res, **conv)  # noqa: E731
+        ref = lambda i: dec.norm_linear_ref(x, ws[i], nw, 1e-5, residual=res, **conv)  # noqa: E731
+    elif kind == 2:
+        fused = lambda i: dec.gated_norm_linear(x, z, nw, 1e-5, k, False, ws[i])  # noqa: E731
+        ref = lambda i: dec.gated_norm_linear_ref(x, z, nw, 1e-5, k, False, ws[i])  # noqa: E731
+    else:
+        fused = lambda i: dec.linear(x, ws[i])  # noqa: E731
+        ref = lambda i: F.linear(x, ws[i])  # noqa: E731
+    return fused, (lambda i: F.linear(x, ws[i])), copies, ref
+
+
+def graph_us_rotating(fn, copies: int) -> float:
+    """graph_us over calls that cycle through the weight copies."""
+    calls = iter(range(1 << 30))
+    return graph_us(lambda: fn(next(calls) % copies))
+
+
+def sweep(args) -> int:
+    start = time.perf_counter()
+    shapes = SMOKE_SWEEP if DEVICE == "cpu" else SWEEP_SHAPES
+    variants = SWEEP[:2] + SWEEP[8:9] + SWEEP[-1:] if DEVICE == "cpu" else SWEEP
+    results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "reps": REPS,
+               "sweep": {}}
+    base = dict(dec.GEMV_CONFIG)
+    for name, shape in shapes.items():
+        fused, cublas, copies, ref = sweep_ops(*shape)
+        r = results["sweep"].setdefault(name, {"weight_mb": shape[1] * shape[2] * 2 / 1e6, "copies": copies})
+        r["cublas_us"] = graph_us_rotating(cublas, copies)
+        for v in variants:
+            label = ",".join(f"{a}={b}" for a, b in v.items())
+            if time.perf_counter() - start > args.budget:
+                break
+            dec.GEMV_CONFIG.update(v)
+            try:
+                got, want = first(fused(0)), first(ref(0))
+                err = float((got.float() - want.float()).norm() / want.float().norm())
+                r[label] = dict(us=graph_us_rotating(fused, copies), rel_err=err)
+            except Exception as e:  # noqa: BLE001 (recorded, the sweep goes on)
+                r[label] = dict(error=repr(e)[:200])
+            finally:
+                dec.GEMV_CONFIG.clear()
+                dec.GEMV_CONFIG.update(base)
+        print(name, {a: b for a, b in r.items()}, flush=True)
+    results["seconds"] = time.perf_counter() - start
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench_decode_ops_sweep.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{'shape':<18} {'MB':>6} {'cuBLAS us':>9} {'TB/s':>5}  best 4 variants (us, TB/s, rel err)")
+    for name, r in results["sweep"].items():
+        tbs = lambda us: r["weight_mb"] / us if us else 0.0  # noqa: E731 (MB/us = TB/s)
+        got = sorted((v["us"], lab, v["rel_err"]) for lab, v in r.items() if isinstance(v, dict) and "us" in v)
+        cells = "; ".join(f"{lab} {us:.2f} {tbs(us):.2f} {e:.1e}" for us, lab, e in got[:4])
+        print(f"{name:<18} {r['weight_mb']:6.1f} {r['cublas_us']:9.2f} {tbs(r['cublas_us']):5.2f}  {cells}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".", help="directory for gpu_bench_decode_ops.json")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds after which variants are skipped")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU through Triton's interpreter (run with TRITON_INTERPRET=1)")
+    ap.add_argument("--sweep", action="store_true", help="the large layers' GEMV tile sweep (HBM rates) instead")
     args = ap.parse_args(argv)
     global DEVICE, SHAPES
     if args.smoke:
@@ -150,7 +232,7 @@ def main(argv=None) -> int:
         return 1
     torch.manual_seed(0)
     with backend("triton"):  # the fused kernels (through the interpreter in --smoke)
-        return run(args)
+        return sweep(args) if args.sweep else run(args)
 
 
 def run(args) -> int:

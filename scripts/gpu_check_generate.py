@@ -182,8 +182,10 @@ GEMV_VARIANTS = [dict(pdl=False), dict(kernel="dot"), dict(elements=8192), dict(
 # program; 16384: 4 rows); {} repeats the default (a fresh capture), which shows the run-to-run spread
 # large_step: decode.LARGE_MAMBA2_STEP ("fused_out": cuBLAS in_proj, gated norm fused into out_proj), alternated
 # with fresh captures of the default so that the capture-to-capture spread shows
-LARGE_VARIANTS = [dict(large_step="fused_out"), {}, dict(large_step="fused_out"), {},
-                  dict(large_step="fused_out"), dict(max_fused_weight=1 << 30), dict(max_fused_weight=1 << 30)]
+# split: the whole GEMV holds a row as two power-of-two tiles (2048 + 512 at K = 2560, 4096 + 1024 at 5120)
+LARGE_VARIANTS = [dict(large_step="fused_out", split=True), {}, dict(max_fused_weight=1 << 30, split=True),
+                  dict(large_step="fused_out", split=True), {}, dict(max_fused_weight=1 << 30, split=True),
+                  dict(max_fused_weight=1 << 30, split=True, elements=16384), dict(large_step="fused_out")]
 
 
 class config:

@@ -362,10 +362,12 @@ def KT(steps, rows, **kw):
     return dict(tc=dict(steps=steps, rows=rows, **kw))
 
 
-FWD_B4 = [{}]
+# maxnreg 96 / 80: 21 / 25 warps an SM instead of 16 (at b1 d3072, 3072 one-warp programs: 1.45 waves of
+# 2112 at 128 registers, one wave at 80), if ptxas does not spill
+FWD_B4 = [{}, KT(8, 32, maxnreg=96)]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = []
-FWD_B1 = [{}]
+FWD_B1 = [{}, KT(8, 32, maxnreg=80), KT(8, 32, maxnreg=96), KT(8, 32, maxnreg=72)]
 
 
 def TBW(**kw):

@@ -29,7 +29,7 @@ for spec in "$@"; do
     train) run_part train "$limit" env STEPS="${STEPS:-800}" bash scripts/train_default_model.sh "$OUT/train/run" ;;
     bench) run_part bench "$limit" bash scripts/gpu_bench_all.sh "$OUT/bench" ;;
     pytest) run_part pytest "$limit" python3 -m pytest -q -rf tests/ops tests/inference/test_cuda_graph.py -p no:cacheprovider ;;
-    decode-ops) run_part decode-ops "$limit" python3 scripts/gpu_bench_decode_ops.py --out "$OUT/decode-ops" --budget $((limit - 30)) ;;
+    decode-ops) run_part decode-ops "$limit" python3 scripts/gpu_bench_decode_ops.py --out "$OUT/decode-ops" --budget $((limit - 30)) ${DOPS_ARGS:-} ;;
     decode-tests) run_part decode-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_decode.py tests/ops/test_state_update.py tests/inference -p no:cacheprovider ;;
     scan-tests) run_part scan-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_selective_scan.py -p no:cacheprovider ;;
     *) echo "unknown part $part" ;;

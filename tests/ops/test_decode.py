@@ -18,12 +18,15 @@ DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
-@pytest.fixture(params=["whole", "whole-few-sms", "dot"])
+@pytest.fixture(params=["whole", "whole-few-sms", "whole-split", "dot"])
 def gemv_kernel(request, monkeypatch):
     """Each GEMV kernel; "whole-few-sms" pretends the device has 4 SMs, so that a program owns several outputs
-    (BLOCK_N > 1) and the last one a partial block."""
+    (BLOCK_N > 1) and the last one a partial block; "whole-split" holds a row as two power-of-two tiles and
+    "whole" as one (whatever the default), on 4 SMs too."""
     monkeypatch.setitem(dec.GEMV_CONFIG, "kernel", request.param.split("-")[0])
-    if request.param == "whole-few-sms":
+    if request.param.startswith("whole"):
+        monkeypatch.setitem(dec.GEMV_CONFIG, "split", request.param == "whole-split")
+    if request.param in ("whole-few-sms", "whole-split"):
         monkeypatch.setattr(dec, "num_sms", lambda device: 4)
     return request.param
 
@@ -207,6 +210,10 @@ def test_whole_tiles_are_powers_of_two(monkeypatch, elements):
     K = 2560) crashed the compile before, and the tile never exceeds the elements asked for."""
     monkeypatch.setattr(dec, "num_sms", lambda device: 132)
     monkeypatch.setitem(dec.GEMV_CONFIG, "elements", elements)
-    bn, bk = dec._whole_tiles(10576, 2560, "cpu")
-    assert bk == 4096 and bn & (bn - 1) == 0 and bn >= 1
-    assert bn * bk <= max(elements, bk)
+    for split, tiles in ((False, (4096, 0)), (True, (2048, 512))):
+        monkeypatch.setitem(dec.GEMV_CONFIG, "split", split)
+        bn, bk, bk2 = dec._whole_tiles(10576, 2560, "cpu")
+        assert (bk, bk2) == tiles and bn & (bn - 1) == 0 and bn >= 1
+        assert bn * (bk + bk2) <= max(elements, bk + bk2)
+    assert dec._whole_tiles(10576, 2048, "cpu")[1:] == (2048, 0)  # a power of two needs no second tile
+    assert dec._whole_tiles(10576, 5000, "cpu")[1:] == (4096, 1024)

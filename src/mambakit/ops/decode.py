@@ -64,8 +64,8 @@ LARGE_MAMBA2_STEP = "unfused"
 # pipeline depth; both: warps. pdl: programmatic dependent launch on sm_90+ (each fused kernel starts while the
 # previous one finishes and waits for it only after loading its parameters).
 # scripts/gpu_check_generate.py times variants of these.
-GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, programs_per_sm=4, block_k=256,
-                   num_stages=3, num_warps=4, pdl=True)
+GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, split=False, programs_per_sm=4,
+                   block_k=256, num_stages=3, num_warps=4, pdl=True)
 MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, next_pow2(K)) weight tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
 
@@ -257,20 +257,48 @@ if triton is not None:
                 tl.store(co_ptr + m64[:, None] * s_com + c64[None, :], conv.to(co_ptr.dtype.element_ty), mask=mc2)
 
     @triton.jit
+    def _whole_row(m, k, mask_k, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
+                   PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+        """Columns k of input row m for _gemv_whole_kernel, fp32, before normalisation (program 0 stores the
+        residual sum for PRO 1), and the gate silu(z) (PRO 2; applied already unless NORM_BEFORE_GATE)."""
+        v, gate = _gemv_input(k, mask_k, k * 0 + m, True, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
+                              PRO, HAS_RES, NORM_BEFORE_GATE)
+        if PRO == 1:
+            if pid == 0:
+                tl.store(ro_ptr + m * s_rom + k, v.to(ro_ptr.dtype.element_ty), mask=mask_k)
+        return v, gate
+
+    @triton.jit
+    def _whole_dot(v, gate, r, nw, w, out_ptr, w_ptr, PRO: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+        """The normalised slice (v * rstd r * norm weight (* gate)) rounded as the unfused op stores it, reduced
+        against the weight slice w (BLOCK_N, BLOCK_K): (BLOCK_N,) fp32."""
+        if PRO != 0:
+            v = v * r * nw
+            if PRO == 2 and NORM_BEFORE_GATE:
+                v = v * gate
+        a = v.to(out_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty).to(tl.float32)
+        return tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+
+    @triton.jit
     def _gemv_whole_kernel(
         x_ptr, r_ptr, z_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, ro_ptr, win_ptr, cw_ptr, cb_ptr, co_ptr,
         N, K, eps, GROUP, SHIFT_START, SHIFT_COLS,
         s_xm, s_rm, s_zm, s_wn, s_om, s_rom, s_wb, s_wc, s_wk, s_cwc, s_cwk, s_com,
         PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_CB: tl.constexpr, SHIFT: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, NG: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+        PDL: tl.constexpr,
     ):
-        """out (ROWS, N) = prologue(input) @ w.T (+ bias), the same contract as _gemv_kernel, for K <= BLOCK_K.
+        """out (ROWS, N) = prologue(input) @ w.T (+ bias), the same contract as _gemv_kernel, for
+        K <= BLOCK_K + BLOCK_K2.
 
         A program owns BLOCK_N outputs and holds their whole (BLOCK_N, K) weight slice, loaded with the other
         parameters before the grid-dependency wait: under PDL the weight read, most of this kernel's bytes,
         overlaps the previous kernel. Each input row is then read once, normalised in registers (statistics
-        over the whole row, or per group of GROUP channels for PRO 2) and reduced against the slice in fp32."""
+        over the whole row, or per group of GROUP channels for PRO 2) and reduced against the slice in fp32.
+        The row is held as one power-of-two tile of BLOCK_K columns or, with BLOCK_K2 > 0, as two (columns
+        0 .. BLOCK_K - 1 and BLOCK_K .. BLOCK_K + BLOCK_K2 - 1): K = 2560 takes 2048 + 512 registers a row
+        instead of 4096, 37.5% of them masked."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -279,8 +307,17 @@ if triton is not None:
         mask_k = k < K
         # parameters only before the wait
         w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        nw = 0.0
         if PRO != 0:
             nw = tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)
+        if BLOCK_K2 > 0:
+            k2 = BLOCK_K + tl.arange(0, BLOCK_K2)
+            mask_k2 = k2 < K
+            w2 = tl.load(w_ptr + n64[:, None] * s_wn + k2[None, :], mask=mask_n[:, None] & mask_k2[None, :],
+                         other=0.0)
+            nw2 = 0.0
+            if PRO != 0:
+                nw2 = tl.load(nw_ptr + k2, mask=mask_k2, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if SHIFT:
@@ -294,30 +331,36 @@ if triton is not None:
                 cb = tl.load(cb_ptr + c64, mask=own, other=0.0).to(tl.float32)
         _grid_wait(PDL)
         for m in tl.static_range(ROWS):
-            v = tl.load(x_ptr + m * s_xm + k, mask=mask_k, other=0.0).to(tl.float32)
-            if HAS_RES:
-                v += tl.load(r_ptr + m * s_rm + k, mask=mask_k, other=0.0).to(tl.float32)
+            v, gate = _whole_row(m, k, mask_k, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
+                                 PRO, HAS_RES, NORM_BEFORE_GATE)
+            if BLOCK_K2 > 0:
+                v2, gate2 = _whole_row(m, k2, mask_k2, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
+                                       PRO, HAS_RES, NORM_BEFORE_GATE)
+            r = 1.0
+            r2 = 1.0
             if PRO == 1:
-                if pid == 0:
-                    tl.store(ro_ptr + m * s_rom + k, v.to(ro_ptr.dtype.element_ty), mask=mask_k)
-                v = v * (1.0 / tl.sqrt(tl.sum(v * v, axis=0) / K + eps)) * nw
-            if PRO == 2:
-                zv = tl.load(z_ptr + m * s_zm + k, mask=mask_k, other=0.0).to(tl.float32)
-                gate = zv * tl.sigmoid(zv)
-                if not NORM_BEFORE_GATE:
-                    v = v * gate
-                ss = v * v
-                rstd = tl.zeros([BLOCK_K], dtype=tl.float32)
+                ss = tl.sum(v * v, axis=0)
+                if BLOCK_K2 > 0:
+                    ss += tl.sum(v2 * v2, axis=0)
+                r = 1.0 / tl.sqrt(ss / K + eps)
+                r2 = r
+            if PRO == 2:  # per group of GROUP channels
+                r = tl.zeros([BLOCK_K], dtype=tl.float32)
+                if BLOCK_K2 > 0:
+                    r2 = tl.zeros([BLOCK_K2], dtype=tl.float32)
                 for g in tl.static_range(NG):
                     in_g = (k >= g * GROUP) & (k < g * GROUP + GROUP)
-                    rg = 1.0 / tl.sqrt(tl.sum(tl.where(in_g, ss, 0.0), axis=0) / GROUP + eps)
-                    rstd = tl.where(in_g, rg, rstd)
-                v = v * rstd * nw
-                if NORM_BEFORE_GATE:
-                    v = v * gate
-            # the unfused op stores its output in the activation dtype: the product takes it rounded the same way
-            a = v.to(out_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty).to(tl.float32)
-            acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)  # (BLOCK_N,)
+                    sg = tl.sum(tl.where(in_g, v * v, 0.0), axis=0)
+                    if BLOCK_K2 > 0:
+                        in_g2 = (k2 >= g * GROUP) & (k2 < g * GROUP + GROUP)
+                        sg += tl.sum(tl.where(in_g2, v2 * v2, 0.0), axis=0)
+                    rg = 1.0 / tl.sqrt(sg / GROUP + eps)
+                    r = tl.where(in_g, rg, r)
+                    if BLOCK_K2 > 0:
+                        r2 = tl.where(in_g2, rg, r2)
+            acc = _whole_dot(v, gate, r, nw, w, out_ptr, w_ptr, PRO, NORM_BEFORE_GATE)  # (BLOCK_N,)
+            if BLOCK_K2 > 0:
+                acc += _whole_dot(v2, gate2, r2, nw2, w2, out_ptr, w_ptr, PRO, NORM_BEFORE_GATE)
             if HAS_BIAS:
                 acc += bias
             out = acc.to(out_ptr.dtype.element_ty)
@@ -401,14 +444,19 @@ def _pdl_args(device) -> dict:
     return dict(PDL=True, launch_pdl=True) if _pdl(device) else dict(PDL=False)
 
 
-def _whole_tiles(n: int, k: int, device) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of _gemv_whole_kernel: a whole K row per output, at most GEMV_CONFIG["elements"]
-    weights per program, and outputs spread so that about whole_programs_per_sm programs run on every SM."""
+def _whole_tiles(n: int, k: int, device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_K2) of _gemv_whole_kernel: a whole K row per output (one power-of-two tile,
+    or two with GEMV_CONFIG["split"]: the largest power of two <= K, then the rest rounded up), at most
+    GEMV_CONFIG["elements"] weights per program, and outputs spread so that about whole_programs_per_sm
+    programs run on every SM."""
     cfg = GEMV_CONFIG
-    bk = triton.next_power_of_2(k)
+    bk, bk2 = triton.next_power_of_2(k), 0
+    if cfg.get("split") and bk != k:
+        bk = bk // 2
+        bk2 = triton.next_power_of_2(k - bk)
     spread = triton.cdiv(n, cfg["whole_programs_per_sm"] * num_sms(device))
-    bn = min(max(1, cfg["elements"] // bk), 1 << (spread.bit_length() - 1), 64)
-    return 1 << (bn.bit_length() - 1), bk  # a power of two (tl.arange): any "elements" value is valid
+    bn = min(max(1, cfg["elements"] // (bk + bk2)), 1 << (spread.bit_length() - 1), 64)
+    return 1 << (bn.bit_length() - 1), bk, bk2  # a power of two (tl.arange): any "elements" value is valid
 
 
 def _gemv_tiles(n: int, device) -> tuple[int, int]:
@@ -443,11 +491,11 @@ def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=Non
         PRO=pro, HAS_RES=residual is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
         HAS_CB=conv_bias is not None, SHIFT=window is not None, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv))
     if GEMV_CONFIG["kernel"] == "whole" and k <= MAX_WHOLE_K:
-        bn, bk = _whole_tiles(n, k, weight.device)
+        bn, bk, bk2 = _whole_tiles(n, k, weight.device)
         _gemv_whole_kernel[(triton.cdiv(n, bn),)](
             *common, n, k, eps, group, shift_start, window.shape[1] if window is not None else 0, *strides,
-            **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=GEMV_CONFIG["num_warps"] * (2 if bk >= 8192 else 1), **_pdl_args(weight.device))
+            **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2,
+            num_warps=GEMV_CONFIG["num_warps"] * (2 if bk + bk2 >= 8192 else 1), **_pdl_args(weight.device))
         return out if conv_out is None else (out, conv_out)
     bn, bk = _gemv_tiles(n, weight.device)
     span = k if pro == 1 else group

@@ -176,16 +176,13 @@ B1_REPEATS = 3  # --b1-repeats
 SMALL_BATCHES = (2, 4)  # --small-batches: fused vs unfused at these batch sizes
 N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
 # GEMV_CONFIG overrides (update_tile: UPDATE_TILE; max_fused_weight: MAX_FUSED_WEIGHT, to fuse the big layers)
-GEMV_VARIANTS = [dict(pdl=False), dict(kernel="dot"), dict(elements=8192), dict(whole_programs_per_sm=4),
-                 dict(update_tile=2048)]
-# 2.7b/2.8b: fuse Mamba-2's big layers too (elements 32768 by default: 8 rows of K = 2560, padded to 4096, a
-# program; 16384: 4 rows); {} repeats the default (a fresh capture), which shows the run-to-run spread
-# large_step: decode.LARGE_MAMBA2_STEP ("fused_out": cuBLAS in_proj, gated norm fused into out_proj), alternated
-# with fresh captures of the default so that the capture-to-capture spread shows
-# split: the whole GEMV holds a row as two power-of-two tiles (2048 + 512 at K = 2560, 4096 + 1024 at 5120)
-LARGE_VARIANTS = [dict(large_step="fused_out", split=True), {}, dict(max_fused_weight=1 << 30, split=True),
-                  dict(large_step="fused_out", split=True), {}, dict(max_fused_weight=1 << 30, split=True),
-                  dict(max_fused_weight=1 << 30, split=True, elements=16384), dict(large_step="fused_out")]
+GEMV_VARIANTS = [dict(split=False), {}, dict(split=False), dict(pdl=False), dict(kernel="dot"),
+                 dict(elements=8192), dict(whole_programs_per_sm=4), dict(update_tile=2048)]
+# 2.7b/2.8b (the default since gpu_run9 fuses every layer, with split tiles): {} repeats the default (a fresh
+# capture), which shows the capture-to-capture spread; split False: one padded tile; max_fused_weight 1 << 23
+# with large_step "unfused" / "fused_out": the former Mamba-2 2.7b plans
+LARGE_VARIANTS = [{}, dict(split=False), {}, dict(max_fused_weight=1 << 23, large_step="fused_out"), {},
+                  dict(max_fused_weight=1 << 23, large_step="unfused"), {}]
 
 
 class config:
@@ -217,7 +214,7 @@ def gemv_variants(model, r: dict, deadline: float, variants: list) -> None:
             break
         clear_graph_cache(model)
         with config(v):
-            key = "large_fused" if "max_fused_weight" in v else "large_fused_out" if "large_step" in v else None
+            key = "large_fused_out" if v.get("large_step") == "fused_out" else None
             if key and key not in r:
                 r[key] = dict(fused_vs_unfused(model), kernels=kernel_profile(model))
                 print(f"  {key}: {r[key]}", flush=True)

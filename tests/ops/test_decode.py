@@ -177,10 +177,12 @@ def test_model_fused_decode_equals_unfused(name, monkeypatch):
 
 @pytest.mark.parametrize("limit", ["MAX_FUSED_BATCH", "MAX_FUSED_WEIGHT"])
 def test_large_batch_or_layer_takes_unfused_path(monkeypatch, limit):
+    """Above MAX_FUSED_BATCH, or above MAX_FUSED_WEIGHT with LARGE_MAMBA2_STEP "unfused", no fused GEMV runs."""
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=32, n_layer=1, vocab_size=60, pad_vocab_size_multiple=16, **MODELS["mamba2"])
     model = MambaLMHeadModel(cfg, device=DEVICE, dtype=torch.float32).eval()
     monkeypatch.setattr(dec, limit, 1)
+    monkeypatch.setattr(dec, "LARGE_MAMBA2_STEP", "unfused")
     monkeypatch.setattr(dec, "_gemv", lambda *a, **k: pytest.fail(f"fused kernel used above {limit}"))
     ids = torch.randint(0, 60, (2, 4)).to(DEVICE)
     ref, _ = _decode(model, ids, 1, fused=False)

@@ -49,24 +49,32 @@ except ImportError:  # the references need no Triton
 # 0.26 ms (Mamba-1 130m, unfused 0.68) and 0.25 ms (Mamba-2 130m, unfused 0.56); batch 2 wins too (0.31 / 0.40
 # vs 0.75 / 0.54 ms), batch 4 is even for Mamba-2 (0.59 vs 0.57). At 2.8b see MAX_FUSED_WEIGHT.
 MAX_FUSED_BATCH = 2  # rows per fused step (the kernels take up to 16, the dot's row tile)
-# Mamba-2 in_proj weight elements (130m: 2.6M, 2.7b: 27M) above which the unfused step is used: at 2.7b it won
-# (2.72 vs 3.0 ms/token fused); Mamba-1 2.8b fused won (2.13-2.31 vs 3.13 ms), so Mamba-1 ignores this limit.
-MAX_FUSED_WEIGHT = 1 << 23
+# Mamba-2 in_proj weight elements (130m: 2.6M, 2.7b: 27M) above which LARGE_MAMBA2_STEP is used. With the
+# whole-row GEMV split into power-of-two tiles (GEMV_CONFIG split) the fused step wins at 2.7b: H200, b1 CUDA
+# graphs (notes/gpu_run9/call1) 1.955 / 2.088 ms/token fused over two captures against 2.642 / 2.683 unfused
+# (with one padded tile it lost: 2.72 vs 3.0). Larger layers (d_model 4096: 76M) were not measured, so they
+# keep the former plan. Mamba-1 ignores this limit (2.8b fused: 2.13-2.31 vs 3.13 ms unfused).
+MAX_FUSED_WEIGHT = 1 << 25
 # Mamba-2 layers above MAX_FUSED_WEIGHT: "unfused" runs the unfused step (7 kernels a layer at 2.7b: norm,
 # in_proj, conv, state update, gated norm, out_proj and cuBLAS' split-K reduce); "fused_out" keeps the norm and
-# cuBLAS' in_proj (faster than our GEMV on a 27M-element weight) but fuses the gated norm into the out_proj
-# GEMV (5 kernels). scripts/gpu_check_generate.py times both. H200, 2.7b, b1 CUDA graphs (notes/gpu_run8): unfused
-# 2.49-2.69 ms/token over 6 captures, fused_out 2.47-2.63 over 3: not distinguishable, so "unfused" stays.
-LARGE_MAMBA2_STEP = "unfused"
+# cuBLAS' in_proj but fuses the gated norm into the out_proj GEMV (5 kernels). scripts/gpu_check_generate.py
+# times both. H200, 2.7b, b1 CUDA graphs (notes/gpu_run8): unfused 2.49-2.69 ms/token over 6 captures,
+# fused_out 2.47-2.63 over 3 with one padded tile; split tiles (gpu_run9): fused_out 2.432 / 2.408.
+LARGE_MAMBA2_STEP = "fused_out"
 # GEMV launch. kernel: "whole" (_gemv_whole_kernel: a program holds its rows' whole weight slice, loaded before
 # the grid-dependency wait, for K <= MAX_WHOLE_K) or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).
-# whole: weight elements per program and programs per SM aimed at; dot: programs per SM, K slice per dot,
-# pipeline depth; both: warps. pdl: programmatic dependent launch on sm_90+ (each fused kernel starts while the
-# previous one finishes and waits for it only after loading its parameters).
-# scripts/gpu_check_generate.py times variants of these.
-GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, split=False, programs_per_sm=4,
+# whole: weight elements per program and programs per SM aimed at, split (a row as two power-of-two tiles
+# instead of one padded one); dot: programs per SM, K slice per dot, pipeline depth; both: warps. pdl:
+# programmatic dependent launch on sm_90+ (each fused kernel starts while the previous one finishes and waits
+# for it only after loading its parameters). scripts/gpu_check_generate.py and gpu_bench_decode_ops.py time
+# variants of these. H200, fp16, us a call with a fresh weight each call (HBM rates; gpu_run9/call1 --sweep),
+# elements 32768, 4 warps: Mamba-2 2.7b in_proj (add + norm + conv window, 54 MB) 21.28 -> 17.03 with split
+# (cuBLAS alone 16.11), its gated norm + out_proj (26 MB) 12.72 -> 10.03 (cuBLAS alone 11.68), Mamba-1 2.8b
+# in_proj 19.77 -> 17.08; a plain (2560, 5120) linear 8.2-8.6 either way. 8 warps, other elements and the dot
+# kernel were slower at every shape.
+GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, split=True, programs_per_sm=4,
                    block_k=256, num_stages=3, num_warps=4, pdl=True)
-MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, next_pow2(K)) weight tile in registers
+MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, K rounded up to one or two powers of two) tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
 
 

@@ -421,11 +421,7 @@ def test_time_split_sizes():
     ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=2)),  # 2 channels of 8 steps a row: _atomic_pair
     ("step", 4, 1, torch.float32, 4, dict(steps=4, chunk=16, fseg=8)),
     # -4: 4 steps a row without prefetching the next state's loads
-    ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False)),
-    # fch: the forward's channels a program (_scan_time_fwd_ktc_kernel, B/C tiles shared), with groups, constant
-    # B/C and several saved states a chunk, bf16 without prefetch
-    ("group", 3, 1, torch.float32, 4, dict(steps=4, fch=2)), ("const", 4, 1, torch.float32, 4, dict(fch=2, fseg=8)),
-    ("step", 4, 1, torch.bfloat16, -4, dict(steps=8, block_d=2, fch=4))])
+    ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
@@ -443,10 +439,6 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
 
     bcfg = dict(bcfg)
     monkeypatch.setitem(tk.FWD_TIME_CONFIG, "seg", bcfg.pop("fseg", None))
-    fch = bcfg.pop("fch", 1)
-    monkeypatch.setitem(tk.FWD_TIME_CONFIG, "channels", fch)
-    fkinds = []
-    monkeypatch.setattr(tk, "_scan_time_fwd_ktc_kernel", _Spy(tk._scan_time_fwd_ktc_kernel, fkinds, "ktc"))
     for key, v in dict(dict(steps=None), **bcfg).items():
         monkeypatch.setitem(tb.BWD_TIME_CONFIG, key, v)
     kinds = []
@@ -469,7 +461,6 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
                       b=b, d=d, l=l, n=n)
     assert "f" in calls and "b" in calls
     assert set(kinds) == {"kt" if bcfg.get("steps") else "tile"}, kinds
-    assert bool(fkinds) == (fch > 1), fkinds
 
 
 @needs_triton
@@ -507,21 +498,6 @@ def test_triton_time_kernels_busy_grid_plan(poisoned, monkeypatch, busy):
     assert fwd and bwd, metas
     assert fwd[0] == dict(T=32, K=8, SEG_ROWS=8 if busy else 32, DB=None)
     assert bwd[0]["DB"] == (4 if busy else 1) and bwd[0]["T"] * bwd[0]["K"] == (64 if busy else 256)
-
-
-@needs_triton
-def test_time_forward_channels_plan():
-    """FWD_TIME_CONFIG channels: used where it divides the channels and a group's channels, else one channel a
-    program; not a power of two is a clear error."""
-    from mambakit.ops import _triton_scan_time as tk
-
-    cfg = dict(tk.FWD_TIME_CONFIG, channels=2)
-    assert tk._launch_meta(cfg, torch.empty(1, 8, 64), torch.empty(1, 2, 4, 64))["CH"] == 2
-    assert "CH" not in tk._launch_meta(cfg, torch.empty(1, 6, 64), torch.empty(1, 2, 4, 64))  # 3 a group
-    assert "CH" not in tk._launch_meta(cfg, torch.empty(1, 7, 64), torch.empty(7, 4))
-    assert "CH" not in tk._launch_meta(dict(cfg, channels=1), torch.empty(1, 8, 64), torch.empty(8, 4))
-    with pytest.raises(ValueError, match="channels=3 must be a power of two"):
-        tk._launch_meta(dict(cfg, channels=3), torch.empty(1, 6, 64), torch.empty(6, 4))
 
 
 class _Spy:

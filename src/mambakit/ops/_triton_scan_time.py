@@ -46,10 +46,9 @@ from mambakit.ops.dispatch import num_sms
 # d_state <= 16, Mamba-1's default, was measured on a GPU). num_stages, maxnreg: Triton's launch options.
 # seg ((T, K) kernel): steps between the states saved for the backward, steps times a power of two, at most
 # the chunk (None: BUSY_SEG on a busy grid, see below, else the chunk); a smaller seg lets the backward run
-# smaller chunks. channels ((T, K) kernel): channels a program (> 1: _scan_time_fwd_ktc_kernel, which loads
-# B and C once for all of them; used where it divides the channels of a group, else 1).
+# smaller chunks.
 FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
-                       num_stages=None, max_n=16, channels=1)
+                       num_stages=None, max_n=16)
 # Busy grids (b * d >= BUSY_CHANNELS_PER_SM channels an SM): the forward saves a state every BUSY_SEG steps and
 # the backward (BWD_TIME_CONFIG block_d None) runs 4 channels of 64-step chunks in one warp, its dB/dC summed
 # over them before the atomics. H200, bf16, n 16, fwd+bwd ms (notes/gpu_run8): b4 d3072 l4096 (93 channels an
@@ -315,131 +314,6 @@ def _scan_time_fwd_kt_kernel(
         tl.store(o_base + t, y.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
-def _scan_time_fwd_ktc_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr, out_ptr, last_ptr, states_ptr,
-    L, DIM, DIM_PER_GROUP,
-    s_ub, s_ud, s_dtb, s_dtd, s_Ad, s_An, s_Bb, s_Bx, s_Bn, s_Bl, s_Cb, s_Cx, s_Cn, s_Cl,
-    s_zb, s_zd, s_ob, s_od, s_hb, s_hd, s_hn, s_sb, s_sl,
-    NSTATE: tl.constexpr, NP: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
-    T: tl.constexpr, K: tl.constexpr, CH: tl.constexpr, PREFETCH: tl.constexpr, SEG_ROWS: tl.constexpr,
-):
-    """``_scan_time_fwd_kt_kernel`` for CH channels of one batch row a program (grid (cdiv(d, CH), b)): every
-    thread holds the same K steps of each of them, as (CH, T, K) tiles, so the B and C tiles (per step, shared
-    by the channels of a group) are loaded and widened to fp32 once for CH channels. CH divides the channels
-    of a group (the launcher checks it). Arguments as ``_scan_time_fwd_kernel``'s."""
-    CHUNK: tl.constexpr = T * K
-    d64 = tl.program_id(0).to(tl.int64) * CH + tl.arange(0, CH)  # (CH,)
-    mask_c = d64 < DIM
-    pid_b = tl.program_id(1).to(tl.int64)
-    rows = tl.arange(0, T)
-    cols = tl.arange(0, K)
-    offs = rows[:, None] * K + cols[None, :]  # (T, K) step inside the chunk
-    last_col = (cols == K - 1)[None, None, :]
-    prev_row = tl.maximum(rows - 1, 0)[None, :] + 0 * d64[:, None].to(tl.int32)  # (CH, T)
-    last_row = prev_row * 0 + (T - 1)
-    first_row = (rows == 0)[None, :]
-    ch = d64[:, None, None]
-    bias = tl.zeros([CH, 1, 1], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + ch, mask=mask_c[:, None, None], other=0.0).to(tl.float32)
-    Dv = bias
-    if HAS_D:
-        Dv = tl.load(D_ptr + ch, mask=mask_c[:, None, None], other=0.0).to(tl.float32)
-    if CONST_BC:
-        B_base = B_ptr + ch * s_Bx  # (CH, 1, 1): the channels' rows of (d, n)
-        C_base = C_ptr + ch * s_Cx
-    else:
-        group = (tl.program_id(0).to(tl.int64) * CH // DIM_PER_GROUP).to(tl.int64)
-        B_base = B_ptr + pid_b * s_Bb + group * s_Bx
-        C_base = C_ptr + pid_b * s_Cb + group * s_Cx
-    u_base = u_ptr + pid_b * s_ub + ch * s_ud
-    dt_base = dt_ptr + pid_b * s_dtb + ch * s_dtd
-    z_base = z_ptr + pid_b * s_zb + ch * s_zd
-    o_base = out_ptr + pid_b * s_ob + ch * s_od
-    seq_base = seq_ptr + pid_b * s_sb
-    a_ptr = A_ptr + d64[:, None] * s_Ad  # (CH, 1)
-    carry = last_ptr + pid_b * DIM * NSTATE + d64[:, None] * NSTATE + rows[None, :] * 0  # (CH, T), all equal
-    mask_ct = mask_c[:, None] & (rows >= 0)[None, :]
-    for n in tl.static_range(NSTATE):
-        h_init = tl.zeros([CH, T], dtype=tl.float32)
-        if HAS_H0:
-            h_init = tl.load(h0_ptr + pid_b * s_hb + d64[:, None] * s_hd + n * s_hn + rows[None, :] * 0,
-                             mask=mask_ct, other=0.0).to(tl.float32)
-        tl.store(carry + n, h_init, mask=mask_ct)
-    SEG: tl.constexpr = SEG_ROWS * K
-    st_ptr = states_ptr + pid_b * tl.cdiv(L, SEG) * DIM * NSTATE + d64[:, None] * NSTATE + rows[None, :] * 0
-    for c in range(pid_b * 0, tl.cdiv(L, CHUNK)):
-        t = c * CHUNK + offs[None, :, :]  # (1, T, K)
-        m2 = t < L
-        m3 = m2 & mask_c[:, None, None]
-        u = tl.load(u_base + t, mask=m3, other=0.0).to(tl.float32)
-        x = tl.load(dt_base + t, mask=m3, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_base + t, mask=m3, other=0.0).to(tl.float32)
-        if HAS_SEQ:
-            reset = _seq_reset(seq_base, t, m2, s_sl)
-        if PREFETCH:
-            a_n, B_n, C_n, h_start = _ktc_state_in(0, a_ptr, B_base, C_base, carry, t, m2, mask_c, mask_ct,
-                                                   s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
-        if HAS_BIAS:
-            x += bias
-        dt = x
-        if SOFTPLUS:
-            dt = _softplus(x)
-        dt = tl.where(m3, dt, 0.0)
-        dtu = dt * u
-        y = tl.zeros([CH, T, K], dtype=tl.float32)
-        if HAS_D:
-            y = Dv * u
-        for n in tl.static_range(NSTATE):
-            if PREFETCH:
-                if n + 1 < NSTATE:  # the next state's loads, before this state's stores
-                    a_nx, B_nx, C_nx, h_nx = _ktc_state_in(n + 1, a_ptr, B_base, C_base, carry, t, m2, mask_c,
-                                                           mask_ct, s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
-            else:
-                a_n, B_n, C_n, h_start = _ktc_state_in(n, a_ptr, B_base, C_base, carry, t, m2, mask_c, mask_ct,
-                                                       s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
-            dA = tl.exp2(dt * a_n[:, :, None])
-            if HAS_SEQ:
-                dA = tl.where(reset, 0.0, dA)
-            cA, hs, pa, pb = _kt_scans(dA, dtu * B_n.to(tl.float32), last_col, 2)
-            if STORE_STATES:
-                if SEG_ROWS == T:
-                    tl.store(st_ptr + c * (DIM * NSTATE) + n, h_start, mask=first_row & mask_ct)
-            ends = pb + pa * h_start  # (CH, T) the state after each row
-            pre = tl.where(first_row, h_start, tl.gather(ends, prev_row, 1))
-            if STORE_STATES:
-                if SEG_ROWS < T:
-                    tl.store(st_ptr + (c * (T // SEG_ROWS) + rows[None, :] // SEG_ROWS) * (DIM * NSTATE) + n, pre,
-                             mask=((rows % SEG_ROWS == 0) & (c * CHUNK + rows * K < L))[None, :] & mask_ct)
-            h = hs + cA * pre[:, :, None]
-            y += h * C_n.to(tl.float32)
-            tl.store(carry + n, tl.gather(ends, last_row, 1), mask=mask_ct)
-            if PREFETCH:
-                if n + 1 < NSTATE:
-                    a_n, B_n, C_n, h_start = a_nx, B_nx, C_nx, h_nx
-        if HAS_Z:
-            y *= zv * tl.sigmoid(zv)
-        tl.store(o_base + t, y.to(out_ptr.dtype.element_ty), mask=m3)
-
-
-@triton.jit
-def _ktc_state_in(n, a_ptr, B_base, C_base, carry, t, m2, mask_c, mask_ct, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
-                  CONST_BC: tl.constexpr):
-    """``_kt_state_in`` for the CH channels (mask_c) of ``_scan_time_fwd_ktc_kernel``: A[d, n] log2(e) (CH, 1),
-    B_n and C_n ((1, T, K) tiles, or (CH, 1, 1) when constant) and the carried states (CH, T)."""
-    a_n = tl.load(a_ptr + n * s_An, mask=mask_c[:, None], other=0.0).to(tl.float32) * 1.4426950408889634
-    if CONST_BC:
-        B_n = tl.load(B_base + n * s_Bn, mask=mask_c[:, None, None], other=0.0)
-        C_n = tl.load(C_base + n * s_Cn, mask=mask_c[:, None, None], other=0.0)
-    else:
-        B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, False)
-    return a_n, B_n, C_n, tl.load(carry + n, mask=mask_ct, other=0.0)
-
-
 def supports(u, delta, z, A, cfg=None) -> bool:
     """Whether the time-parallel kernel takes these inputs: u, delta, z contiguous along time (or length 1)
     and d_state at most max_n."""
@@ -462,15 +336,9 @@ def _launch_meta(cfg: dict, u: torch.Tensor, B: torch.Tensor) -> dict:
             seg = BUSY_SEG
         if seg % k or (seg // k) & (seg // k - 1):
             raise ValueError(f"selective scan: FWD_TIME_CONFIG seg={seg} must be steps={k} times a power of two")
-        meta = dict(T=rows, K=k, CHUNK=rows * k, num_warps=max(1, rows // 32),
-                    PREFETCH=bool(cfg.get("prefetch", True)), SEG_ROWS=max(1, min(rows, seg // k)))
-        ch = cfg.get("channels") or 1
-        if ch & (ch - 1):
-            raise ValueError(f"selective scan: FWD_TIME_CONFIG channels={ch} must be a power of two")
-        per_group = d // (B.shape[1] if B.dim() == 4 else 1)
-        if ch > 1 and d % ch == 0 and per_group % ch == 0:
-            meta["CH"] = ch
-        return _k._launch_opts(cfg, meta)
+        return _k._launch_opts(cfg, dict(T=rows, K=k, CHUNK=rows * k, num_warps=max(1, rows // 32),
+                                         PREFETCH=bool(cfg.get("prefetch", True)),
+                                         SEG_ROWS=max(1, min(rows, seg // k))))
     block_d = _k._group_block_d(cfg["block_d"], d, B)
     chunk = max(16, min(cfg["chunk"], triton.next_power_of_2(max(l, 1))))
     warps = max(1, min(cfg["num_warps"], chunk * block_d // 32))
@@ -490,10 +358,7 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     states = _k._empty(b, triton.cdiv(l, seg), d, n, device=u.device, dtype=torch.float32) \
         if store_states else None
     h0_, z_, seq_ = _k._opt(h0, last), _k._opt(z, u), _k._opt(seq_idx, u)
-    if "CH" in meta:
-        kernel, grid = _scan_time_fwd_ktc_kernel, (d // meta["CH"], b)
-        meta = {k: v for k, v in meta.items() if k != "CHUNK"}
-    elif "K" in meta:
+    if "K" in meta:
         kernel, grid = _scan_time_fwd_kt_kernel, (d, b)
         meta = {k: v for k, v in meta.items() if k != "CHUNK"}
     else:

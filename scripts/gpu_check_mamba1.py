@@ -364,10 +364,12 @@ def KT(steps, rows, **kw):
 
 # maxnreg 96 / 80: 21 / 25 warps an SM instead of 16 (at b1 d3072, 3072 one-warp programs: 1.45 waves of
 # 2112 at 128 registers, one wave at 80), if ptxas does not spill
-FWD_B4 = [{}, KT(8, 32, maxnreg=96)]
+# (measured gpu_run9/call1: b4 r96 0.800 vs 0.704; b1 r80 3.432, r72 3.492, r96 4.766 vs 3.547; call2, 2
+# channels a program sharing B/C (kernel since removed): b4 1.25-1.44, b1 5.3-6.5)
+FWD_B4 = [{}]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = []
-FWD_B1 = [{}, KT(8, 32, maxnreg=80), KT(8, 32, maxnreg=96), KT(8, 32, maxnreg=72)]
+FWD_B1 = [{}]
 
 
 def TBW(**kw):

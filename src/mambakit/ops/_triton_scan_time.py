@@ -20,6 +20,10 @@ Measured on an H200 (notes/gpu_run6, bf16, n 16, do_bench medians): b4 d3072 l40
 default (K 8, T 32: one warp a program, 256-step chunks, maxnreg 128; 1.05 ms without the prefetch; 0.89 ms
 without maxnreg, which ptxas then gives 168 registers: 12 warps an SM instead of 16; T 64 0.92, K 16 1.05,
 K 4 1.10); the tile kernel 1.04 ms. b1 d3072 l65536: 3.46 ms (T 64 4.30, tile kernel 5.0).
+Tried and dropped (notes/gpu_run9): 2 channels a program sharing the B/C tile loads and their widening to
+fp32 ((2, T, K) tiles): b4 1.25-1.44 ms against 0.706, b1 5.3-6.5 against 3.44 (the doubled tiles do not fit
+the registers of 16 warps an SM); maxnreg 80 at b1 (one wave of 3072 programs instead of 1.45) 3.43 against
+3.55 in the same run, within the spread, 96 4.77; maxnreg 96 at b4 0.80.
 
 Needs u, delta and z contiguous along time (stride 1 along l): the dispatcher in ``_triton_selective_scan``
 sends channels-last inputs to the channel-parallel kernel. The saved states (for the backward) are the state

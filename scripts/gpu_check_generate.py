@@ -181,8 +181,11 @@ GEMV_VARIANTS = [dict(split=False), {}, dict(split=False), dict(pdl=False), dict
 # 2.7b/2.8b (the default since gpu_run9 fuses every layer, with split tiles): {} repeats the default (a fresh
 # capture), which shows the capture-to-capture spread; split False: one padded tile; max_fused_weight 1 << 23
 # with large_step "unfused" / "fused_out": the former Mamba-2 2.7b plans
-LARGE_VARIANTS = [{}, dict(split=False), {}, dict(max_fused_weight=1 << 23, large_step="fused_out"), {},
-                  dict(max_fused_weight=1 << 23, large_step="unfused"), {}]
+LARGE_VARIANTS = [{}, dict(kernel="loop"), {}, dict(kernel="loop", elements=16384), {},
+                  dict(kernel="loop", elements=16384, loop_programs_per_sm=4), dict(kernel="loop"), {},
+                  dict(kernel="loop", elements=16384)]
+# (gpu_run9/call2: {} 1.978 / 2.092 / 1.904 / 2.087 ms/token at 2.7b, split False 2.587, the former
+# fused_out plan 2.411, unfused 2.670; Mamba-1 2.8b {} 1.87-2.08, split False 2.341)
 
 
 class config:

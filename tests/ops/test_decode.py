@@ -84,6 +84,41 @@ def test_gated_norm_linear(dtype, group_size, before, gemv_kernel):
     close(out, ref, dtype, "out_proj(gated norm)")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loop_kernel_batch1(monkeypatch, dtype):
+    """GEMV_CONFIG kernel "loop" (batch 1): on 1 SM, 2 persistent programs walk 9 blocks of 8 outputs each,
+    loading the next block ahead; the norm + linear + conv window, gated norm + linear (two groups that straddle
+    the split tiles) and plain linear against the unfused ops."""
+    monkeypatch.setitem(dec.GEMV_CONFIG, "kernel", "loop")
+    monkeypatch.setitem(dec.GEMV_CONFIG, "elements", 512)  # 8 rows of K = 40 (32 + 8) a block
+    monkeypatch.setattr(dec, "num_sms", lambda device: 1)
+    launches = []
+    kernel = dec._gemv_whole_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **meta):
+                launches.append((grid, meta["LOOP"], meta["BLOCK_N"]))
+                return kernel[grid](*a, **meta)
+            return launch
+
+    monkeypatch.setattr(dec, "_gemv_whole_kernel", Spy())
+    k, n = 40, 70
+    x, wt, nw, res = rnd(1, k, dtype=dtype), rnd(n, k, dtype=dtype, scale=0.2), rnd(k, dtype=dtype, shift=1.0), \
+        rnd(1, k, dtype=dtype)
+    conv = dict(conv_state=rnd(1, 20, 4, dtype=dtype), conv_start=30, conv_weight=rnd(20, 4, dtype=dtype, scale=0.5),
+                conv_bias=rnd(20, dtype=dtype))
+    ref, out, (_, kr), (_, kk) = both(dec.norm_linear, x, wt, nw, 1e-5, residual=res, bias=rnd(n, dtype=dtype), **conv)
+    close(out, ref, dtype, "out, residual, conv out")
+    close(kk["conv_state"], kr["conv_state"], dtype, "window")
+    ref, out, _, _ = both(dec.gated_norm_linear, rnd(1, k, dtype=dtype), rnd(1, k, dtype=dtype),
+                          rnd(k, dtype=dtype, shift=1.0), 1e-5, 20, False, wt)
+    close(out, ref, dtype, "out_proj(gated norm)")
+    ref, out, _, _ = both(dec.linear, x, wt)
+    close(out, ref, dtype, "linear")
+    assert launches and all(lp and grid == (2,) and bn == 8 for grid, lp, bn in launches), launches
+
+
 def test_linear(gemv_kernel):
     x, wt, bias = rnd(3, 50), rnd(17, 50), rnd(17)
     ref, out, _, _ = both(dec.linear, x, wt, bias)

@@ -62,8 +62,10 @@ MAX_FUSED_WEIGHT = 1 << 25
 # fused_out 2.47-2.63 over 3 with one padded tile; split tiles (gpu_run9): fused_out 2.432 / 2.408.
 LARGE_MAMBA2_STEP = "fused_out"
 # GEMV launch. kernel: "whole" (_gemv_whole_kernel: a program holds its rows' whole weight slice, loaded before
-# the grid-dependency wait, for K <= MAX_WHOLE_K) or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).
-# whole: weight elements per program and programs per SM aimed at, split (a row as two power-of-two tiles
+# the grid-dependency wait, for K <= MAX_WHOLE_K), "loop" (the same kernel on a persistent grid of
+# loop_programs_per_sm programs an SM at batch 1, each loading its next block while reducing the current one)
+# or "dot" (_gemv_kernel: K streamed through a pipelined tl.dot).
+# whole / loop: weight elements per block and programs per SM aimed at, split (a row as two power-of-two tiles
 # instead of one padded one); dot: programs per SM, K slice per dot, pipeline depth; both: warps. pdl:
 # programmatic dependent launch on sm_90+ (each fused kernel starts while the previous one finishes and waits
 # for it only after loading its parameters). scripts/gpu_check_generate.py and gpu_bench_decode_ops.py time
@@ -72,8 +74,8 @@ LARGE_MAMBA2_STEP = "fused_out"
 # (cuBLAS alone 16.11), its gated norm + out_proj (26 MB) 12.72 -> 10.03 (cuBLAS alone 11.68), Mamba-1 2.8b
 # in_proj 19.77 -> 17.08; a plain (2560, 5120) linear 8.2-8.6 either way. 8 warps, other elements and the dot
 # kernel were slower at every shape.
-GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, split=True, programs_per_sm=4,
-                   block_k=256, num_stages=3, num_warps=4, pdl=True)
+GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, split=True, loop_programs_per_sm=2,
+                   programs_per_sm=4, block_k=256, num_stages=3, num_warps=4, pdl=True)
 MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, K rounded up to one or two powers of two) tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
 
@@ -267,7 +269,7 @@ if triton is not None:
     @triton.jit
     def _whole_row(m, k, mask_k, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
                    PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-        """Columns k of input row m for _gemv_whole_kernel, fp32, before normalisation (program 0 stores the
+        """Columns k of input row m for the whole-row kernels, fp32, before normalisation (program 0 stores the
         residual sum for PRO 1), and the gate silu(z) (PRO 2; applied already unless NORM_BEFORE_GATE)."""
         v, gate = _gemv_input(k, mask_k, k * 0 + m, True, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm,
                               PRO, HAS_RES, NORM_BEFORE_GATE)
@@ -277,15 +279,112 @@ if triton is not None:
         return v, gate
 
     @triton.jit
-    def _whole_dot(v, gate, r, nw, w, out_ptr, w_ptr, PRO: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-        """The normalised slice (v * rstd r * norm weight (* gate)) rounded as the unfused op stores it, reduced
-        against the weight slice w (BLOCK_N, BLOCK_K): (BLOCK_N,) fp32."""
+    def _whole_scale(v, gate, r, nw, out_ptr, w_ptr, PRO: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+        """The normalised slice (v * rstd r * norm weight (* gate)), rounded as the unfused op stores it, fp32."""
         if PRO != 0:
             v = v * r * nw
             if PRO == 2 and NORM_BEFORE_GATE:
                 v = v * gate
-        a = v.to(out_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty).to(tl.float32)
-        return tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        return v.to(out_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _whole_inputs(m, pid, k, mask_k, k2, mask_k2, nw, nw2, K, eps, GROUP,
+                      x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom, out_ptr, w_ptr,
+                      PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NG: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr):
+        """Input row m normalised (statistics over the whole row, or per group of GROUP channels for PRO 2) and
+        rounded as the unfused op stores it: its two tiles (columns k, k2; the second 0.0 without BLOCK_K2)."""
+        v, gate = _whole_row(m, k, mask_k, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
+                             PRO, HAS_RES, NORM_BEFORE_GATE)
+        a2 = 0.0
+        if BLOCK_K2 > 0:
+            v2, gate2 = _whole_row(m, k2, mask_k2, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
+                                   PRO, HAS_RES, NORM_BEFORE_GATE)
+        r = 1.0
+        r2 = 1.0
+        if PRO == 1:
+            ss = tl.sum(v * v, axis=0)
+            if BLOCK_K2 > 0:
+                ss += tl.sum(v2 * v2, axis=0)
+            r = 1.0 / tl.sqrt(ss / K + eps)
+            r2 = r
+        if PRO == 2:  # per group of GROUP channels
+            r = tl.zeros([BLOCK_K], dtype=tl.float32)
+            if BLOCK_K2 > 0:
+                r2 = tl.zeros([BLOCK_K2], dtype=tl.float32)
+            for g in tl.static_range(NG):
+                in_g = (k >= g * GROUP) & (k < g * GROUP + GROUP)
+                sg = tl.sum(tl.where(in_g, v * v, 0.0), axis=0)
+                if BLOCK_K2 > 0:
+                    in_g2 = (k2 >= g * GROUP) & (k2 < g * GROUP + GROUP)
+                    sg += tl.sum(tl.where(in_g2, v2 * v2, 0.0), axis=0)
+                rg = 1.0 / tl.sqrt(sg / GROUP + eps)
+                r = tl.where(in_g, rg, r)
+                if BLOCK_K2 > 0:
+                    r2 = tl.where(in_g2, rg, r2)
+        a = _whole_scale(v, gate, r, nw, out_ptr, w_ptr, PRO, NORM_BEFORE_GATE)
+        if BLOCK_K2 > 0:
+            a2 = _whole_scale(v2, gate2, r2, nw2, out_ptr, w_ptr, PRO, NORM_BEFORE_GATE)
+        return a, a2
+
+    @triton.jit
+    def _whole_weights(blk, N, K, w_ptr, s_wn, k, mask_k, k2, mask_k2, BLOCK_N: tl.constexpr,
+                       BLOCK_K2: tl.constexpr):
+        """The weight rows of output block blk as one or two tiles (BLOCK_N, BLOCK_K[2]); all masked (no
+        memory read) past the last block. Also returns the block's outputs and their mask."""
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = w_ptr + offs_n.to(tl.int64)[:, None] * s_wn
+        w = tl.load(rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w2 = w
+        if BLOCK_K2 > 0:
+            w2 = tl.load(rows + k2[None, :], mask=mask_n[:, None] & mask_k2[None, :], other=0.0)
+        return w, w2, offs_n, mask_n
+
+    @triton.jit
+    def _whole_dot(w, w2, a, a2, BLOCK_K2: tl.constexpr):
+        """(BLOCK_N,) fp32: the weight tiles reduced against the normalised input's tiles."""
+        acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        if BLOCK_K2 > 0:
+            acc += tl.sum(w2.to(tl.float32) * a2[None, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _whole_shift(m, out, blk, offs_n, mask_n, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
+                     s_wb, s_wc, s_wk, s_com, HAS_CB: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        """Outputs out (BLOCK_N,) of block blk that enter the conv window (columns SHIFT_START ..) shift it and
+        give the conv + SiLU output; cw (BLOCK_N, BLOCK_J) and cb (BLOCK_N,) are those channels' weights."""
+        if (blk * BLOCK_N < SHIFT_START + SHIFT_COLS) & (blk * BLOCK_N + BLOCK_N > SHIFT_START):
+            c = offs_n - SHIFT_START
+            own = mask_n & (c >= 0) & (c < SHIFT_COLS)
+            c64 = tl.where(own, c, 0).to(tl.int64)
+            j = tl.arange(0, BLOCK_J)[None, :]
+            ptrs = win_ptr + m * s_wb + c64[:, None] * s_wc + j * s_wk
+            old = tl.load(ptrs + s_wk, mask=own[:, None] & (j < D_CONV - 1), other=0.0)
+            new = tl.where(j == D_CONV - 1, out[:, None].to(win_ptr.dtype.element_ty), old)
+            tl.debug_barrier()  # every old value is read before any is overwritten
+            tl.store(ptrs, new, mask=own[:, None] & (j < D_CONV))
+            conv = tl.sum(new.to(tl.float32) * cw, axis=1)
+            if HAS_CB:
+                conv += cb
+            conv = conv * tl.sigmoid(conv)
+            tl.store(co_ptr + m * s_com + c64, conv.to(co_ptr.dtype.element_ty), mask=own)
+
+    @triton.jit
+    def _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc, s_cwk,
+                     HAS_CB: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr):
+        """The conv weights (BLOCK_N, BLOCK_J) and bias (BLOCK_N,) of the outputs offs_n that enter the window."""
+        c = offs_n - SHIFT_START
+        own = mask_n & (c >= 0) & (c < SHIFT_COLS)
+        c64 = tl.where(own, c, 0).to(tl.int64)
+        j = tl.arange(0, BLOCK_J)[None, :]
+        cw = tl.load(cw_ptr + c64[:, None] * s_cwc + j * s_cwk, mask=own[:, None] & (j < D_CONV),
+                     other=0.0).to(tl.float32)
+        cb = 0.0
+        if HAS_CB:
+            cb = tl.load(cb_ptr + c64, mask=own, other=0.0).to(tl.float32)
+        return cw, cb
 
     @triton.jit
     def _gemv_whole_kernel(
@@ -295,96 +394,80 @@ if triton is not None:
         PRO: tl.constexpr, HAS_RES: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_CB: tl.constexpr, SHIFT: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, NG: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
-        PDL: tl.constexpr,
+        LOOP: tl.constexpr, PDL: tl.constexpr,
     ):
         """out (ROWS, N) = prologue(input) @ w.T (+ bias), the same contract as _gemv_kernel, for
         K <= BLOCK_K + BLOCK_K2.
 
-        A program owns BLOCK_N outputs and holds their whole (BLOCK_N, K) weight slice, loaded with the other
-        parameters before the grid-dependency wait: under PDL the weight read, most of this kernel's bytes,
-        overlaps the previous kernel. Each input row is then read once, normalised in registers (statistics
-        over the whole row, or per group of GROUP channels for PRO 2) and reduced against the slice in fp32.
-        The row is held as one power-of-two tile of BLOCK_K columns or, with BLOCK_K2 > 0, as two (columns
-        0 .. BLOCK_K - 1 and BLOCK_K .. BLOCK_K + BLOCK_K2 - 1): K = 2560 takes 2048 + 512 registers a row
-        instead of 4096, 37.5% of them masked."""
+        A program owns blocks of BLOCK_N outputs and holds a block's whole (BLOCK_N, K) weight slice, the first
+        loaded with the other parameters before the grid-dependency wait: under PDL the weight read, most of
+        this kernel's bytes, overlaps the previous kernel. Each input row is then read once, normalised in
+        registers (statistics over the whole row, or per group of GROUP channels for PRO 2) and reduced against
+        the slice in fp32. The row is held as one power-of-two tile of BLOCK_K columns or, with BLOCK_K2 > 0,
+        as two (columns 0 .. BLOCK_K - 1 and BLOCK_K .. BLOCK_K + BLOCK_K2 - 1): K = 2560 takes 2048 + 512
+        registers a row instead of 4096, 37.5% of them masked.
+
+        LOOP False: one block a program (grid = the blocks). LOOP True (ROWS 1): a persistent grid, each
+        program walking blocks pid, pid + grid, ... and loading the next block's weights before reducing the
+        current one, so its loads stay in flight between blocks (no wave tail, no program restarts)."""
         pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        n64 = offs_n.to(tl.int64)
         k = tl.arange(0, BLOCK_K)
         mask_k = k < K
-        # parameters only before the wait
-        w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        nw = 0.0
-        if PRO != 0:
-            nw = tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)
+        k2 = k
+        mask_k2 = mask_k
         if BLOCK_K2 > 0:
             k2 = BLOCK_K + tl.arange(0, BLOCK_K2)
             mask_k2 = k2 < K
-            w2 = tl.load(w_ptr + n64[:, None] * s_wn + k2[None, :], mask=mask_n[:, None] & mask_k2[None, :],
-                         other=0.0)
-            nw2 = 0.0
-            if PRO != 0:
+        # parameters only before the wait
+        w, w2, offs_n, mask_n = _whole_weights(pid, N, K, w_ptr, s_wn, k, mask_k, k2, mask_k2, BLOCK_N, BLOCK_K2)
+        nw = 0.0
+        nw2 = 0.0
+        if PRO != 0:
+            nw = tl.load(nw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)
+            if BLOCK_K2 > 0:
                 nw2 = tl.load(nw_ptr + k2, mask=mask_k2, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if SHIFT:
-            c = offs_n - SHIFT_START
-            own = mask_n & (c >= 0) & (c < SHIFT_COLS)  # outputs that enter the conv window
-            c64 = tl.where(own, c, 0).to(tl.int64)
-            j = tl.arange(0, BLOCK_J)[None, :]
-            cw = tl.load(cw_ptr + c64[:, None] * s_cwc + j * s_cwk, mask=own[:, None] & (j < D_CONV),
-                         other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_J)
-            if HAS_CB:
-                cb = tl.load(cb_ptr + c64, mask=own, other=0.0).to(tl.float32)
-        _grid_wait(PDL)
-        for m in tl.static_range(ROWS):
-            v, gate = _whole_row(m, k, mask_k, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
-                                 PRO, HAS_RES, NORM_BEFORE_GATE)
-            if BLOCK_K2 > 0:
-                v2, gate2 = _whole_row(m, k2, mask_k2, pid, x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom,
-                                       PRO, HAS_RES, NORM_BEFORE_GATE)
-            r = 1.0
-            r2 = 1.0
-            if PRO == 1:
-                ss = tl.sum(v * v, axis=0)
-                if BLOCK_K2 > 0:
-                    ss += tl.sum(v2 * v2, axis=0)
-                r = 1.0 / tl.sqrt(ss / K + eps)
-                r2 = r
-            if PRO == 2:  # per group of GROUP channels
-                r = tl.zeros([BLOCK_K], dtype=tl.float32)
-                if BLOCK_K2 > 0:
-                    r2 = tl.zeros([BLOCK_K2], dtype=tl.float32)
-                for g in tl.static_range(NG):
-                    in_g = (k >= g * GROUP) & (k < g * GROUP + GROUP)
-                    sg = tl.sum(tl.where(in_g, v * v, 0.0), axis=0)
-                    if BLOCK_K2 > 0:
-                        in_g2 = (k2 >= g * GROUP) & (k2 < g * GROUP + GROUP)
-                        sg += tl.sum(tl.where(in_g2, v2 * v2, 0.0), axis=0)
-                    rg = 1.0 / tl.sqrt(sg / GROUP + eps)
-                    r = tl.where(in_g, rg, r)
-                    if BLOCK_K2 > 0:
-                        r2 = tl.where(in_g2, rg, r2)
-            acc = _whole_dot(v, gate, r, nw, w, out_ptr, w_ptr, PRO, NORM_BEFORE_GATE)  # (BLOCK_N,)
-            if BLOCK_K2 > 0:
-                acc += _whole_dot(v2, gate2, r2, nw2, w2, out_ptr, w_ptr, PRO, NORM_BEFORE_GATE)
+        if not LOOP:
+            bias = 0.0
             if HAS_BIAS:
-                acc += bias
-            out = acc.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + m * s_om + n64, out, mask=mask_n)
+                bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            cw = 0.0
+            cb = 0.0
             if SHIFT:
-                if (pid * BLOCK_N < SHIFT_START + SHIFT_COLS) & (pid * BLOCK_N + BLOCK_N > SHIFT_START):
-                    ptrs = win_ptr + m * s_wb + c64[:, None] * s_wc + j * s_wk
-                    old = tl.load(ptrs + s_wk, mask=own[:, None] & (j < D_CONV - 1), other=0.0)
-                    new = tl.where(j == D_CONV - 1, out[:, None].to(win_ptr.dtype.element_ty), old)
-                    tl.debug_barrier()  # every old value is read before any is overwritten
-                    tl.store(ptrs, new, mask=own[:, None] & (j < D_CONV))
-                    conv = tl.sum(new.to(tl.float32) * cw, axis=1)
-                    if HAS_CB:
-                        conv += cb
-                    conv = conv * tl.sigmoid(conv)
-                    tl.store(co_ptr + m * s_com + c64, conv.to(co_ptr.dtype.element_ty), mask=own)
+                cw, cb = _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc, s_cwk,
+                                      HAS_CB, D_CONV, BLOCK_J)
+        _grid_wait(PDL)
+        if LOOP:
+            a, a2 = _whole_inputs(0, pid, k, mask_k, k2, mask_k2, nw, nw2, K, eps, GROUP,
+                                  x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom, out_ptr, w_ptr,
+                                  PRO, HAS_RES, NORM_BEFORE_GATE, NG, BLOCK_K, BLOCK_K2)
+            nblk = tl.cdiv(N, BLOCK_N)
+            step = tl.num_programs(0)
+            for blk in range(pid, nblk, step):
+                wn, wn2, offs_nn, mask_nn = _whole_weights(blk + step, N, K, w_ptr, s_wn, k, mask_k, k2, mask_k2,
+                                                           BLOCK_N, BLOCK_K2)  # the next block's, ahead
+                acc = _whole_dot(w, w2, a, a2, BLOCK_K2)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                out = acc.to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + offs_n.to(tl.int64), out, mask=mask_n)
+                if SHIFT:
+                    cw, cb = _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc, s_cwk,
+                                          HAS_CB, D_CONV, BLOCK_J)
+                    _whole_shift(0, out, blk, offs_n, mask_n, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
+                                 s_wb, s_wc, s_wk, s_com, HAS_CB, D_CONV, BLOCK_J, BLOCK_N)
+                w, w2, offs_n, mask_n = wn, wn2, offs_nn, mask_nn
+        else:
+            n64 = offs_n.to(tl.int64)
+            for m in tl.static_range(ROWS):
+                a, a2 = _whole_inputs(m, pid, k, mask_k, k2, mask_k2, nw, nw2, K, eps, GROUP,
+                                      x_ptr, s_xm, r_ptr, s_rm, z_ptr, s_zm, ro_ptr, s_rom, out_ptr, w_ptr,
+                                      PRO, HAS_RES, NORM_BEFORE_GATE, NG, BLOCK_K, BLOCK_K2)
+                acc = _whole_dot(w, w2, a, a2, BLOCK_K2) + bias  # (BLOCK_N,)
+                out = acc.to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + m * s_om + n64, out, mask=mask_n)
+                if SHIFT:
+                    _whole_shift(m, out, pid, offs_n, mask_n, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
+                                 s_wb, s_wc, s_wk, s_com, HAS_CB, D_CONV, BLOCK_J, BLOCK_N)
 
     @triton.jit
     def _m1_update_kernel(
@@ -498,11 +581,15 @@ def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=Non
     flags = dict(
         PRO=pro, HAS_RES=residual is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
         HAS_CB=conv_bias is not None, SHIFT=window is not None, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv))
-    if GEMV_CONFIG["kernel"] == "whole" and k <= MAX_WHOLE_K:
+    kind = GEMV_CONFIG["kernel"]
+    if kind in ("whole", "loop") and k <= MAX_WHOLE_K:
         bn, bk, bk2 = _whole_tiles(n, k, weight.device)
-        _gemv_whole_kernel[(triton.cdiv(n, bn),)](
+        blocks = triton.cdiv(n, bn)
+        loop = kind == "loop" and m == 1
+        grid = min(blocks, GEMV_CONFIG["loop_programs_per_sm"] * num_sms(weight.device)) if loop else blocks
+        _gemv_whole_kernel[(grid,)](
             *common, n, k, eps, group, shift_start, window.shape[1] if window is not None else 0, *strides,
-            **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2,
+            **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2, LOOP=loop,
             num_warps=GEMV_CONFIG["num_warps"] * (2 if bk + bk2 >= 8192 else 1), **_pdl_args(weight.device))
         return out if conv_out is None else (out, conv_out)
     bn, bk = _gemv_tiles(n, weight.device)

@@ -140,12 +140,11 @@ L2_BYTES = 200e6
 SWEEP_SHAPES = {  # kind, n, k (, the conv window's first column and width)
     "m2-2.7b in_proj": (1, 10576, 2560, 5120, 5376), "m2-2.7b out_proj": (2, 2560, 5120),
     "out_proj plain": (0, 2560, 5120), "m1-2.8b in_proj": (1, 10240, 2560, 0, 5120), "m1-2.8b x_proj": (0, 192, 5120)}
-# gpu_run9/call1 swept split x elements 8192-65536 x 4/8 warps and 4 dot tilings: split, 32768, 4 warps won
-# at every large shape (docs/benchmarks.md); now the persistent "loop" kernel against it
-SWEEP = ([dict(split=True, elements=32768), dict(split=True, elements=16384)]
-         + [dict(kernel="loop", elements=el, loop_programs_per_sm=pps) for el in (8192, 16384, 32768)
-            for pps in (1, 2, 4)]
-         + [dict(kernel="loop", elements=16384, loop_programs_per_sm=2, num_warps=8)])
+# gpu_run9/call1 swept split x elements 8192-65536 x 4/8 warps and 4 dot tilings (split, 32768, 4 warps won at
+# every large shape); call3 the persistent "loop" kernel over elements x programs an SM (it won at K = 5120 with
+# 16384 and 4, lost at 2560), now the default for K > loop_min_k; {} is the default, loop_min_k None call1's
+SWEEP = [{}, dict(loop_min_k=None), dict(kernel="loop", loop_elements=32768, loop_programs_per_sm=4),
+         dict(kernel="loop", loop_elements=16384, loop_programs_per_sm=8)]
 SMOKE_SWEEP = {"m2 in_proj": (1, 40, 48, 10, 20), "m2 out_proj": (2, 24, 48), "plain": (0, 24, 40)}
 
 
@@ -178,7 +177,7 @@ def graph_us_rotating(fn, copies: int) -> float:
 def sweep(args) -> int:
     start = time.perf_counter()
     shapes = SMOKE_SWEEP if DEVICE == "cpu" else SWEEP_SHAPES
-    variants = SWEEP[:1] + SWEEP[2:3] + SWEEP[-1:] if DEVICE == "cpu" else SWEEP
+    variants = SWEEP
     results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "reps": REPS,
                "sweep": {}}
     base = dict(dec.GEMV_CONFIG)

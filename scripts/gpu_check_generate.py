@@ -176,16 +176,13 @@ B1_REPEATS = 3  # --b1-repeats
 SMALL_BATCHES = (2, 4)  # --small-batches: fused vs unfused at these batch sizes
 N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
 # GEMV_CONFIG overrides (update_tile: UPDATE_TILE; max_fused_weight: MAX_FUSED_WEIGHT, to fuse the big layers)
-GEMV_VARIANTS = [dict(split=False), {}, dict(split=False), dict(pdl=False), dict(kernel="dot"),
-                 dict(elements=8192), dict(whole_programs_per_sm=4), dict(update_tile=2048)]
+GEMV_VARIANTS = [dict(split=False), {}, dict(split=False), {}, dict(pdl=False), dict(kernel="dot")]
 # 2.7b/2.8b (the default since gpu_run9 fuses every layer, with split tiles): {} repeats the default (a fresh
-# capture), which shows the capture-to-capture spread; split False: one padded tile; max_fused_weight 1 << 23
-# with large_step "unfused" / "fused_out": the former Mamba-2 2.7b plans
-LARGE_VARIANTS = [{}, dict(kernel="loop"), {}, dict(kernel="loop", elements=16384), {},
-                  dict(kernel="loop", elements=16384, loop_programs_per_sm=4), dict(kernel="loop"), {},
-                  dict(kernel="loop", elements=16384)]
+# capture), which shows the capture-to-capture spread; loop_min_k None: no loop kernel for the long-K GEMVs
+LARGE_VARIANTS = [{}, dict(loop_min_k=None), {}, dict(loop_min_k=None), {}, dict(loop_min_k=None)]
 # (gpu_run9/call2: {} 1.978 / 2.092 / 1.904 / 2.087 ms/token at 2.7b, split False 2.587, the former
-# fused_out plan 2.411, unfused 2.670; Mamba-1 2.8b {} 1.87-2.08, split False 2.341)
+# fused_out plan 2.411, unfused 2.670; Mamba-1 2.8b {} 1.87-2.08, split False 2.341. call3: loop everywhere
+# 2.026 / 2.143 (2.7b), 2.023 / 2.008 (2.8b) against {} 1.97-2.08 / 1.72-2.03; loop_min_k None is call2's {})
 
 
 class config:

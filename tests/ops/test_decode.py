@@ -84,14 +84,8 @@ def test_gated_norm_linear(dtype, group_size, before, gemv_kernel):
     close(out, ref, dtype, "out_proj(gated norm)")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_loop_kernel_batch1(monkeypatch, dtype):
-    """GEMV_CONFIG kernel "loop" (batch 1): on 1 SM, 2 persistent programs walk 9 blocks of 8 outputs each,
-    loading the next block ahead; the norm + linear + conv window, gated norm + linear (two groups that straddle
-    the split tiles) and plain linear against the unfused ops."""
-    monkeypatch.setitem(dec.GEMV_CONFIG, "kernel", "loop")
-    monkeypatch.setitem(dec.GEMV_CONFIG, "elements", 512)  # 8 rows of K = 40 (32 + 8) a block
-    monkeypatch.setattr(dec, "num_sms", lambda device: 1)
+def _spy_whole_launches(monkeypatch) -> list:
+    """Records (grid, LOOP, BLOCK_N) of every _gemv_whole_kernel launch, which still runs."""
     launches = []
     kernel = dec._gemv_whole_kernel
 
@@ -103,6 +97,36 @@ def test_loop_kernel_batch1(monkeypatch, dtype):
             return launch
 
     monkeypatch.setattr(dec, "_gemv_whole_kernel", Spy())
+    return launches
+
+
+def test_loop_rule(monkeypatch):
+    """kernel "whole": batch-1 GEMVs with K above loop_min_k take the loop kernel (loop_elements a block), the
+    others, batch 2, and any K with loop_min_k None the one-block-a-program kernel; outputs as the unfused."""
+    monkeypatch.setitem(dec.GEMV_CONFIG, "loop_min_k", 32)
+    monkeypatch.setitem(dec.GEMV_CONFIG, "loop_elements", 80)  # 2 rows of K = 40 a block
+    monkeypatch.setattr(dec, "num_sms", lambda device: 4)
+    launches = _spy_whole_launches(monkeypatch)
+    for b, k, loop in ((1, 40, True), (2, 40, False), (1, 32, False)):
+        x, wt = rnd(b, k), rnd(70, k, scale=0.2)
+        ref, out, _, _ = both(dec.linear, x, wt)
+        close(out, ref, torch.float32, f"linear b{b} k{k}")
+        assert launches[-1][1] == loop and (launches[-1][2] == 2) == loop, (b, k, launches[-1])
+    monkeypatch.setitem(dec.GEMV_CONFIG, "loop_min_k", None)
+    both(dec.linear, rnd(1, 40), rnd(70, 40))
+    assert launches[-1][1] is False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loop_kernel_batch1(monkeypatch, dtype):
+    """GEMV_CONFIG kernel "loop" (batch 1): on 1 SM, 2 persistent programs walk 9 blocks of 8 outputs each,
+    loading the next block ahead; the norm + linear + conv window, gated norm + linear (two groups that straddle
+    the split tiles) and plain linear against the unfused ops."""
+    monkeypatch.setitem(dec.GEMV_CONFIG, "kernel", "loop")
+    monkeypatch.setitem(dec.GEMV_CONFIG, "loop_elements", 512)  # 8 rows of K = 40 (32 + 8) a block
+    monkeypatch.setitem(dec.GEMV_CONFIG, "loop_programs_per_sm", 2)
+    monkeypatch.setattr(dec, "num_sms", lambda device: 1)
+    launches = _spy_whole_launches(monkeypatch)
     k, n = 40, 70
     x, wt, nw, res = rnd(1, k, dtype=dtype), rnd(n, k, dtype=dtype, scale=0.2), rnd(k, dtype=dtype, shift=1.0), \
         rnd(1, k, dtype=dtype)

@@ -74,8 +74,14 @@ LARGE_MAMBA2_STEP = "fused_out"
 # (cuBLAS alone 16.11), its gated norm + out_proj (26 MB) 12.72 -> 10.03 (cuBLAS alone 11.68), Mamba-1 2.8b
 # in_proj 19.77 -> 17.08; a plain (2560, 5120) linear 8.2-8.6 either way. 8 warps, other elements and the dot
 # kernel were slower at every shape.
-GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, split=True, loop_programs_per_sm=2,
-                   programs_per_sm=4, block_k=256, num_stages=3, num_warps=4, pdl=True)
+# loop_min_k: with kernel "whole", batch-1 GEMVs with K above it take the loop kernel (loop_elements weights a
+# block, loop_programs_per_sm programs an SM; None: never). Long rows make blocks of a few outputs, and the loop
+# normalises the input row once a program instead of once a block: H200, us a call (gpu_run9/call3 --sweep),
+# Mamba-2 2.7b gated norm + out_proj (2560, 5120) 9.67 -> 8.91, a plain (2560, 5120) linear 8.13 -> 7.19 with
+# 16384 elements and 4 programs an SM; at K = 2560 (in_proj) the loop lost (17.35 at best vs 16.26).
+GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, split=True, loop_min_k=4096,
+                   loop_elements=16384, loop_programs_per_sm=4, programs_per_sm=4, block_k=256, num_stages=3,
+                   num_warps=4, pdl=True)
 MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, K rounded up to one or two powers of two) tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
 
@@ -535,18 +541,19 @@ def _pdl_args(device) -> dict:
     return dict(PDL=True, launch_pdl=True) if _pdl(device) else dict(PDL=False)
 
 
-def _whole_tiles(n: int, k: int, device) -> tuple[int, int, int]:
+def _whole_tiles(n: int, k: int, device, elements: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_K2) of _gemv_whole_kernel: a whole K row per output (one power-of-two tile,
     or two with GEMV_CONFIG["split"]: the largest power of two <= K, then the rest rounded up), at most
-    GEMV_CONFIG["elements"] weights per program, and outputs spread so that about whole_programs_per_sm
-    programs run on every SM."""
+    ``elements`` (GEMV_CONFIG["elements"]) weights per block, and outputs spread so that about
+    whole_programs_per_sm blocks run on every SM."""
     cfg = GEMV_CONFIG
+    elements = elements or cfg["elements"]
     bk, bk2 = triton.next_power_of_2(k), 0
     if cfg.get("split") and bk != k:
         bk = bk // 2
         bk2 = triton.next_power_of_2(k - bk)
     spread = triton.cdiv(n, cfg["whole_programs_per_sm"] * num_sms(device))
-    bn = min(max(1, cfg["elements"] // (bk + bk2)), 1 << (spread.bit_length() - 1), 64)
+    bn = min(max(1, elements // (bk + bk2)), 1 << (spread.bit_length() - 1), 64)
     return 1 << (bn.bit_length() - 1), bk, bk2  # a power of two (tl.arange): any "elements" value is valid
 
 
@@ -581,16 +588,17 @@ def _gemv(x, weight, bias, *, pro, out_dtype, residual=None, res_out=None, z=Non
     flags = dict(
         PRO=pro, HAS_RES=residual is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_BIAS=bias is not None,
         HAS_CB=conv_bias is not None, SHIFT=window is not None, D_CONV=d_conv, BLOCK_J=triton.next_power_of_2(d_conv))
-    kind = GEMV_CONFIG["kernel"]
+    cfg = GEMV_CONFIG
+    kind = cfg["kernel"]
     if kind in ("whole", "loop") and k <= MAX_WHOLE_K:
-        bn, bk, bk2 = _whole_tiles(n, k, weight.device)
+        loop = m == 1 and (kind == "loop" or (cfg["loop_min_k"] is not None and k > cfg["loop_min_k"]))
+        bn, bk, bk2 = _whole_tiles(n, k, weight.device, cfg["loop_elements"] if loop else None)
         blocks = triton.cdiv(n, bn)
-        loop = kind == "loop" and m == 1
-        grid = min(blocks, GEMV_CONFIG["loop_programs_per_sm"] * num_sms(weight.device)) if loop else blocks
+        grid = min(blocks, cfg["loop_programs_per_sm"] * num_sms(weight.device)) if loop else blocks
         _gemv_whole_kernel[(grid,)](
             *common, n, k, eps, group, shift_start, window.shape[1] if window is not None else 0, *strides,
             **flags, NG=ngroups if pro == 2 else 1, ROWS=m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2, LOOP=loop,
-            num_warps=GEMV_CONFIG["num_warps"] * (2 if bk + bk2 >= 8192 else 1), **_pdl_args(weight.device))
+            num_warps=cfg["num_warps"] * (2 if bk + bk2 >= 8192 else 1), **_pdl_args(weight.device))
         return out if conv_out is None else (out, conv_out)
     bn, bk = _gemv_tiles(n, weight.device)
     span = k if pro == 1 else group

@@ -186,7 +186,7 @@ def sweep(args) -> int:
         r = results["sweep"].setdefault(name, {"weight_mb": shape[1] * shape[2] * 2 / 1e6, "copies": copies})
         r["cublas_us"] = graph_us_rotating(cublas, copies)
         for v in variants:
-            label = ",".join(f"{a}={b}" for a, b in v.items())
+            label = ",".join(f"{a}={b}" for a, b in v.items()) or "default"
             if time.perf_counter() - start > args.budget:
                 break
             dec.GEMV_CONFIG.update(v)

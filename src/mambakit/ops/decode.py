@@ -10,7 +10,9 @@ in_proj, conv update, [x_proj, dt_proj,] state update, [gated norm,] out_proj). 
              [dt_proj + softplus + state update + D + gate]  [out_proj]
 
 Linear layers are matrix-vector products. By default (``_gemv_whole_kernel``, K <= MAX_WHOLE_K) a program
-holds the whole weight rows of its outputs in registers and reads each input row once, normalising it there;
+holds the whole weight rows of its outputs in registers (as two power-of-two tiles, so that K = 2560 is not
+padded to 4096) and reads each input row once, normalising it there; at batch 1 with long rows (K >
+GEMV_CONFIG["loop_min_k"]) the programs are persistent and load their next block of rows ahead;
 ``_gemv_kernel`` instead streams K through a pipelined tl.dot (larger K, or GEMV_CONFIG["kernel"] = "dot").
 On sm_90+ every fused kernel is launched with programmatic dependent launch: it loads its parameters, then
 waits for the previous kernel (``_grid_wait``), so the weight read overlaps the previous kernel's tail. The
@@ -23,7 +25,8 @@ activation dtype where the unfused step stores them (normalised input, conv outp
 fused and unfused steps differ only in summation order.
 
 The fused path serves small batches on the GPU (``fused_decode_applies``); larger batches are matrix products
-that cuBLAS does better, and the CPU runs the unfused ops. Reading order: references (the unfused ops
+that cuBLAS does better, and the CPU runs the unfused ops. Mamba-2 layers above MAX_FUSED_WEIGHT (larger than
+2.7b's, not measured) keep cuBLAS' in_proj (LARGE_MAMBA2_STEP). Reading order: references (the unfused ops
 composed) -> Triton kernels -> launchers -> public functions.
 """
 

@@ -65,7 +65,9 @@ def layer_ops(s: dict) -> dict:
         ops["in_proj"] = (lambda: dec.norm_linear(x, w_in, nw, 1e-5, residual=res, **conv),
                           lambda: dec.norm_linear_ref(x, w_in, nw, 1e-5, residual=res, **conv), w_in)
         ops["x_proj"] = (lambda: dec.linear(xc, w_x), lambda: F.linear(xc, w_x), w_x)
-        # the state updates change their state in place: test_decode.py checks them, this only times them
+        # the state updates change their state in place: test_decode.py checks them, this only times them (back to
+        # back on one state, with decode.EARLY_STATE a call may read the state before the previous call's write:
+        # the timing holds, the values do not; a decode step never runs two updates of one state in a row)
         ops["m1_update"] = (lambda: dec.mamba1_state_update(xc, x_dbl, w_dt, bias, state, A, D, z), None, w_dt)
         ops["out_proj"] = (lambda: dec.linear(y, w_out), lambda: F.linear(y, w_out), w_out)
     else:

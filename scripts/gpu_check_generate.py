@@ -176,10 +176,12 @@ B1_REPEATS = 3  # --b1-repeats
 SMALL_BATCHES = (2, 4)  # --small-batches: fused vs unfused at these batch sizes
 N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
 # GEMV_CONFIG overrides (update_tile: UPDATE_TILE; max_fused_weight: MAX_FUSED_WEIGHT, to fuse the big layers)
-GEMV_VARIANTS = [dict(split=False), {}, dict(split=False), {}, dict(pdl=False), dict(kernel="dot")]
+# early_state False: the state updates load the state after their grid-dependency wait (the former plan)
+GEMV_VARIANTS = [dict(early_state=False), {}, dict(early_state=False), {}, dict(early_state=False), {}]
 # 2.7b/2.8b (the default since gpu_run9 fuses every layer, with split tiles): {} repeats the default (a fresh
 # capture), which shows the capture-to-capture spread; loop_min_k None: no loop kernel for the long-K GEMVs
-LARGE_VARIANTS = [{}, dict(loop_min_k=None), {}, dict(loop_min_k=None), {}, dict(loop_min_k=None)]
+LARGE_VARIANTS = [{}, dict(loop_min_k=None), dict(early_state=False), {}, dict(loop_min_k=None),
+                  dict(early_state=False), {}]
 # (gpu_run9/call2: {} 1.978 / 2.092 / 1.904 / 2.087 ms/token at 2.7b, split False 2.587, the former
 # fused_out plan 2.411, unfused 2.670; Mamba-1 2.8b {} 1.87-2.08, split False 2.341. call3: loop everywhere
 # 2.026 / 2.143 (2.7b), 2.023 / 2.008 (2.8b) against {} 1.97-2.08 / 1.72-2.03; loop_min_k None is call2's {})
@@ -193,15 +195,17 @@ class config:
 
     def __enter__(self):
         self.saved = (dict(fused_decode.GEMV_CONFIG), fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT,
-                      fused_decode.LARGE_MAMBA2_STEP)
+                      fused_decode.LARGE_MAMBA2_STEP, fused_decode.EARLY_STATE)
         v = self.variant
         fused_decode.GEMV_CONFIG.update({k: x for k, x in v.items() if k in fused_decode.GEMV_CONFIG})
         fused_decode.UPDATE_TILE = v.get("update_tile", fused_decode.UPDATE_TILE)
         fused_decode.MAX_FUSED_WEIGHT = v.get("max_fused_weight", fused_decode.MAX_FUSED_WEIGHT)
         fused_decode.LARGE_MAMBA2_STEP = v.get("large_step", fused_decode.LARGE_MAMBA2_STEP)
+        fused_decode.EARLY_STATE = v.get("early_state", fused_decode.EARLY_STATE)
 
     def __exit__(self, *exc):
-        base, fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT, fused_decode.LARGE_MAMBA2_STEP = self.saved
+        (base, fused_decode.UPDATE_TILE, fused_decode.MAX_FUSED_WEIGHT, fused_decode.LARGE_MAMBA2_STEP,
+         fused_decode.EARLY_STATE) = self.saved
         fused_decode.GEMV_CONFIG.clear()
         fused_decode.GEMV_CONFIG.update(base)
 

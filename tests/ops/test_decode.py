@@ -149,10 +149,34 @@ def test_linear(gemv_kernel):
     close(out, ref, torch.float32, "linear")
 
 
+@pytest.fixture(params=[True, False], ids=["early-state", "late-state"])
+def early_state(request, monkeypatch):
+    """decode.EARLY_STATE both ways; yields the launch metas' EARLY_STATE values of both state update kernels."""
+    import mambakit.ops.state_update as su
+
+    monkeypatch.setattr(dec, "EARLY_STATE", request.param)
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*a, **meta):
+                seen.append(meta["EARLY_STATE"])
+                return self.kernel[grid](*a, **meta)
+            return launch
+
+    monkeypatch.setattr(su, "_state_update_kernel", Spy(su._state_update_kernel))
+    monkeypatch.setattr(dec, "_m1_update_kernel", Spy(dec._m1_update_kernel))
+    yield request.param, seen
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ngroups,d_hdim,dt_limit,gate", [(1, False, (0.0, float("inf")), False),
                                                            (2, True, (0.05, 0.5), True)])
-def test_mamba2_state_update(dtype, ngroups, d_hdim, dt_limit, gate):
+def test_mamba2_state_update(dtype, ngroups, d_hdim, dt_limit, gate, early_state):
+    """The decode step's state update (the op's kernel, loading the state before or after the grid wait)."""
     b, h, p, n = 2, 4, 8, 16
     d_ssm, conv_dim = h * p, h * p + 2 * ngroups * n
     zx = rnd(b, d_ssm + conv_dim + h, dtype=dtype)  # [z, xBC, dt]
@@ -162,10 +186,11 @@ def test_mamba2_state_update(dtype, ngroups, d_hdim, dt_limit, gate):
                                       z_start=0 if gate else None)
     close(out, ref, dtype, "y")
     close(ak[2], ar[2], dtype, "ssm_state")
+    assert early_state[1] == [early_state[0]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mamba1_state_update(dtype):
+def test_mamba1_state_update(dtype, early_state):
     b, d, n, r = 2, 24, 8, 5
     args = (rnd(b, d, dtype=dtype), rnd(b, r + 2 * n, dtype=dtype), rnd(d, r, dtype=dtype, scale=0.5),
             rnd(d, scale=0.3), rnd(b, d, n, dtype=dtype), -torch.exp(rnd(d, n, scale=0.5)), rnd(d),
@@ -173,6 +198,17 @@ def test_mamba1_state_update(dtype):
     ref, out, (ar, _), (ak, _) = both(dec.mamba1_state_update, *args)
     close(out, ref, dtype, "y")
     close(ak[4], ar[4], dtype, "ssm_state")
+    assert early_state[1] == [early_state[0]]
+
+
+def test_op_state_update_loads_state_after_wait(early_state):
+    """The public selective_state_update never loads the state early (its caller may have just written it)."""
+    from mambakit.ops import selective_state_update
+
+    with backend("triton"):
+        selective_state_update(rnd(1, 4, 8, 16), rnd(1, 4, 8), rnd(1, 4, 8), -torch.exp(rnd(4, 8, 16)), rnd(1, 1, 16),
+                               rnd(1, 1, 16))
+    assert early_state[1] == [False]
 
 
 # ---- whole models ------------------------------------------------------------------------------------------

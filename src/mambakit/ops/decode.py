@@ -87,6 +87,11 @@ GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, spli
                    num_warps=4, pdl=True)
 MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, K rounded up to one or two powers of two) tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
+# The state updates load the SSM state before their grid-dependency wait (under PDL the read overlaps in_proj's
+# or x_proj's tail). Safe in the decode step: the kernel before never touches the state, and the state's last
+# writer, this layer's update a token earlier, has finished (PDL lets a kernel start only once the one before
+# it has waited for its own predecessor). scripts/gpu_check_generate.py times it against False.
+EARLY_STATE = True
 
 
 def fused_decode_applies(x: torch.Tensor, in_proj_weight: torch.Tensor | None = None) -> bool:
@@ -142,7 +147,8 @@ def mamba2_state_update(zxbcdt, xBC, ssm_state, A, D, dt_bias, dt_limit, ngroups
     z = None if z_start is None else zxbcdt[:, z_start:z_start + h * p].reshape(b, h, p)
     args = (ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, ngroups, n), C.reshape(b, ngroups, n), D, z, dt_bias)
     if use_triton(xBC):  # the op's kernel, launched with PDL like the fused kernels around it
-        y = _update_triton(*_normalize(*args, None), dt_bias is not None, pdl=_pdl(xBC.device))
+        y = _update_triton(*_normalize(*args, None), dt_bias is not None, pdl=_pdl(xBC.device),
+                           early_state=EARLY_STATE)
     else:
         y = selective_state_update(*args[:7], z=z, dt_bias=dt_bias, dt_softplus=dt_bias is not None)
     return y.reshape(b, h * p)
@@ -484,7 +490,8 @@ if triton is not None:
         DIM, NSTATE, R,
         s_xb, s_xdb, s_zb, s_wdd, s_wdr, s_sb, s_sd, s_sn, s_Ad, s_An, s_ob,
         HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EARLY_STATE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One program per (block of channels, batch row): dt = dt_proj(x_dbl[:r]) + bias, softplus, the Mamba-1
         state update (A per channel and state) and y = <state, C> + D x (* silu(z)), x the conv output.
@@ -507,6 +514,9 @@ if triton is not None:
         A = tl.load(A_ptr + d64[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask_dn, other=0.0).to(tl.float32)
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        s_ptrs = st_ptr + pid_b * s_sb + d64[:, None] * s_sd + offs_n[None, :] * s_sn
+        if EARLY_STATE:  # see decode.EARLY_STATE
+            s = tl.load(s_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
         _grid_wait(PDL)
         xv = tl.load(x_ptr + pid_b * s_xb + d64, mask=mask_d, other=0.0).to(tl.float32)
         xd = xd_ptr + pid_b * s_xdb
@@ -517,8 +527,8 @@ if triton is not None:
         dt = _softplus(dt)
         Bv = tl.load(xd + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         Cv = tl.load(xd + R + NSTATE + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        s_ptrs = st_ptr + pid_b * s_sb + d64[:, None] * s_sd + offs_n[None, :] * s_sn
-        s = tl.load(s_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
+        if not EARLY_STATE:
+            s = tl.load(s_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
         s = s * tl.exp(dt[:, None] * A) + (dt * xv)[:, None] * Bv[None, :]
         tl.store(s_ptrs, s.to(st_ptr.dtype.element_ty), mask=mask_dn)
         y = tl.sum(s * Cv[None, :], axis=1)
@@ -671,6 +681,6 @@ def mamba1_state_update(x, x_dbl, dt_proj_weight, dt_bias, ssm_state, A, D, z):
         x.stride(0), x_dbl.stride(0), z.stride(0) if z is not None else 0, *dt_proj_weight.stride(),
         *ssm_state.stride(), *A.stride(), out.stride(0),
         HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, num_warps=4, **_pdl_args(x.device),
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=br, EARLY_STATE=EARLY_STATE, num_warps=4, **_pdl_args(x.device),
     )
     return out

@@ -251,9 +251,11 @@ if triton is not None:
         s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Dh, s_Dp, s_zb, s_zh, s_zp, s_bh, s_bp, s_ob, s_oh, s_op,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_IDX: tl.constexpr, TIED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-        PDL: tl.constexpr,
+        EARLY_STATE: tl.constexpr, PDL: tl.constexpr,
     ):
-        _grid_wait(PDL)
+        """EARLY_STATE (no HAS_IDX): the state is loaded before the grid-dependency wait, so under PDL its read
+        overlaps the previous kernel. Only the decode step sets it: there the previous kernel (in_proj) never
+        touches the state, and the state's last writer (this layer's update a token earlier) has finished."""
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         pid_h = tl.program_id(2).to(tl.int64)
@@ -262,11 +264,17 @@ if triton is not None:
         mask_p = offs_p < P
         mask_pn = mask_p[:, None] & (offs_n[None, :] < NSTATE)
         p64 = offs_p.to(tl.int64)
-        row = pid_b
-        if HAS_IDX:
-            row = tl.load(idx_ptr + pid_b).to(tl.int64)
-        s_ptrs = state_ptr + row * s_sb + pid_h * s_sh + p64[:, None] * s_sp + offs_n[None, :] * s_sn
-        s = tl.load(s_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
+        state_cols = pid_h * s_sh + p64[:, None] * s_sp + offs_n[None, :] * s_sn
+        if EARLY_STATE:
+            s_ptrs = state_ptr + pid_b * s_sb + state_cols
+            s = tl.load(s_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
+        _grid_wait(PDL)
+        if not EARLY_STATE:
+            row = pid_b
+            if HAS_IDX:
+                row = tl.load(idx_ptr + pid_b).to(tl.int64)
+            s_ptrs = state_ptr + row * s_sb + state_cols
+            s = tl.load(s_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + pid_b * s_xb + pid_h * s_xh + p64 * s_xp, mask=mask_p, other=0.0).to(tl.float32)
         grp = pid_h // HEADS_PER_GROUP
         Bv = tl.load(B_ptr + pid_b * s_Bb + grp * s_Bg + offs_n * s_Bn, mask=offs_n < NSTATE, other=0.0).to(tl.float32)
@@ -298,9 +306,10 @@ if triton is not None:
         tl.store(out_ptr + pid_b * s_ob + pid_h * s_oh + p64 * s_op, out.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
-def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus, pdl=False):
+def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus, pdl=False, early_state=False):
     """The kernel on _normalize's arguments; ``pdl``: launch it with programmatic dependent launch (the fused
-    decode step does, after its PDL in_proj kernel) where the device supports it."""
+    decode step does, after its PDL in_proj kernel) where the device supports it; ``early_state``: load the
+    state before the grid-dependency wait (the decode step; see the kernel), ignored with state indices."""
     b, h, p = x.shape
     n = state.shape[-1]
     out = torch.empty(b, h, p, device=x.device, dtype=x.dtype)
@@ -315,7 +324,8 @@ def _update_triton(state, x, dt, A, B, C, D, z, dt_bias, idx, mamba1, softplus, 
         *(D.stride() if D is not None else (0, 0)), *z_.stride(), *(dt_bias.stride() if dt_bias is not None else (0, 0)),
         *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus),
-        HAS_IDX=idx is not None, TIED=_tied(dt, A, dt_bias), BLOCK_P=BP, BLOCK_N=BN, PDL=pdl, num_warps=4,
+        HAS_IDX=idx is not None, TIED=_tied(dt, A, dt_bias), BLOCK_P=BP, BLOCK_N=BN,
+        EARLY_STATE=bool(early_state) and idx is None, PDL=pdl, num_warps=4,
         **({"launch_pdl": True} if pdl else {}),
     )
     return out.squeeze(1) if mamba1 else out

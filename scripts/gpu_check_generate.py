@@ -176,12 +176,15 @@ B1_REPEATS = 3  # --b1-repeats
 SMALL_BATCHES = (2, 4)  # --small-batches: fused vs unfused at these batch sizes
 N_VARIANTS = None  # --variants: how many of GEMV_VARIANTS to time
 # GEMV_CONFIG overrides (update_tile: UPDATE_TILE; max_fused_weight: MAX_FUSED_WEIGHT, to fuse the big layers)
-# early_state False: the state updates load the state after their grid-dependency wait (the former plan)
-GEMV_VARIANTS = [dict(early_state=False), {}, dict(early_state=False), {}, dict(early_state=False), {}]
+# early_state: the state updates load the state before their grid-dependency wait (decode.EARLY_STATE; off by
+# default, measured in gpu_run9/call4)
+GEMV_VARIANTS = [dict(early_state=True), {}, dict(early_state=True), {}, dict(early_state=True), {}]
 # 2.7b/2.8b (the default since gpu_run9 fuses every layer, with split tiles): {} repeats the default (a fresh
 # capture), which shows the capture-to-capture spread; loop_min_k None: no loop kernel for the long-K GEMVs
-LARGE_VARIANTS = [{}, dict(loop_min_k=None), dict(early_state=False), {}, dict(loop_min_k=None),
-                  dict(early_state=False), {}]
+LARGE_VARIANTS = [{}, dict(loop_min_k=None), dict(early_state=True), {}, dict(loop_min_k=None),
+                  dict(early_state=True), {}]
+# (call4, early_state True as the default then: 2.7b {} 1.954 / 1.992 / 1.939, loop_min_k None 2.034 / 2.051,
+# early_state False 1.999 / 2.032; 2.8b 1.924 / 2.081 / 1.868, 2.040 / 1.893, 1.940 / 1.847)
 # (gpu_run9/call2: {} 1.978 / 2.092 / 1.904 / 2.087 ms/token at 2.7b, split False 2.587, the former
 # fused_out plan 2.411, unfused 2.670; Mamba-1 2.8b {} 1.87-2.08, split False 2.341. call3: loop everywhere
 # 2.026 / 2.143 (2.7b), 2.023 / 2.008 (2.8b) against {} 1.97-2.08 / 1.72-2.03; loop_min_k None is call2's {})

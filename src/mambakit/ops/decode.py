@@ -56,7 +56,8 @@ MAX_FUSED_BATCH = 2  # rows per fused step (the kernels take up to 16, the dot's
 # whole-row GEMV split into power-of-two tiles (GEMV_CONFIG split) the fused step wins at 2.7b: H200, b1 CUDA
 # graphs (notes/gpu_run9/call1) 1.955 / 2.088 ms/token fused over two captures against 2.642 / 2.683 unfused
 # (with one padded tile it lost: 2.72 vs 3.0). Larger layers (d_model 4096: 76M) were not measured, so they
-# keep the former plan. Mamba-1 ignores this limit (2.8b fused: 2.13-2.31 vs 3.13 ms unfused).
+# keep cuBLAS' in_proj (LARGE_MAMBA2_STEP). Mamba-1 ignores this limit (2.8b fused: 2.13-2.31 vs 3.13 ms
+# unfused).
 MAX_FUSED_WEIGHT = 1 << 25
 # Mamba-2 layers above MAX_FUSED_WEIGHT: "unfused" runs the unfused step (7 kernels a layer at 2.7b: norm,
 # in_proj, conv, state update, gated norm, out_proj and cuBLAS' split-K reduce); "fused_out" keeps the norm and
@@ -87,11 +88,14 @@ GEMV_CONFIG = dict(kernel="whole", elements=32768, whole_programs_per_sm=2, spli
                    num_warps=4, pdl=True)
 MAX_WHOLE_K = 8192  # the whole kernel keeps a (rows, K rounded up to one or two powers of two) tile in registers
 UPDATE_TILE = 4096  # state elements per program of the Mamba-1 state update kernel
-# The state updates load the SSM state before their grid-dependency wait (under PDL the read overlaps in_proj's
-# or x_proj's tail). Safe in the decode step: the kernel before never touches the state, and the state's last
-# writer, this layer's update a token earlier, has finished (PDL lets a kernel start only once the one before
-# it has waited for its own predecessor). scripts/gpu_check_generate.py times it against False.
-EARLY_STATE = True
+# True: the state updates load the SSM state before their grid-dependency wait (under PDL the read overlaps
+# in_proj's or x_proj's tail). Safe in the decode step: the kernel before never touches the state, and the
+# state's last writer, this layer's update a token earlier, has finished (PDL lets a kernel start only once the
+# one before it has waited for its own predecessor). H200, b1 CUDA graphs, ms/token, alternated captures in one
+# run (notes/gpu_run9/call4), True vs False: Mamba-2 2.7b 1.94-1.99 vs 2.00-2.03, Mamba-1 130m 0.249-0.257 vs
+# 0.257-0.285, but Mamba-2 130m 0.245-0.282 vs 0.209-0.246 and Mamba-1 2.8b 1.87-2.08 vs 1.85-1.94: no gain
+# shown across the four, so it stays off. The GPU decode tests pass both ways.
+EARLY_STATE = False
 
 
 def fused_decode_applies(x: torch.Tensor, in_proj_weight: torch.Tensor | None = None) -> bool:

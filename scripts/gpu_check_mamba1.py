@@ -366,10 +366,12 @@ def KT(steps, rows, **kw):
 # 2112 at 128 registers, one wave at 80), if ptxas does not spill
 # (measured gpu_run9/call1: b4 r96 0.800 vs 0.704; b1 r80 3.432, r72 3.492, r96 4.766 vs 3.547; call2, 2
 # channels a program sharing B/C (kernel since removed): b4 1.25-1.44, b1 5.3-6.5)
-FWD_B4 = [{}]
+# even / pairs: no masks on whole chunks, bf16 B/C read as int32 pairs (offline SASS: 2992 -> 2912 -> 2776
+# instructions a chunk)
+FWD_B4 = [{}, KT(8, 32, even=True), KT(8, 32, even=True, pairs=True)]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = []
-FWD_B1 = [{}]
+FWD_B1 = [{}, KT(8, 32, even=True), KT(8, 32, even=True, pairs=True)]
 
 
 def TBW(**kw):
@@ -389,10 +391,11 @@ def TBW(**kw):
 # Then (call2): bd4 + seg 64 4.658 again (passes the full-size checks), bd8 + seg 32 6.55; (call3) b1: default
 # 19.87, bd4 + seg 64 24.0, hence the busy-grid rule (_triton_scan_time.busy_grid), now the default: the
 # defaults at both shapes (b4 takes bd4 + seg 64, b1 the former plan).
-FB = [(B4, False, {}, {}), (B1, False, {}, {})]
+FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, even=True, pairs=True), {}), (B1, False, {}, {})]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32, seg=64), kernel="time"), dict(TBW(block_d=4), kernel="time"), False),
+CHECKS = [(dict(KT(8, 32, even=True, pairs=True), kernel="time"), {}, False),
+          (dict(KT(8, 32, seg=64), kernel="time"), dict(TBW(block_d=4), kernel="time"), False),
           (dict(KT(8, 32, seg=32), kernel="time"), dict(TBW(block_d=8), kernel="time"), False),
           (dict(KT(8, 32, seg=128), kernel="time"), dict(TBW(block_d=2), kernel="time"), False),
           (dict(KT(8, 32), kernel="time"), dict(TBW(block_d=2), kernel="time"), False),
@@ -410,6 +413,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter + tiny shapes (tests this script)")
     ap.add_argument("--skip-default-check", action="store_true", help="do not re-check the defaults first")
     ap.add_argument("--skip-checks", action="store_true", help="timings only (no correctness sections)")
+    ap.add_argument("--first-check-only", action="store_true",
+                    help="of the correctness sections, only the first variant's (CHECKS[0]) before the timings")
     args = ap.parse_args(argv)
     import triton
     R.update(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -420,12 +425,14 @@ def main(argv=None):
     if SMOKE:  # 8-step checkpoints, so that the tiny shapes still split in time
         K.FWD_CONFIG["seg"] = 8
         TK.FWD_TIME_CONFIG["chunk"] = 16
-    if args.skip_checks:
-        checks = [(None, None, None)]
+    if args.skip_checks or args.first_check_only:
+        checks = checks[:1] if args.first_check_only else [(None, None, None)]
     if not (args.skip_default_check or args.skip_checks):
         section("check defaults: bf16 cl + fp32 group/seq_idx/h0", bud)(lambda: check_variant({}, {}))
     if not args.skip_checks:
         section(f"check {label(*checks[0][:2])}", bud)(lambda: check_variant(*checks[0]))
+    if args.first_check_only:
+        args.skip_checks = True
     for v in FWD_B4:
         section(f"fwd b4 {label(v)}", bud)(lambda v=v: timed(B4, fwd=v))
     for v in FWD_B4_CL:

@@ -464,6 +464,37 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
 
 
 @needs_triton
+@pytest.mark.parametrize("bc,dtype,l,even,pairs", [
+    ("step", torch.bfloat16, 48, True, True), ("group", torch.bfloat16, 64, True, True),
+    ("step", torch.float32, 48, True, False), ("step", torch.bfloat16, 40, False, False)])
+def test_triton_time_forward_even_pairs(poisoned, monkeypatch, bc, dtype, l, even, pairs):
+    """FWD_TIME_CONFIG even / pairs: a length that is a multiple of the chunk (16 here) loads and stores without
+    masks (EVEN), and bf16 B/C per step are then read as int32 pairs (PAIRS); fp32 B/C or a ragged length fall
+    back. Against the reference with packed sequences; the launch meta checked."""
+    from mambakit.ops import _triton_scan_time as tk
+    from mambakit.ops import _triton_selective_scan as k
+
+    monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
+    for key, v in dict(steps=4, rows=4, even=True, pairs=True).items():
+        monkeypatch.setitem(tk.FWD_TIME_CONFIG, key, v)
+    metas = []
+    kernel = tk._scan_time_fwd_kt_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **meta):
+                metas.append((meta.get("EVEN", False), meta.get("PAIRS", False)))
+                return kernel[grid](*a, **meta)
+            return launch
+
+    monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", Spy())
+    b, d = 2, 8
+    check_kernel_rule(bc, dtype, seq_idx=seq_idx_for(b, l), atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
+                      b=b, d=d, l=l, n=3)
+    assert metas and set(metas) == {(even, pairs)}, metas
+
+
+@needs_triton
 @pytest.mark.parametrize("busy", [True, False])
 def test_triton_time_kernels_busy_grid_plan(poisoned, monkeypatch, busy):
     """The default plan: on a busy grid the forward saves a state every BUSY_SEG (64) steps and the backward

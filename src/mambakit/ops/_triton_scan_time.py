@@ -50,9 +50,12 @@ from mambakit.ops.dispatch import num_sms
 # d_state <= 16, Mamba-1's default, was measured on a GPU). num_stages, maxnreg: Triton's launch options.
 # seg ((T, K) kernel): steps between the states saved for the backward, steps times a power of two, at most
 # the chunk (None: BUSY_SEG on a busy grid, see below, else the chunk); a smaller seg lets the backward run
-# smaller chunks.
+# smaller chunks. even ((T, K) kernel): lengths that are a multiple of the chunk load and store without masks;
+# pairs (with even): bf16 B and C per step are read as int32 pairs and widened with one shift or mask an element.
+# Offline SASS (scripts/sass_count.py mamba1-fwd, sm_90, b4 d3072 l4096): 2992 instructions -> 2912 with even
+# -> 2776 with both (-7%); not yet timed on a GPU, so both are off.
 FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
-                       num_stages=None, max_n=16)
+                       num_stages=None, max_n=16, even=False, pairs=False)
 # Busy grids (b * d >= BUSY_CHANNELS_PER_SM channels an SM): the forward saves a state every BUSY_SEG steps and
 # the backward (BWD_TIME_CONFIG block_d None) runs 4 channels of 64-step chunks in one warp, its dB/dC summed
 # over them before the atomics. H200, bf16, n 16, fwd+bwd ms (notes/gpu_run8): b4 d3072 l4096 (93 channels an
@@ -177,21 +180,46 @@ def _scan_time_fwd_kernel(
 
 
 @triton.jit
-def _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC: tl.constexpr):
-    """B_n, C_n of a chunk in B's and C's dtypes: tiles at steps t, or B_base / C_base's shape when constant
-    (B_base, C_base then point at the channel's row of (d, n))."""
+def _ld(ptrs, m2, EVEN: tl.constexpr):
+    """tl.load of a chunk's tile: masked past the sequence's end, unless EVEN (the length is a multiple of the
+    chunk, so no step is past it)."""
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=m2, other=0.0)
+
+
+@triton.jit
+def _bf16_pairs(ptrs, T: tl.constexpr, K: tl.constexpr):
+    """A (T, K) bf16 tile read as (T, K / 2) int32 pairs (4-byte aligned pointers), widened to fp32 with one
+    shift or mask per element: the low half is the even step, the high half the odd one."""
+    v = tl.load(ptrs)
+    lo = (v << 16).to(tl.float32, bitcast=True)
+    hi = (v & -65536).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (T, K))
+
+
+@triton.jit
+def _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC: tl.constexpr, EVEN: tl.constexpr = False,
+           PAIRS: tl.constexpr = False, T: tl.constexpr = 1, K: tl.constexpr = 1):
+    """B_n, C_n of a chunk in B's and C's dtypes (fp32 with PAIRS: bf16 read as int32 pairs, T x K tiles):
+    tiles at steps t, or B_base / C_base's shape when constant (B_base, C_base then point at the channel's row
+    of (d, n))."""
     if CONST_BC:
-        return tl.load(B_base + n * s_Bn), tl.load(C_base + n * s_Cn)
-    return (tl.load(B_base + n * s_Bn + t * s_Bl, mask=m2, other=0.0),
-            tl.load(C_base + n * s_Cn + t * s_Cl, mask=m2, other=0.0))
+        B_n, C_n = tl.load(B_base + n * s_Bn), tl.load(C_base + n * s_Cn)
+    elif PAIRS:  # B_base, C_base: the int32 pointers of the chunk's pairs of state 0
+        B_n, C_n = _bf16_pairs(B_base + n * (s_Bn // 2), T, K), _bf16_pairs(C_base + n * (s_Cn // 2), T, K)
+    else:
+        B_n, C_n = _ld(B_base + n * s_Bn + t * s_Bl, m2, EVEN), _ld(C_base + n * s_Cn + t * s_Cl, m2, EVEN)
+    return B_n, C_n
 
 
 @triton.jit
 def _kt_state_in(n, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
-                 CONST_BC: tl.constexpr):
+                 CONST_BC: tl.constexpr, EVEN: tl.constexpr = False, PAIRS: tl.constexpr = False,
+                 T: tl.constexpr = 1, K: tl.constexpr = 1):
     """What state n of a chunk loads: A[d, n] log2(e), B_n, C_n (``_kt_bc``) and the carried state."""
     a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32) * 1.4426950408889634
-    B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
+    B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
     return a_n, B_n, C_n, tl.load(carry + n)
 
 
@@ -217,7 +245,8 @@ def _scan_time_fwd_kt_kernel(
     NSTATE: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
-    T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr, SEG_ROWS: tl.constexpr,
+    T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr, SEG_ROWS: tl.constexpr, EVEN: tl.constexpr = False,
+    PAIRS: tl.constexpr = False,
 ):
     """One channel per program, grid (d, b), chunks of T * K steps as a (T, K) tile: row i (one thread when
     T = 32 num_warps and K elements fill a 16-byte load) holds the K contiguous steps i K .. i K + K - 1.
@@ -267,21 +296,28 @@ def _scan_time_fwd_kt_kernel(
     for c in range(pid_b * 0, tl.cdiv(L, CHUNK)):
         t = c * CHUNK + offs
         m2 = t < L
-        u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
+        Bq = B_base
+        Cq = C_base
+        if PAIRS:  # the chunk's bf16 B / C as int32 pairs, (T, K / 2) pointers of state 0
+            tp = c * (CHUNK // 2) + rows[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :]
+            Bq = B_base.to(tl.pointer_type(tl.int32)) + tp
+            Cq = C_base.to(tl.pointer_type(tl.int32)) + tp
+        u = _ld(u_base + t, m2, EVEN).to(tl.float32)
+        x = _ld(dt_base + t, m2, EVEN).to(tl.float32)
         if HAS_Z:
-            zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
+            zv = _ld(z_base + t, m2, EVEN).to(tl.float32)
         if HAS_SEQ:
             reset = _seq_reset(seq_base, t, m2, s_sl)
         if PREFETCH:
-            a_n, B_n, C_n, h_start = _kt_state_in(0, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An, s_Bn,
-                                                  s_Bl, s_Cn, s_Cl, CONST_BC)
+            a_n, B_n, C_n, h_start = _kt_state_in(0, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad, s_An, s_Bn,
+                                                  s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
         if HAS_BIAS:
             x += bias
         dt = x
         if SOFTPLUS:
             dt = _softplus(x)
-        dt = tl.where(m2, dt, 0.0)
+        if not EVEN:
+            dt = tl.where(m2, dt, 0.0)
         dtu = dt * u
         y = tl.zeros([T, K], dtype=tl.float32)
         if HAS_D:
@@ -289,11 +325,11 @@ def _scan_time_fwd_kt_kernel(
         for n in tl.static_range(NSTATE):
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
-                    a_nx, B_nx, C_nx, h_nx = _kt_state_in(n + 1, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad,
-                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
+                    a_nx, B_nx, C_nx, h_nx = _kt_state_in(n + 1, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad,
+                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
             else:
-                a_n, B_n, C_n, h_start = _kt_state_in(n, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An,
-                                                      s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
+                a_n, B_n, C_n, h_start = _kt_state_in(n, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad, s_An,
+                                                      s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
             dA = tl.exp2(dt * a_n)
             if HAS_SEQ:
                 dA = tl.where(reset, 0.0, dA)
@@ -315,7 +351,10 @@ def _scan_time_fwd_kt_kernel(
                     a_n, B_n, C_n, h_start = a_nx, B_nx, C_nx, h_nx
         if HAS_Z:
             y *= zv * tl.sigmoid(zv)
-        tl.store(o_base + t, y.to(out_ptr.dtype.element_ty), mask=m2)
+        if EVEN:
+            tl.store(o_base + t, y.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(o_base + t, y.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 def supports(u, delta, z, A, cfg=None) -> bool:
@@ -365,6 +404,12 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     if "K" in meta:
         kernel, grid = _scan_time_fwd_kt_kernel, (d, b)
         meta = {k: v for k, v in meta.items() if k != "CHUNK"}
+        if cfg.get("even"):  # no masks: every chunk is whole
+            meta["EVEN"] = l % (meta["T"] * meta["K"]) == 0
+        if cfg.get("pairs") and meta.get("EVEN") and meta["K"] % 2 == 0 and B.dim() >= 3 \
+                and B.dtype == C.dtype == torch.bfloat16:  # B / C read as int32 pairs: 4-byte aligned rows
+            meta["PAIRS"] = all(x.stride(-1) == 1 and all(st % 2 == 0 for st in x.stride()[:-1])
+                                and x.data_ptr() % 4 == 0 for x in (B, C))
     else:
         kernel, grid = _scan_time_fwd_kernel, (triton.cdiv(d, meta["BLOCK_D"]), b)
     kernel[grid](

@@ -98,7 +98,24 @@ def mamba1_fwd(args, overrides):
     tk.scan_fwd_time(u, delta, A, B, C, D, z, bias, None, None, True, True, **overrides)
 
 
-JOBS = {"mamba1-fwd": mamba1_fwd}
+def mamba1_bwd(args, overrides):
+    """The Mamba-1 time-parallel backward of the same inputs, from the forward's saved states (the busy-grid
+    plan where b * d fills the GPU, as on a real launch); overrides are BWD_TIME_CONFIG keys."""
+    from mambakit.ops import _triton_scan_time as tk
+    from mambakit.ops import _triton_scan_time_bwd as tb
+
+    b, d, l, n = args.b, args.d, args.l, 16
+    bf = dict(dtype=torch.bfloat16)
+    u, delta, z, dout = (torch.randn(b, d, l, **bf) for _ in range(4))
+    B, C = torch.randn(b, 1, n, l, **bf), torch.randn(b, 1, n, l, **bf)
+    A, D, bias = -torch.rand(d, n), torch.randn(d), torch.randn(d)
+    seg = tk._launch_meta(tk.FWD_TIME_CONFIG, u, B)
+    seg = seg["SEG_ROWS"] * seg["K"]
+    states = torch.zeros(b, -(-l // seg), d, n)
+    tb.scan_bwd_time(u, delta, A, B, C, D, z, bias, None, states, seg, dout, None, True, **overrides)
+
+
+JOBS = {"mamba1-fwd": mamba1_fwd, "mamba1-bwd": mamba1_bwd}
 
 
 def main(argv=None) -> int:

@@ -421,7 +421,11 @@ def test_time_split_sizes():
     ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=2)),  # 2 channels of 8 steps a row: _atomic_pair
     ("step", 4, 1, torch.float32, 4, dict(steps=4, chunk=16, fseg=8)),
     # -4: 4 steps a row without prefetching the next state's loads
-    ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False))])
+    ("step", 4, 1, torch.float32, -4, dict(steps=4, prefetch=False)),
+    # shift_da: the backward's dA_{t+1} from dA shifted one step (8 steps a row), with 1, 2 or 4 channels
+    ("group", 3, 1, torch.float32, 4, dict(steps=8, shift_da=True)),
+    ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=2, shift_da=True)),
+    ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=16, shift_da=True))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
@@ -529,6 +533,19 @@ def test_triton_time_kernels_busy_grid_plan(poisoned, monkeypatch, busy):
     assert fwd and bwd, metas
     assert fwd[0] == dict(T=32, K=8, SEG_ROWS=8 if busy else 32, DB=None)
     assert bwd[0]["DB"] == (4 if busy else 1) and bwd[0]["T"] * bwd[0]["K"] == (64 if busy else 256)
+
+
+@needs_triton
+def test_time_backward_shift_da_plan():
+    """BWD_TIME_CONFIG shift_da reaches the (T, K) backward's launch only with 8 steps a row (its column
+    split); the tests above run it against the reference."""
+    from mambakit.ops import _triton_scan_time_bwd as tb
+
+    u, A, B = torch.empty(2, 8, 64), torch.empty(8, 4), torch.empty(2, 4, 64)
+    for steps, want in ((8, True), (4, False)):
+        cfg = dict(tb.BWD_TIME_CONFIG, steps=steps, shift_da=True, block_d=1)
+        assert tb._meta(cfg, u, A, B, 16)["SHIFT_DA"] is want
+    assert tb._meta(dict(tb.BWD_TIME_CONFIG, block_d=1), u, A, B, 16)["SHIFT_DA"] is False
 
 
 class _Spy:

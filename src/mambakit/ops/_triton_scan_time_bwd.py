@@ -73,8 +73,11 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # 16 copies 6.38, 168 5.36; constant B/C (no per-step atomics) 2.93 (call1): the atomics are the main cost.
 # block_d None: 1, or on a busy grid (_triton_scan_time.busy_grid) with the forward's seg of 64 or 128 steps
 # and no chunk set, as many channels as fill one warp with rows of `steps` (4 at seg 64, 2 at seg 128).
+# shift_da ((T, K) kernel, steps 8): dA_{t+1} of g's reverse scan taken from dA shifted by one step (in-thread
+# columns, one lane gather for each row's last step, delta after the chunk for the last row) instead of a
+# second exp2 of delta loaded one step later; not yet timed on a GPU, so off.
 BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=None, chunk=None, num_warps=None, unroll=False,
-                       num_stages=None, maxnreg=None)
+                       num_stages=None, maxnreg=None, shift_da=False)
 
 
 @triton.jit
@@ -344,7 +347,7 @@ def _scan_bwd_time_kt_kernel(
     NSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
-    COPIES: tl.constexpr,
+    COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False,
 ):
     """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
     (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
@@ -354,8 +357,10 @@ def _scan_bwd_time_kt_kernel(
       row aggregates across lanes, the chunk's saved start state);
     - g_t = dL/dh_t = dy_t C_n,t + dA_{t+1} g_{t+1} by the same two-level scan run in reverse on the pairs
       (dA_{t+1}, dy_t C_n,t): dA_{t+1} comes from delta loaded once more, one step later (no shift across
-      lanes), and g at the step after the chunk (dlast for the last chunk) is carried in dh0 (every lane of a
-      channel stores and reloads the same value, as the forward's carry);
+      lanes; with SHIFT_DA from dA shifted one step instead: the next in-thread column, the next row's first
+      by a lane gather, the step after the chunk from its delta), and g at the step after the chunk (dlast
+      for the last chunk) is carried in dh0 (every lane of a channel stores and reloads the same value, as
+      the forward's carry);
     - w = g (h - dt u B) (= g_t dA_t h_{t-1}) into ddt (w A_n) and dA (sum of w dt, a (DB, NP) register
       accumulator), g B into du and ddt, h C into dz, and per-step dB = g dt u, dC = dy h summed over the DB
       channels and added with relaxed fp32 atomics (``_atomic_rows``; with DB = 2 and K = 8
@@ -432,7 +437,11 @@ def _scan_bwd_time_kt_kernel(
         st_ptr = st_row + (c * SEGS_PER_CHUNK) * s_stc
         u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
         x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
-        xn = tl.load(dt_base + t + 1, mask=mn, other=0.0).to(tl.float32)  # delta one step later: dA_{t+1}
+        if SHIFT_DA:  # delta at the step after the chunk only ((DB, 1)); dA_{t+1} is dA shifted by one step
+            t_after = (c + 1) * CHUNK
+            xn = tl.reshape(tl.load(dt_base + t_after, mask=(t_after + d3 * 0) < L, other=0.0), (DB, 1)).to(tl.float32)
+        else:
+            xn = tl.load(dt_base + t + 1, mask=mn, other=0.0).to(tl.float32)  # delta one step later: dA_{t+1}
         dy = tl.load(g_base + t, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
@@ -445,14 +454,20 @@ def _scan_bwd_time_kt_kernel(
                                                              CONST_BC)
         if HAS_BIAS:
             x += bias
-            xn += bias
+            if SHIFT_DA:
+                xn += tl.reshape(bias, (DB, 1))
+            else:
+                xn += bias
         dt = x
         dtn = xn
         if SOFTPLUS:
             dt = _softplus(x)
             dtn = _softplus(xn)
         dt = tl.where(m2, dt, 0.0)
-        dtn = tl.where(mn, dtn, 0.0)  # past the end: dA = 1, the gradient passes through
+        if SHIFT_DA:
+            dtn = tl.where((c + 1) * CHUNK < L, dtn, 0.0)
+        else:
+            dtn = tl.where(mn, dtn, 0.0)  # past the end: dA = 1, the gradient passes through
         dtu = dt * u
         if HAS_Z:
             dy = dy * zv * tl.sigmoid(zv)  # dL/d(y + D u)
@@ -474,7 +489,13 @@ def _scan_bwd_time_kt_kernel(
             A3 = A_n[:, None, None]
             a2 = A_n[:, None] * 1.4426950408889634  # exp(x) = exp2(x log2 e)
             dA = tl.exp2(dt * a2[:, :, None])
-            dAn = tl.exp2(dtn * a2[:, :, None])
+            if SHIFT_DA:  # K == 8: columns 1..7 of dA, then the next row's column 0 (after the chunk: dtn)
+                a0, a1_, a2_, a3, a4, a5, a6, a7 = _split8(tl.reshape(dA, (DB * T, K)), DB * T, K)
+                nxt = tl.where(last_row, tl.exp2(dtn * a2), tl.gather(tl.reshape(a0, (DB, T)), next_row, 1))
+                dAn = tl.reshape(_join8(a1_, a2_, a3, a4, a5, a6, a7, tl.reshape(nxt, (DB * T, 1)), DB * T, K),
+                                 (DB, T, K))
+            else:
+                dAn = tl.exp2(dtn * a2[:, :, None])
             if HAS_SEQ:
                 dA = tl.where(reset, 0.0, dA)
                 dAn = tl.where(reset_n, 0.0, dAn)
@@ -597,6 +618,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
         copies = max(1, min(copies, (1 << 27) // max(1, 8 * u.shape[0] * g * A.shape[1] * l)))
         return dict(T=rows, K=kk, DB=block_d, SEGS_PER_CHUNK=chunk // seg, NP=np_,
                     PREFETCH=bool(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
+                    SHIFT_DA=bool(cfg.get("shift_da")) and kk == 8,
                     num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),

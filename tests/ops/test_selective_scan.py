@@ -474,28 +474,36 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
 def test_triton_time_forward_even_pairs(poisoned, monkeypatch, bc, dtype, l, even, pairs):
     """FWD_TIME_CONFIG even / pairs: a length that is a multiple of the chunk (16 here) loads and stores without
     masks (EVEN), and bf16 B/C per step are then read as int32 pairs (PAIRS); fp32 B/C or a ragged length fall
-    back. Against the reference with packed sequences; the launch meta checked."""
+    back. The backward (8 steps a row, shift_da on) reads them as pairs too (BWD_TIME_CONFIG pairs). Against
+    the reference with packed sequences; both launches' meta checked."""
     from mambakit.ops import _triton_scan_time as tk
+    from mambakit.ops import _triton_scan_time_bwd as tb
     from mambakit.ops import _triton_selective_scan as k
 
     monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
+    monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
     for key, v in dict(steps=4, rows=4, even=True, pairs=True).items():
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, key, v)
+    for key, v in dict(steps=8, pairs=True, shift_da=True).items():
+        monkeypatch.setitem(tb.BWD_TIME_CONFIG, key, v)
     metas = []
-    kernel = tk._scan_time_fwd_kt_kernel
 
     class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
         def __getitem__(self, grid):
             def launch(*a, **meta):
-                metas.append((meta.get("EVEN", False), meta.get("PAIRS", False)))
-                return kernel[grid](*a, **meta)
+                metas.append((self.name, meta.get("EVEN", False), meta.get("PAIRS", False)))
+                return self.kernel[grid](*a, **meta)
             return launch
 
-    monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", Spy())
+    monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", Spy(tk._scan_time_fwd_kt_kernel, "fwd"))
+    monkeypatch.setattr(tb, "_scan_bwd_time_kt_kernel", Spy(tb._scan_bwd_time_kt_kernel, "bwd"))
     b, d = 2, 8
     check_kernel_rule(bc, dtype, seq_idx=seq_idx_for(b, l), atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
                       b=b, d=d, l=l, n=3)
-    assert metas and set(metas) == {(even, pairs)}, metas
+    assert set(metas) == {("fwd", even, pairs), ("bwd", False, pairs)}, metas
 
 
 @needs_triton

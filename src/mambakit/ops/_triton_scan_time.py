@@ -189,25 +189,29 @@ def _ld(ptrs, m2, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _bf16_pairs(ptrs, T: tl.constexpr, K: tl.constexpr):
-    """A (T, K) bf16 tile read as (T, K / 2) int32 pairs (4-byte aligned pointers), widened to fp32 with one
-    shift or mask per element: the low half is the even step, the high half the odd one."""
+def _bf16_pairs(ptrs, T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr = 0):
+    """A (T, K) bf16 tile ((DB, T, K) with DB > 0) read as (T, K / 2) int32 pairs (4-byte aligned pointers),
+    widened to fp32 with one shift or mask per element: the low half is the even step, the high half the odd."""
     v = tl.load(ptrs)
     lo = (v << 16).to(tl.float32, bitcast=True)
     hi = (v & -65536).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (T, K))
+    if DB > 0:
+        tile = tl.reshape(tl.join(lo, hi), (DB, T, K))
+    else:
+        tile = tl.reshape(tl.join(lo, hi), (T, K))
+    return tile
 
 
 @triton.jit
 def _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC: tl.constexpr, EVEN: tl.constexpr = False,
-           PAIRS: tl.constexpr = False, T: tl.constexpr = 1, K: tl.constexpr = 1):
+           PAIRS: tl.constexpr = False, T: tl.constexpr = 1, K: tl.constexpr = 1, DB: tl.constexpr = 0):
     """B_n, C_n of a chunk in B's and C's dtypes (fp32 with PAIRS: bf16 read as int32 pairs, T x K tiles):
     tiles at steps t, or B_base / C_base's shape when constant (B_base, C_base then point at the channel's row
     of (d, n))."""
     if CONST_BC:
         B_n, C_n = tl.load(B_base + n * s_Bn), tl.load(C_base + n * s_Cn)
     elif PAIRS:  # B_base, C_base: the int32 pointers of the chunk's pairs of state 0
-        B_n, C_n = _bf16_pairs(B_base + n * (s_Bn // 2), T, K), _bf16_pairs(C_base + n * (s_Cn // 2), T, K)
+        B_n, C_n = _bf16_pairs(B_base + n * (s_Bn // 2), T, K, DB), _bf16_pairs(C_base + n * (s_Cn // 2), T, K, DB)
     else:
         B_n, C_n = _ld(B_base + n * s_Bn + t * s_Bl, m2, EVEN), _ld(C_base + n * s_Cn + t * s_Cl, m2, EVEN)
     return B_n, C_n
@@ -357,6 +361,13 @@ def _scan_time_fwd_kt_kernel(
             tl.store(o_base + t, y.to(out_ptr.dtype.element_ty), mask=m2)
 
 
+def pairs_ok(B: torch.Tensor, C: torch.Tensor) -> bool:
+    """Whether per-step bf16 B and C can be read as int32 pairs (config key pairs): contiguous along the
+    sequence with 4-byte aligned rows."""
+    return all(x.dim() >= 3 and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and x.data_ptr() % 4 == 0
+               and all(st % 2 == 0 for st in x.stride()[:-1]) for x in (B, C))
+
+
 def supports(u, delta, z, A, cfg=None) -> bool:
     """Whether the time-parallel kernel takes these inputs: u, delta, z contiguous along time (or length 1)
     and d_state at most max_n."""
@@ -406,10 +417,8 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
         meta = {k: v for k, v in meta.items() if k != "CHUNK"}
         if cfg.get("even"):  # no masks: every chunk is whole
             meta["EVEN"] = l % (meta["T"] * meta["K"]) == 0
-        if cfg.get("pairs") and meta.get("EVEN") and meta["K"] % 2 == 0 and B.dim() >= 3 \
-                and B.dtype == C.dtype == torch.bfloat16:  # B / C read as int32 pairs: 4-byte aligned rows
-            meta["PAIRS"] = all(x.stride(-1) == 1 and all(st % 2 == 0 for st in x.stride()[:-1])
-                                and x.data_ptr() % 4 == 0 for x in (B, C))
+        if cfg.get("pairs") and meta.get("EVEN") and meta["K"] % 2 == 0:
+            meta["PAIRS"] = pairs_ok(B, C)
     else:
         kernel, grid = _scan_time_fwd_kernel, (triton.cdiv(d, meta["BLOCK_D"]), b)
     kernel[grid](

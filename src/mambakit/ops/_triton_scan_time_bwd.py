@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops import _triton_selective_scan as k
-from mambakit.ops._triton_scan_time import _kt_bc, _kt_scans, _load_dt, _tile_index, busy_grid
+from mambakit.ops._triton_scan_time import _kt_bc, _kt_scans, _load_dt, _tile_index, busy_grid, pairs_ok
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _reverse_combine, _seq_reset, _softplus
 from mambakit.ops.causal_conv1d import _join8, _split8
 
@@ -75,9 +75,10 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # and no chunk set, as many channels as fill one warp with rows of `steps` (4 at seg 64, 2 at seg 128).
 # shift_da ((T, K) kernel, steps 8): dA_{t+1} of g's reverse scan taken from dA shifted by one step (in-thread
 # columns, one lane gather for each row's last step, delta after the chunk for the last row) instead of a
-# second exp2 of delta loaded one step later; not yet timed on a GPU, so off.
+# second exp2 of delta loaded one step later; pairs ((T, K) kernel, lengths a multiple of the chunk): bf16 B
+# and C read as int32 pairs (as the forward's). Neither is timed on a GPU yet, so both are off.
 BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=None, chunk=None, num_warps=None, unroll=False,
-                       num_stages=None, maxnreg=None, shift_da=False)
+                       num_stages=None, maxnreg=None, shift_da=False, pairs=False)
 
 
 @triton.jit
@@ -327,12 +328,13 @@ def _rev_rows8(a, b, R: tl.constexpr):
 
 @triton.jit
 def _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d_idx, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
-                     s_stn, CONST_BC: tl.constexpr):
+                     s_stn, CONST_BC: tl.constexpr, PAIRS: tl.constexpr = False, T: tl.constexpr = 1,
+                     K: tl.constexpr = 1, DB: tl.constexpr = 0):
     """What state n of a chunk loads: A[d, n] (DB,), B_n, C_n ((DB, T, K) tiles of the program's group, the same
     for every channel, or (DB, 1, 1) when constant; in B's and C's dtypes), the state saved before the chunk
     and g at the step after it (both (DB, T), equal along T)."""
     A_n = tl.load(A_ptr + d_idx * s_Ad + n * s_An).to(tl.float32)
-    B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC)
+    B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, False, PAIRS, T, K, DB)
     return A_n, B_n, C_n, tl.load(st_ptr + n * s_stn), tl.load(carry + n)
 
 
@@ -347,7 +349,7 @@ def _scan_bwd_time_kt_kernel(
     NSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
-    COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False,
+    COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False,
 ):
     """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
     (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
@@ -432,6 +434,12 @@ def _scan_bwd_time_kt_kernel(
         c = nchunks - 1 - i
         t = c * CHUNK + offs  # (1, T, K) int64
         tb = t + d3 * 0  # (DB, T, K): B and C loaded in the tiles' layout (the same steps for every channel)
+        Bq = B_base
+        Cq = C_base
+        if PAIRS:  # whole chunks of bf16 B / C read as int32 pairs: (DB, T, K / 2) pointers of state 0
+            tp = c * (CHUNK // 2) + rows[None, :, None] * (K // 2) + tl.arange(0, K // 2)[None, None, :] + d3 * 0
+            Bq = B_base.to(tl.pointer_type(tl.int32)) + tp
+            Cq = C_base.to(tl.pointer_type(tl.int32)) + tp
         m2 = t < L
         mn = (t + 1) < L
         st_ptr = st_row + (c * SEGS_PER_CHUNK) * s_stc
@@ -449,9 +457,9 @@ def _scan_bwd_time_kt_kernel(
             reset = _seq_reset(seq_base, t, m2, s_sl)
             reset_n = _seq_reset(seq_base, t + 1, mn, s_sl)
         if PREFETCH:
-            A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, B_base, C_base, st_ptr, carry, d_idx, tb,
+            A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb,
                                                              m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
-                                                             CONST_BC)
+                                                             CONST_BC, PAIRS, T, K, DB)
         if HAS_BIAS:
             x += bias
             if SHIFT_DA:
@@ -478,12 +486,12 @@ def _scan_bwd_time_kt_kernel(
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     A_nx, B_nx, C_nx, h_nx, g_nx = _kt_bwd_state_in(
-                        n + 1, A_ptr, B_base, C_base, st_ptr, carry, d_idx, tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn,
-                        s_Cl, s_stn, CONST_BC)
+                        n + 1, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn,
+                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB)
             else:
-                A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d_idx,
+                A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(n, A_ptr, Bq, Cq, st_ptr, carry, d_idx,
                                                                  tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
-                                                                 CONST_BC)
+                                                                 CONST_BC, PAIRS, T, K, DB)
             Bf = B_n.to(tl.float32)
             Cf = C_n.to(tl.float32)
             A3 = A_n[:, None, None]
@@ -619,6 +627,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
         return dict(T=rows, K=kk, DB=block_d, SEGS_PER_CHUNK=chunk // seg, NP=np_,
                     PREFETCH=bool(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
                     SHIFT_DA=bool(cfg.get("shift_da")) and kk == 8,
+                    PAIRS=bool(cfg.get("pairs")) and kk % 2 == 0 and l % chunk == 0,  # and pairs_ok(B, C)
                     num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),
@@ -654,6 +663,8 @@ def scan_bwd_time(u, delta, A, B, C, D, z, delta_bias, seq_idx, states, seg, dou
     n = A.shape[1]
     g = B.shape[1] if B.dim() == 4 else 1
     meta = _meta(cfg, u, A, B, seg)
+    if meta.get("PAIRS"):
+        meta["PAIRS"] = pairs_ok(B, C)
     dev, f32 = u.device, torch.float32
     du = k._empty(b, d, l, device=dev, dtype=u.dtype)
     ddt = k._empty(b, d, l, device=dev, dtype=delta.dtype)

@@ -467,6 +467,29 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
     assert set(kinds) == {"kt" if bcfg.get("steps") else "tile"}, kinds
 
 
+def _spy_kt_launches(monkeypatch, keys: dict) -> list:
+    """Records ("fwd" or "bwd", {key: meta value or its default}) of every (T, K) forward and backward kernel
+    launch, which still runs."""
+    from mambakit.ops import _triton_scan_time as tk
+    from mambakit.ops import _triton_scan_time_bwd as tb
+
+    metas = []
+
+    class MetaSpy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                metas.append((self.name, {key: meta.get(key, default) for key, default in keys.items()}))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", MetaSpy(tk._scan_time_fwd_kt_kernel, "fwd"))
+    monkeypatch.setattr(tb, "_scan_bwd_time_kt_kernel", MetaSpy(tb._scan_bwd_time_kt_kernel, "bwd"))
+    return metas
+
+
 @needs_triton
 @pytest.mark.parametrize("bc,dtype,l,even,pairs", [
     ("step", torch.bfloat16, 48, True, True), ("group", torch.bfloat16, 64, True, True),
@@ -486,24 +509,12 @@ def test_triton_time_forward_even_pairs(poisoned, monkeypatch, bc, dtype, l, eve
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, key, v)
     for key, v in dict(steps=8, pairs=True, shift_da=True).items():
         monkeypatch.setitem(tb.BWD_TIME_CONFIG, key, v)
-    metas = []
-
-    class Spy:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            def launch(*a, **meta):
-                metas.append((self.name, meta.get("EVEN", False), meta.get("PAIRS", False)))
-                return self.kernel[grid](*a, **meta)
-            return launch
-
-    monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", Spy(tk._scan_time_fwd_kt_kernel, "fwd"))
-    monkeypatch.setattr(tb, "_scan_bwd_time_kt_kernel", Spy(tb._scan_bwd_time_kt_kernel, "bwd"))
+    metas = _spy_kt_launches(monkeypatch, dict(EVEN=False, PAIRS=False))
     b, d = 2, 8
     check_kernel_rule(bc, dtype, seq_idx=seq_idx_for(b, l), atol=1e-3 if dtype == torch.bfloat16 else 1e-5,
                       b=b, d=d, l=l, n=3)
-    assert set(metas) == {("fwd", even, pairs), ("bwd", False, pairs)}, metas
+    got = {(name, m["EVEN"], m["PAIRS"]) for name, m in metas}
+    assert got == {("fwd", even, pairs), ("bwd", False, pairs)}, metas
 
 
 @needs_triton
@@ -520,20 +531,7 @@ def test_triton_time_kernels_busy_grid_plan(poisoned, monkeypatch, busy):
     monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
     monkeypatch.setattr(tk, "BUSY_CHANNELS_PER_SM", 0 if busy else 1 << 30)
     monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 32)  # the default tile (the fixture shrinks it)
-    metas = []
-
-    class MetaSpy:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                metas.append((self.name, {key: meta.get(key) for key in ("T", "K", "SEG_ROWS", "DB")}))
-                return self.kernel[grid](*args, **meta)
-            return launch
-
-    monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", MetaSpy(tk._scan_time_fwd_kt_kernel, "fwd"))
-    monkeypatch.setattr(tb, "_scan_bwd_time_kt_kernel", MetaSpy(tb._scan_bwd_time_kt_kernel, "bwd"))
+    metas = _spy_kt_launches(monkeypatch, dict(T=None, K=None, SEG_ROWS=None, DB=None))
     b, d, l = 2, 8, 300
     check_kernel_rule("group", torch.float32, seq_idx=seq_idx_for(b, l), b=b, d=d, l=l, n=3)
     fwd = [m for name, m in metas if name == "fwd"]

@@ -447,7 +447,8 @@ def _scan_bwd_time_kt_kernel(
         x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
         if SHIFT_DA:  # delta at the step after the chunk only ((DB, 1)); dA_{t+1} is dA shifted by one step
             t_after = (c + 1) * CHUNK
-            xn = tl.reshape(tl.load(dt_base + t_after, mask=(t_after + d3 * 0) < L, other=0.0), (DB, 1)).to(tl.float32)
+            xn = tl.load(dt_base + t_after, mask=(t_after + d3 * 0) < L, other=0.0)
+            xn = tl.reshape(xn, (DB, 1)).to(tl.float32)
         else:
             xn = tl.load(dt_base + t + 1, mask=mn, other=0.0).to(tl.float32)  # delta one step later: dA_{t+1}
         dy = tl.load(g_base + t, mask=m2, other=0.0).to(tl.float32)

@@ -347,7 +347,7 @@ if triton is not None:
         return a, a2
 
     @triton.jit
-    def _whole_weights(blk, N, K, w_ptr, s_wn, k, mask_k, k2, mask_k2, BLOCK_N: tl.constexpr,
+    def _whole_weights(blk, N, w_ptr, s_wn, k, mask_k, k2, mask_k2, BLOCK_N: tl.constexpr,
                        BLOCK_K2: tl.constexpr):
         """The weight rows of output block blk as one or two tiles (BLOCK_N, BLOCK_K[2]); all masked (no
         memory read) past the last block. Also returns the block's outputs and their mask."""
@@ -369,15 +369,11 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _whole_shift(m, out, blk, offs_n, mask_n, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
-                     s_wb, s_wc, s_wk, s_com, HAS_CB: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+    def _whole_shift(m, out, blk, own, c64, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS, s_wb, s_wc, s_wk,
+                     s_com, HAS_CB: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
         """Outputs out (BLOCK_N,) of block blk that enter the conv window (columns SHIFT_START ..) shift it and
-        give the conv + SiLU output; cw (BLOCK_N, BLOCK_J) and cb (BLOCK_N,) are those channels' weights."""
+        give the conv + SiLU output; own, c64, cw, cb: those outputs' ``_conv_params``."""
         if (blk * BLOCK_N < SHIFT_START + SHIFT_COLS) & (blk * BLOCK_N + BLOCK_N > SHIFT_START):
-            c = offs_n - SHIFT_START
-            own = mask_n & (c >= 0) & (c < SHIFT_COLS)
-            c64 = tl.where(own, c, 0).to(tl.int64)
             j = tl.arange(0, BLOCK_J)[None, :]
             ptrs = win_ptr + m * s_wb + c64[:, None] * s_wc + j * s_wk
             old = tl.load(ptrs + s_wk, mask=own[:, None] & (j < D_CONV - 1), other=0.0)
@@ -393,7 +389,8 @@ if triton is not None:
     @triton.jit
     def _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc, s_cwk,
                      HAS_CB: tl.constexpr, D_CONV: tl.constexpr, BLOCK_J: tl.constexpr):
-        """The conv weights (BLOCK_N, BLOCK_J) and bias (BLOCK_N,) of the outputs offs_n that enter the window."""
+        """Of the outputs offs_n: which enter the conv window (own), their window columns (c64, int64), conv
+        weights (BLOCK_N, BLOCK_J) and bias (BLOCK_N,)."""
         c = offs_n - SHIFT_START
         own = mask_n & (c >= 0) & (c < SHIFT_COLS)
         c64 = tl.where(own, c, 0).to(tl.int64)
@@ -403,7 +400,7 @@ if triton is not None:
         cb = 0.0
         if HAS_CB:
             cb = tl.load(cb_ptr + c64, mask=own, other=0.0).to(tl.float32)
-        return cw, cb
+        return own, c64, cw, cb
 
     @triton.jit
     def _gemv_whole_kernel(
@@ -438,7 +435,7 @@ if triton is not None:
             k2 = BLOCK_K + tl.arange(0, BLOCK_K2)
             mask_k2 = k2 < K
         # parameters only before the wait
-        w, w2, offs_n, mask_n = _whole_weights(pid, N, K, w_ptr, s_wn, k, mask_k, k2, mask_k2, BLOCK_N, BLOCK_K2)
+        w, w2, offs_n, mask_n = _whole_weights(pid, N, w_ptr, s_wn, k, mask_k, k2, mask_k2, BLOCK_N, BLOCK_K2)
         nw = 0.0
         nw2 = 0.0
         if PRO != 0:
@@ -449,11 +446,9 @@ if triton is not None:
             bias = 0.0
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            cw = 0.0
-            cb = 0.0
             if SHIFT:
-                cw, cb = _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc, s_cwk,
-                                      HAS_CB, D_CONV, BLOCK_J)
+                own, c64, cw, cb = _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc,
+                                                s_cwk, HAS_CB, D_CONV, BLOCK_J)
         _grid_wait(PDL)
         if LOOP:
             a, a2 = _whole_inputs(0, pid, k, mask_k, k2, mask_k2, nw, nw2, K, eps, GROUP,
@@ -462,7 +457,7 @@ if triton is not None:
             nblk = tl.cdiv(N, BLOCK_N)
             step = tl.num_programs(0)
             for blk in range(pid, nblk, step):
-                wn, wn2, offs_nn, mask_nn = _whole_weights(blk + step, N, K, w_ptr, s_wn, k, mask_k, k2, mask_k2,
+                wn, wn2, offs_nn, mask_nn = _whole_weights(blk + step, N, w_ptr, s_wn, k, mask_k, k2, mask_k2,
                                                            BLOCK_N, BLOCK_K2)  # the next block's, ahead
                 acc = _whole_dot(w, w2, a, a2, BLOCK_K2)
                 if HAS_BIAS:
@@ -470,9 +465,9 @@ if triton is not None:
                 out = acc.to(out_ptr.dtype.element_ty)
                 tl.store(out_ptr + offs_n.to(tl.int64), out, mask=mask_n)
                 if SHIFT:
-                    cw, cb = _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc, s_cwk,
-                                          HAS_CB, D_CONV, BLOCK_J)
-                    _whole_shift(0, out, blk, offs_n, mask_n, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
+                    own, c64, cw, cb = _conv_params(offs_n, mask_n, cw_ptr, cb_ptr, SHIFT_START, SHIFT_COLS, s_cwc,
+                                                    s_cwk, HAS_CB, D_CONV, BLOCK_J)
+                    _whole_shift(0, out, blk, own, c64, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
                                  s_wb, s_wc, s_wk, s_com, HAS_CB, D_CONV, BLOCK_J, BLOCK_N)
                 w, w2, offs_n, mask_n = wn, wn2, offs_nn, mask_nn
         else:
@@ -485,7 +480,7 @@ if triton is not None:
                 out = acc.to(out_ptr.dtype.element_ty)
                 tl.store(out_ptr + m * s_om + n64, out, mask=mask_n)
                 if SHIFT:
-                    _whole_shift(m, out, pid, offs_n, mask_n, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
+                    _whole_shift(m, out, pid, own, c64, cw, cb, win_ptr, co_ptr, SHIFT_START, SHIFT_COLS,
                                  s_wb, s_wc, s_wk, s_com, HAS_CB, D_CONV, BLOCK_J, BLOCK_N)
 
     @triton.jit

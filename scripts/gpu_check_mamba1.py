@@ -368,10 +368,15 @@ def KT(steps, rows, **kw):
 # channels a program sharing B/C (kernel since removed): b4 1.25-1.44, b1 5.3-6.5)
 # even / pairs: no masks on whole chunks, bf16 B/C read as int32 pairs (offline SASS: 2992 -> 2912 -> 2776
 # instructions a chunk)
-FWD_B4 = [{}, KT(8, 32, even=True), KT(8, 32, even=True, pairs=True)]
+# (gpu_run10/call1: b4 default 0.704, even 0.736, even + pairs 0.693; b1 3.358, 3.708, 3.422; fwd+bwd b4 default
+# 4.655, lean forward 4.611, shift_da 4.768, shift_da + pairs with the lean forward 4.906: kept off)
+# agg: row aggregates first (decay from dt's row sum), then one exact pass a row (offline SASS 2992 -> 2888,
+# 2688 with even + pairs)
+LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
+FWD_B4 = [{}, KT(8, 32, agg=True), LEAN_A]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = []
-FWD_B1 = [{}, KT(8, 32, even=True), KT(8, 32, even=True, pairs=True)]
+FWD_B1 = [{}, KT(8, 32, agg=True), LEAN_A]
 
 
 def TBW(**kw):
@@ -394,11 +399,11 @@ def TBW(**kw):
 # shift_da: the backward's dA_{t+1} from dA shifted one step; pairs: its B/C read as int32 pairs (offline SASS
 # 8024 -> 7544 -> 7136 instructions, MUFU 338 -> 219)
 LEAN_F, LEAN_B = KT(8, 32, even=True, pairs=True), TBW(shift_da=True, pairs=True)
-FB = [(B4, False, {}, {}), (B4, False, LEAN_F, {}), (B4, False, {}, TBW(shift_da=True)), (B4, False, LEAN_F, LEAN_B),
-      (B1, False, {}, {}), (B1, False, LEAN_F, LEAN_B)]
+FB = [(B4, False, {}, {}), (B4, False, LEAN_A, {}), (B4, False, KT(8, 32, agg=True), {})]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32, even=True, pairs=True), kernel="time"), dict(TBW(shift_da=True, pairs=True), kernel="time"),
+CHECKS = [(dict(LEAN_A, kernel="time"), dict(kernel="time"), False),
+          (dict(KT(8, 32, even=True, pairs=True), kernel="time"), dict(TBW(shift_da=True, pairs=True), kernel="time"),
            False),
           (dict(KT(8, 32, seg=64), kernel="time"), dict(TBW(block_d=4), kernel="time"), False),
           (dict(KT(8, 32, seg=32), kernel="time"), dict(TBW(block_d=8), kernel="time"), False),

@@ -9,7 +9,8 @@ that walk is latency-bound. Here lanes run along time, as in the official CUDA k
   state n (a static loop over the constexpr NSTATE): dA = exp(dt A_n), dBu = dt u B_n, the scan along K
   inside the thread (first-order-recurrence combine), the scan of the T row aggregates across lanes, the
   exclusive row prefix from the previous lane (``tl.gather``), then h = hs + cumprod(dA) prefix and
-  y += h C_n. The state carried between chunks lives in ``last`` (every lane stores and reloads the same
+  y += h C_n. With config agg (the default) a row's aggregates come first (its decay exp2(A_n sum(dt)), its
+  state from zero) and, after the lane scan, each row walks its steps again from its true incoming state. The state carried between chunks lives in ``last`` (every lane stores and reloads the same
   value); the next state's loads are issued before this state's stores (prefetch), since the compiler cannot
   move them above stores it does not know to be disjoint.
 - ``_scan_time_fwd_kernel`` (steps = None): BLOCK_D channels a program as a (BLOCK_D, CHUNK) tile spread over
@@ -40,6 +41,7 @@ import triton.language as tl
 
 from mambakit.ops import _triton_selective_scan as _k
 from mambakit.ops._triton_selective_scan import _recurrence_combine, _seq_reset, _softplus
+from mambakit.ops.causal_conv1d import _join8, _split8
 from mambakit.ops.dispatch import num_sms
 
 # steps: K > 0 runs the (T, K) kernel _scan_time_fwd_kt_kernel with K steps a row and T = rows (None: 32
@@ -52,10 +54,17 @@ from mambakit.ops.dispatch import num_sms
 # the chunk (None: BUSY_SEG on a busy grid, see below, else the chunk); a smaller seg lets the backward run
 # smaller chunks. even ((T, K) kernel): lengths that are a multiple of the chunk load and store without masks;
 # pairs (with even): bf16 B and C per step are read as int32 pairs and widened with one shift or mask an element.
+# agg (K = 8): a row's aggregates first (its decay exp2(A_n sum(dt)), its state from zero), the lane scan, then
+# one exact pass over the row's steps from its true incoming state (no cumulative dA, no fix-up, no masked sums).
 # Offline SASS (scripts/sass_count.py mamba1-fwd, sm_90, b4 d3072 l4096): 2992 instructions -> 2912 with even
-# -> 2776 with both (-7%); not yet timed on a GPU, so both are off.
+# -> 2776 with even + pairs; agg 2888, agg + even + pairs 2688. H200, bf16, fwd ms, each row one process
+# (notes/gpu_run10): call1 default 0.704 / even 0.736 / even + pairs 0.693 at b4, 3.358 / 3.708 / 3.422 at b1;
+# call3 default 0.715 / agg 0.704 / agg + even + pairs 0.693 at b4, 3.566 / 3.473 / 3.462 at b1 (fwd+bwd b4
+# 4.723 / 4.814 / 4.695, the backward unchanged), hence all three on. Nsight Compute of the former default at b4
+# (call2): 69% of issue slots busy (IPC 2.77), 16 warps an SM (128 registers), stalls long scoreboard 27% (B/C
+# loads a state ahead), the ALU pipe (bf16 widening, selects) the busiest at 45%.
 FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
-                       num_stages=None, max_n=16, even=False, pairs=False)
+                       num_stages=None, max_n=16, even=True, pairs=True, agg=True)
 # Busy grids (b * d >= BUSY_CHANNELS_PER_SM channels an SM): the forward saves a state every BUSY_SEG steps and
 # the backward (BWD_TIME_CONFIG block_d None) runs 4 channels of 64-step chunks in one warp, its dB/dC summed
 # over them before the atomics. H200, bf16, n 16, fwd+bwd ms (notes/gpu_run8): b4 d3072 l4096 (93 channels an
@@ -228,6 +237,29 @@ def _kt_state_in(n, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An, s_Bn, 
 
 
 @triton.jit
+def _cols8(t, T: tl.constexpr):
+    """The 8 columns (T,) of a (T, 8) tile whose rows each sit in one thread (free register renames)."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = _split8(t, T, 8)
+    return (tl.reshape(c0, (T,)), tl.reshape(c1, (T,)), tl.reshape(c2, (T,)), tl.reshape(c3, (T,)),
+            tl.reshape(c4, (T,)), tl.reshape(c5, (T,)), tl.reshape(c6, (T,)), tl.reshape(c7, (T,)))
+
+
+@triton.jit
+def _uncols8(t0, t1, t2, t3, t4, t5, t6, t7, T: tl.constexpr):
+    """Inverse of _cols8: 8 columns (T,) -> the (T, 8) tile."""
+    return _join8(t0[:, None], t1[:, None], t2[:, None], t3[:, None], t4[:, None], t5[:, None], t6[:, None],
+                  t7[:, None], T, 8)
+
+
+@triton.jit
+def _walk2(h, a0, b0, c0, y0, a1, b1, c1, y1):
+    """Two steps of h_t = a_t h_{t-1} + b_t from h, each adding h_t c_t to its column of y."""
+    h = a0 * h + b0
+    y0 += h * c0
+    h = a1 * h + b1
+    return h, y0, y1 + h * c1
+
+@triton.jit
 def _kt_scans(dA, dBu, last_col, AX: tl.constexpr):
     """The two scans of h_t = dA_t h_{t-1} + dBu_t over a chunk of (..., T, K) tiles whose last axis AX runs
     along a row's K steps and axis AX - 1 along the T rows: along K inside each thread from a zero state
@@ -250,7 +282,7 @@ def _scan_time_fwd_kt_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr, SEG_ROWS: tl.constexpr, EVEN: tl.constexpr = False,
-    PAIRS: tl.constexpr = False,
+    PAIRS: tl.constexpr = False, AGG: tl.constexpr = False,
 ):
     """One channel per program, grid (d, b), chunks of T * K steps as a (T, K) tile: row i (one thread when
     T = 32 num_warps and K elements fill a 16-byte load) holds the K contiguous steps i K .. i K + K - 1.
@@ -261,7 +293,12 @@ def _scan_time_fwd_kt_kernel(
     reads back its own store (uniform loads, no barrier). Those stores would keep the compiler from moving the
     next state's loads above them (it cannot tell that B and C do not alias last), so with PREFETCH state
     n + 1's loads are issued in program order before state n's work. Arguments as ``_scan_time_fwd_kernel``'s
-    (BLOCK_D = 1)."""
+    (BLOCK_D = 1).
+
+    AGG (K = 8): the aggregates first, then one exact pass. A row's decay is exp2(A_n sum(dt)) (the row sum of
+    dt is shared by the states), its state from zero a 7-FMA walk of its columns; after the lane scan of the
+    row aggregates each row walks its 8 steps again from its true incoming state, so h and y come from one
+    FMA each a step: no cumulative product of dA, no per-step fix-up, no masked row sums."""
     CHUNK: tl.constexpr = T * K
     d64 = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -326,6 +363,13 @@ def _scan_time_fwd_kt_kernel(
         y = tl.zeros([T, K], dtype=tl.float32)
         if HAS_D:
             y = Dv * u
+        if AGG:  # columns (T,) of the chunk: y, dt's row sums, and (with seq_idx) which rows hold a reset
+            y0, y1, y2, y3, y4, y5, y6, y7 = _cols8(y, T)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _cols8(dt, T)
+            sdt = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+            if HAS_SEQ:
+                r0, r1, r2, r3, r4, r5, r6, r7 = _cols8(reset.to(tl.int32), T)
+                row_reset = (((r0 | r1) | (r2 | r3)) | ((r4 | r5) | (r6 | r7))) != 0
         for n in tl.static_range(NSTATE):
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
@@ -337,7 +381,16 @@ def _scan_time_fwd_kt_kernel(
             dA = tl.exp2(dt * a_n)
             if HAS_SEQ:
                 dA = tl.where(reset, 0.0, dA)
-            cA, hs, pa, pb = _kt_scans(dA, dtu * B_n.to(tl.float32), last_col, 1)
+            if AGG:
+                a0, a1, a2, a3, a4, a5, a6, a7 = _cols8(dA, T)
+                b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(dtu * B_n.to(tl.float32), T)
+                rb = a7 * (a6 * (a5 * (a4 * (a3 * (a2 * (a1 * b0 + b1) + b2) + b3) + b4) + b5) + b6) + b7
+                ra = tl.exp2(sdt * a_n)  # the row's decay, prod exp2(dt a_n)
+                if HAS_SEQ:
+                    ra = tl.where(row_reset, 0.0, ra)
+                pa, pb = tl.associative_scan((ra, rb), 0, _recurrence_combine)
+            else:
+                cA, hs, pa, pb = _kt_scans(dA, dtu * B_n.to(tl.float32), last_col, 1)
             if STORE_STATES:
                 if SEG_ROWS == T:
                     tl.store(st_ptr + c * (DIM * NSTATE) + n, h_start, mask=first_row)
@@ -347,12 +400,25 @@ def _scan_time_fwd_kt_kernel(
                 if SEG_ROWS < T:  # several saved states a chunk: the state before rows 0, SEG_ROWS, ...
                     tl.store(st_ptr + (c * (T // SEG_ROWS) + rows // SEG_ROWS) * (DIM * NSTATE) + n, pre,
                              mask=(rows % SEG_ROWS == 0) & (c * CHUNK + rows * K < L))
-            h = hs + cA * pre[:, None]
-            y += h * C_n.to(tl.float32)
+            if AGG:  # the row's 8 steps again from its true incoming state
+                if CONST_BC:
+                    cc = C_n.to(tl.float32)
+                    c0, c1, c2, c3, c4, c5, c6, c7 = cc, cc, cc, cc, cc, cc, cc, cc
+                else:
+                    c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(C_n.to(tl.float32), T)
+                h, y0, y1 = _walk2(pre, a0, b0, c0, y0, a1, b1, c1, y1)
+                h, y2, y3 = _walk2(h, a2, b2, c2, y2, a3, b3, c3, y3)
+                h, y4, y5 = _walk2(h, a4, b4, c4, y4, a5, b5, c5, y5)
+                h, y6, y7 = _walk2(h, a6, b6, c6, y6, a7, b7, c7, y7)
+            else:
+                h = hs + cA * pre[:, None]
+                y += h * C_n.to(tl.float32)
             tl.store(carry + n, tl.gather(ends, rows * 0 + (T - 1), 0))
             if PREFETCH:
                 if n + 1 < NSTATE:
                     a_n, B_n, C_n, h_start = a_nx, B_nx, C_nx, h_nx
+        if AGG:
+            y = _uncols8(y0, y1, y2, y3, y4, y5, y6, y7, T)
         if HAS_Z:
             y *= zv * tl.sigmoid(zv)
         if EVEN:
@@ -419,6 +485,8 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
             meta["EVEN"] = l % (meta["T"] * meta["K"]) == 0
         if cfg.get("pairs") and meta.get("EVEN") and meta["K"] % 2 == 0:
             meta["PAIRS"] = pairs_ok(B, C)
+        if cfg.get("agg") and meta["K"] == 8:
+            meta["AGG"] = True
     else:
         kernel, grid = _scan_time_fwd_kernel, (triton.cdiv(d, meta["BLOCK_D"]), b)
     kernel[grid](

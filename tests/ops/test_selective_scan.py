@@ -518,27 +518,44 @@ def test_triton_time_forward_even_pairs(poisoned, monkeypatch, bc, dtype, l, eve
 
 
 @needs_triton
-@pytest.mark.parametrize("bc,dtype,l,seq,seg,pairs,agg", [
-    ("step", torch.float32, 40, True, None, False, True), ("group", torch.bfloat16, 64, True, 16, True, True),
-    ("const", torch.float32, 37, False, 8, False, True), ("step", torch.bfloat16, 9, True, None, False, True),
-    ("step", torch.bfloat16, 64, True, 16, True, False), ("group", torch.float32, 40, True, None, False, False)])
-def test_triton_time_forward_agg(poisoned, monkeypatch, bc, dtype, l, seq, seg, pairs, agg):
+@pytest.mark.parametrize("bc,dtype,l,seq,seg,pairs,agg,bc_f32", [
+    ("step", torch.float32, 40, True, None, False, True, False),
+    ("group", torch.bfloat16, 64, True, 16, True, True, False),
+    ("const", torch.float32, 37, False, 8, False, True, False),
+    ("step", torch.bfloat16, 9, True, None, False, True, False),
+    ("step", torch.bfloat16, 64, True, 16, True, False, False),
+    ("group", torch.float32, 40, True, None, False, False, False),
+    ("group", torch.bfloat16, 40, True, 16, False, True, True), ("step", torch.float16, 64, False, None, False, False, True)])
+def test_triton_time_forward_agg(poisoned, monkeypatch, bc, dtype, l, seq, seg, pairs, agg, bc_f32):
     """FWD_TIME_CONFIG agg (8 steps a row, the default): row aggregates first (the row's decay from dt's row
     sum), then one exact pass over each row from its true incoming state; agg off: the scans with cumulative
     dA and the per-step fix-up. Ragged and whole chunks (32 steps: 4 rows), packed sequences (a reset inside a
     row zeroes its decay), constant / per-step / grouped B and C, saved states every seg steps for the
-    backward, bf16 pairs; against the reference, and the launch meta checked."""
+    backward, bf16 pairs, 16-bit B and C widened to fp32 before the launch (bc_f32); against the reference,
+    and the launch meta checked."""
     from mambakit.ops import _triton_scan_time as tk
     from mambakit.ops import _triton_selective_scan as k
 
     monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
     monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
-    for key, v in dict(steps=8, rows=4, agg=agg, seg=seg, even=pairs, pairs=pairs).items():
+    for key, v in dict(steps=8, rows=4, agg=agg, seg=seg, even=pairs, pairs=pairs, bc_f32=bc_f32).items():
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, key, v)
     metas = _spy_kt_launches(monkeypatch, dict(AGG=False, PAIRS=False, SEG_ROWS=0, T=0))
+    if bc_f32:  # the forward kernel gets fp32 B and C
+        launch = tk._scan_time_fwd_kt_kernel
+
+        class BcDtype:
+            def __getitem__(self, grid):
+                def run(*args, **meta):
+                    metas.append(("bc", {"dtypes": (args[3].dtype, args[4].dtype)}))
+                    return launch[grid](*args, **meta)
+                return run
+        monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", BcDtype())
     b, d = 2, 8
     check_kernel_rule(bc, dtype, seq_idx=seq_idx_for(b, l) if seq else None,
                       atol=1e-3 if dtype == torch.bfloat16 else 1e-5, b=b, d=d, l=l, n=3)
+    if bc_f32:
+        assert {m["dtypes"] for name, m in metas if name == "bc"} == {(torch.float32, torch.float32)}, metas
     fwd = [m for name, m in metas if name == "fwd"]
     assert fwd and all(m["AGG"] == agg and m["PAIRS"] == pairs for m in fwd), metas
     assert all(m["SEG_ROWS"] == (seg // 8 if seg else m["T"]) for m in fwd), metas

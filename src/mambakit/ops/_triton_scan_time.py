@@ -54,6 +54,9 @@ from mambakit.ops.dispatch import num_sms
 # the chunk (None: BUSY_SEG on a busy grid, see below, else the chunk); a smaller seg lets the backward run
 # smaller chunks. even ((T, K) kernel): lengths that are a multiple of the chunk load and store without masks;
 # pairs (with even): bf16 B and C per step are read as int32 pairs and widened with one shift or mask an element.
+# bc_f32 ((T, K) kernel): 16-bit B and C per step are widened to fp32 once before the launch (2 x b n l x 4 bytes),
+# so that the d programs a batch row load fp32 instead of each widening them on the integer pipe (offline SASS
+# 2688 -> 2488 instructions, SHF + LOP3 321 -> 71, but a 56-byte stack); not yet timed, so off.
 # agg (K = 8): a row's aggregates first (its decay exp2(A_n sum(dt)), its state from zero), the lane scan, then
 # one exact pass over the row's steps from its true incoming state (no cumulative dA, no fix-up, no masked sums).
 # Offline SASS (scripts/sass_count.py mamba1-fwd, sm_90, b4 d3072 l4096): 2992 instructions -> 2912 with even
@@ -64,7 +67,7 @@ from mambakit.ops.dispatch import num_sms
 # (call2): 69% of issue slots busy (IPC 2.77), 16 warps an SM (128 registers), stalls long scoreboard 27% (B/C
 # loads a state ahead), the ALU pipe (bf16 widening, selects) the busiest at 45%.
 FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
-                       num_stages=None, max_n=16, even=True, pairs=True, agg=True)
+                       num_stages=None, max_n=16, even=True, pairs=True, agg=True, bc_f32=False)
 # Busy grids (b * d >= BUSY_CHANNELS_PER_SM channels an SM): the forward saves a state every BUSY_SEG steps and
 # the backward (BWD_TIME_CONFIG block_d None) runs 4 channels of 64-step chunks in one warp, its dB/dC summed
 # over them before the atomics. H200, bf16, n 16, fwd+bwd ms (notes/gpu_run8): b4 d3072 l4096 (93 channels an
@@ -471,6 +474,8 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
     cfg = _k._config(FWD_TIME_CONFIG, **overrides)
     b, d, l = u.shape
     n = A.shape[1]
+    if cfg.get("bc_f32") and cfg.get("steps") and B.dim() >= 3 and B.dtype != torch.float32:
+        B, C = B.float(), C.float()  # widened once, not by each of the d channels' programs
     meta = _launch_meta(cfg, u, B)
     seg = meta["SEG_ROWS"] * meta["K"] if "K" in meta else meta["CHUNK"]  # steps between saved states
     out = _k._empty(b, d, l, device=u.device, dtype=u.dtype)

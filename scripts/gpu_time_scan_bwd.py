@@ -7,17 +7,10 @@ import sys
 
 import triton
 from gpu_profile_mamba1 import inputs
+from sass_count import parse_overrides
 
 from mambakit.ops import _triton_scan_time_bwd as tb
 from mambakit.ops import selective_scan_fn
-
-
-def parse(spec):
-    out = {}
-    for kv in filter(None, spec.split(",")):
-        k, v = kv.split("=")
-        out[k] = {"True": True, "False": False, "None": None}.get(v, v if not v.lstrip("-").isdigit() else int(v))
-    return out
 
 
 def main(argv):
@@ -31,7 +24,7 @@ def main(argv):
     rows = []
     for spec in [""] + list(argv) + [""]:
         tb.BWD_TIME_CONFIG.clear()
-        tb.BWD_TIME_CONFIG.update(base, **parse(spec))
+        tb.BWD_TIME_CONFIG.update(base, **parse_overrides(filter(None, spec.split(","))))
         for v in x.values():
             v.grad = None
         fb()

@@ -118,6 +118,16 @@ def mamba1_bwd(args, overrides):
 JOBS = {"mamba1-fwd": mamba1_fwd, "mamba1-bwd": mamba1_bwd}
 
 
+def parse_overrides(items) -> dict:
+    """Config overrides from KEY=VALUE strings: True / False / None, else an int."""
+    overrides = {}
+    for kv in items:
+        key, value = kv.split("=", 1)
+        overrides[key] = {"True": True, "False": False, "None": None}.get(value, value)
+        if isinstance(overrides[key], str):
+            overrides[key] = int(value)
+    return overrides
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", choices=sorted(JOBS))
@@ -127,12 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE (ints, True/False, None)")
     ap.add_argument("--dump", default=None, help="folder for the TTGIR, PTX and SASS of each kernel")
     args = ap.parse_args(argv)
-    overrides = {}
-    for kv in args.set:
-        key, value = kv.split("=", 1)
-        overrides[key] = {"True": True, "False": False, "None": None}.get(value, value)
-        if isinstance(overrides[key], str):
-            overrides[key] = int(value)
+    overrides = parse_overrides(args.set)
     compile_only()
     JOBS[args.job](args, overrides)
     for name, kernel in COMPILED:

@@ -469,7 +469,7 @@ def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps,
 
 def _spy_kt_launches(monkeypatch, keys: dict) -> list:
     """Records ("fwd" or "bwd", {key: meta value or its default}) of every (T, K) forward and backward kernel
-    launch, which still runs."""
+    launch, which still runs; key "BC" records the dtypes of the B and C arguments instead."""
     from mambakit.ops import _triton_scan_time as tk
     from mambakit.ops import _triton_scan_time_bwd as tb
 
@@ -481,7 +481,10 @@ def _spy_kt_launches(monkeypatch, keys: dict) -> list:
 
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                metas.append((self.name, {key: meta.get(key, default) for key, default in keys.items()}))
+                rec = {key: meta.get(key, default) for key, default in keys.items()}
+                if "BC" in keys:
+                    rec["BC"] = (args[3].dtype, args[4].dtype)
+                metas.append((self.name, rec))
                 return self.kernel[grid](*args, **meta)
             return launch
 
@@ -525,7 +528,8 @@ def test_triton_time_forward_even_pairs(poisoned, monkeypatch, bc, dtype, l, eve
     ("step", torch.bfloat16, 9, True, None, False, True, False),
     ("step", torch.bfloat16, 64, True, 16, True, False, False),
     ("group", torch.float32, 40, True, None, False, False, False),
-    ("group", torch.bfloat16, 40, True, 16, False, True, True), ("step", torch.float16, 64, False, None, False, False, True)])
+    ("group", torch.bfloat16, 40, True, 16, False, True, True),
+    ("step", torch.float16, 64, False, None, False, False, True)])
 def test_triton_time_forward_agg(poisoned, monkeypatch, bc, dtype, l, seq, seg, pairs, agg, bc_f32):
     """FWD_TIME_CONFIG agg (8 steps a row, the default): row aggregates first (the row's decay from dt's row
     sum), then one exact pass over each row from its true incoming state; agg off: the scans with cumulative
@@ -540,23 +544,13 @@ def test_triton_time_forward_agg(poisoned, monkeypatch, bc, dtype, l, seq, seg, 
     monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
     for key, v in dict(steps=8, rows=4, agg=agg, seg=seg, even=pairs, pairs=pairs, bc_f32=bc_f32).items():
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, key, v)
-    metas = _spy_kt_launches(monkeypatch, dict(AGG=False, PAIRS=False, SEG_ROWS=0, T=0))
-    if bc_f32:  # the forward kernel gets fp32 B and C
-        launch = tk._scan_time_fwd_kt_kernel
-
-        class BcDtype:
-            def __getitem__(self, grid):
-                def run(*args, **meta):
-                    metas.append(("bc", {"dtypes": (args[3].dtype, args[4].dtype)}))
-                    return launch[grid](*args, **meta)
-                return run
-        monkeypatch.setattr(tk, "_scan_time_fwd_kt_kernel", BcDtype())
+    metas = _spy_kt_launches(monkeypatch, dict(AGG=False, PAIRS=False, SEG_ROWS=0, T=0, BC=None))
     b, d = 2, 8
     check_kernel_rule(bc, dtype, seq_idx=seq_idx_for(b, l) if seq else None,
                       atol=1e-3 if dtype == torch.bfloat16 else 1e-5, b=b, d=d, l=l, n=3)
-    if bc_f32:
-        assert {m["dtypes"] for name, m in metas if name == "bc"} == {(torch.float32, torch.float32)}, metas
     fwd = [m for name, m in metas if name == "fwd"]
+    if bc_f32:  # the forward kernel gets fp32 B and C
+        assert {m["BC"] for m in fwd} == {(torch.float32, torch.float32)}, metas
     assert fwd and all(m["AGG"] == agg and m["PAIRS"] == pairs for m in fwd), metas
     assert all(m["SEG_ROWS"] == (seg // 8 if seg else m["T"]) for m in fwd), metas
 

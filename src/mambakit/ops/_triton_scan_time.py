@@ -10,7 +10,8 @@ that walk is latency-bound. Here lanes run along time, as in the official CUDA k
   inside the thread (first-order-recurrence combine), the scan of the T row aggregates across lanes, the
   exclusive row prefix from the previous lane (``tl.gather``), then h = hs + cumprod(dA) prefix and
   y += h C_n. With config agg (the default) a row's aggregates come first (its decay exp2(A_n sum(dt)), its
-  state from zero) and, after the lane scan, each row walks its steps again from its true incoming state. The state carried between chunks lives in ``last`` (every lane stores and reloads the same
+  state from zero) and, after the lane scan, each row walks its steps again from its true incoming state.
+  The state carried between chunks lives in ``last`` (every lane stores and reloads the same
   value); the next state's loads are issued before this state's stores (prefetch), since the compiler cannot
   move them above stores it does not know to be disjoint.
 - ``_scan_time_fwd_kernel`` (steps = None): BLOCK_D channels a program as a (BLOCK_D, CHUNK) tile spread over
@@ -261,6 +262,7 @@ def _walk2(h, a0, b0, c0, y0, a1, b1, c1, y1):
     y0 += h * c0
     h = a1 * h + b1
     return h, y0, y1 + h * c1
+
 
 @triton.jit
 def _kt_scans(dA, dBu, last_col, AX: tl.constexpr):

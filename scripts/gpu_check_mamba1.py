@@ -374,11 +374,15 @@ def KT(steps, rows, **kw):
 # 2688 with even + pairs)
 # (call3: b4 0.715 / 0.704 agg / 0.693 agg + even + pairs, b1 3.566 / 3.473 / 3.462: the last now the default)
 # bc_f32: 16-bit B/C widened to fp32 once before the launch (offline SASS 2688 -> 2488, a 56-byte stack)
+# (gpu_run11/call1: b4 0.795 vs 0.696, b1 3.956 vs 3.445: off; backward maxnreg 192 5.68 vs 4.681, 224 5.198
+# vs 4.683 (gpu_time_scan_bwd.py); call2: backward block_d 8 / 16 / 32 7.16 / 7.75 / 8.55 vs 4.637)
+# ahead: the next chunk's u / delta and this chunk's z loaded 4 states before the end of the state loop
+# (call3, gpu_time_scan_fwd.py, bit-identical outputs: b4 0.695 -> 0.662, b1 3.443 -> 3.289: the default)
 LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
-FWD_B4 = [{}, KT(8, 32, bc_f32=True)]
+FWD_B4 = [{}, KT(8, 32, ahead=0)]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = []
-FWD_B1 = [{}, KT(8, 32, bc_f32=True)]
+FWD_B1 = [{}, KT(8, 32, ahead=0)]
 
 
 def TBW(**kw):
@@ -401,11 +405,11 @@ def TBW(**kw):
 # shift_da: the backward's dA_{t+1} from dA shifted one step; pairs: its B/C read as int32 pairs (offline SASS
 # 8024 -> 7544 -> 7136 instructions, MUFU 338 -> 219)
 LEAN_F, LEAN_B = KT(8, 32, even=True, pairs=True), TBW(shift_da=True, pairs=True)
-FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, bc_f32=True), {}), (B4, False, {}, TBW(maxnreg=192)),
-      (B4, False, {}, TBW(maxnreg=168))]
+FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, ahead=0), {})]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32, bc_f32=True), kernel="time"), dict(TBW(maxnreg=168), kernel="time"), False),
+CHECKS = [(dict(KT(8, 32, ahead=8), kernel="time"), dict(kernel="time"), False),
+          (dict(KT(8, 32, bc_f32=True), kernel="time"), dict(TBW(maxnreg=168), kernel="time"), False),
           (dict(LEAN_A, kernel="time"), dict(kernel="time"), False),
           (dict(LEAN_F, kernel="time"), dict(LEAN_B, kernel="time"), False),
           (dict(KT(8, 32, seg=64), kernel="time"), dict(TBW(block_d=4), kernel="time"), False),

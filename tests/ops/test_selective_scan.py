@@ -521,37 +521,42 @@ def test_triton_time_forward_even_pairs(poisoned, monkeypatch, bc, dtype, l, eve
 
 
 @needs_triton
-@pytest.mark.parametrize("bc,dtype,l,seq,seg,pairs,agg,bc_f32", [
-    ("step", torch.float32, 40, True, None, False, True, False),
-    ("group", torch.bfloat16, 64, True, 16, True, True, False),
-    ("const", torch.float32, 37, False, 8, False, True, False),
-    ("step", torch.bfloat16, 9, True, None, False, True, False),
-    ("step", torch.bfloat16, 64, True, 16, True, False, False),
-    ("group", torch.float32, 40, True, None, False, False, False),
-    ("group", torch.bfloat16, 40, True, 16, False, True, True),
-    ("step", torch.float16, 64, False, None, False, False, True)])
-def test_triton_time_forward_agg(poisoned, monkeypatch, bc, dtype, l, seq, seg, pairs, agg, bc_f32):
+@pytest.mark.parametrize("bc,dtype,l,seq,seg,pairs,agg,bc_f32,ahead", [
+    ("step", torch.float32, 40, True, None, False, True, False, 0),
+    ("group", torch.bfloat16, 64, True, 16, True, True, False, 0),
+    ("const", torch.float32, 37, False, 8, False, True, False, 0),
+    ("step", torch.bfloat16, 9, True, None, False, True, False, 0),
+    ("step", torch.bfloat16, 64, True, 16, True, False, False, 0),
+    ("group", torch.float32, 40, True, None, False, False, False, 0),
+    ("group", torch.bfloat16, 40, True, 16, False, True, True, 0),
+    ("step", torch.float16, 64, False, None, False, False, True, 0),
+    ("step", torch.bfloat16, 100, True, 16, False, True, False, 2),
+    ("group", torch.bfloat16, 96, False, None, True, True, False, 1),
+    ("const", torch.float32, 70, True, None, False, False, False, 8)])
+def test_triton_time_forward_agg(poisoned, monkeypatch, bc, dtype, l, seq, seg, pairs, agg, bc_f32, ahead):
     """FWD_TIME_CONFIG agg (8 steps a row, the default): row aggregates first (the row's decay from dt's row
     sum), then one exact pass over each row from its true incoming state; agg off: the scans with cumulative
     dA and the per-step fix-up. Ragged and whole chunks (32 steps: 4 rows), packed sequences (a reset inside a
     row zeroes its decay), constant / per-step / grouped B and C, saved states every seg steps for the
-    backward, bf16 pairs, 16-bit B and C widened to fp32 before the launch (bc_f32); against the reference,
-    and the launch meta checked."""
+    backward, bf16 pairs, 16-bit B and C widened to fp32 before the launch (bc_f32), the next chunk's u and
+    delta (and this chunk's z) loaded late in the state loop (ahead; 2-4 chunks); against the reference, and
+    the launch meta checked."""
     from mambakit.ops import _triton_scan_time as tk
     from mambakit.ops import _triton_selective_scan as k
 
     monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
     monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
-    for key, v in dict(steps=8, rows=4, agg=agg, seg=seg, even=pairs, pairs=pairs, bc_f32=bc_f32).items():
+    for key, v in dict(steps=8, rows=4, agg=agg, seg=seg, even=pairs, pairs=pairs, bc_f32=bc_f32,
+                       ahead=ahead).items():
         monkeypatch.setitem(tk.FWD_TIME_CONFIG, key, v)
-    metas = _spy_kt_launches(monkeypatch, dict(AGG=False, PAIRS=False, SEG_ROWS=0, T=0, BC=None))
+    metas = _spy_kt_launches(monkeypatch, dict(AGG=False, PAIRS=False, SEG_ROWS=0, T=0, BC=None, AHEAD=0))
     b, d = 2, 8
     check_kernel_rule(bc, dtype, seq_idx=seq_idx_for(b, l) if seq else None,
                       atol=1e-3 if dtype == torch.bfloat16 else 1e-5, b=b, d=d, l=l, n=3)
     fwd = [m for name, m in metas if name == "fwd"]
     if bc_f32:  # the forward kernel gets fp32 B and C
         assert {m["BC"] for m in fwd} == {(torch.float32, torch.float32)}, metas
-    assert fwd and all(m["AGG"] == agg and m["PAIRS"] == pairs for m in fwd), metas
+    assert fwd and all(m["AGG"] == agg and m["PAIRS"] == pairs and m["AHEAD"] == ahead for m in fwd), metas
     assert all(m["SEG_ROWS"] == (seg // 8 if seg else m["T"]) for m in fwd), metas
 
 
@@ -590,6 +595,7 @@ def test_time_backward_shift_da_plan():
         cfg = dict(tb.BWD_TIME_CONFIG, steps=steps, shift_da=True, block_d=1)
         assert tb._meta(cfg, u, A, B, 16)["SHIFT_DA"] is want
     assert tb._meta(dict(tb.BWD_TIME_CONFIG, block_d=1), u, A, B, 16)["SHIFT_DA"] is False
+
 
 
 class _Spy:

@@ -57,7 +57,14 @@ from mambakit.ops.dispatch import num_sms
 # pairs (with even): bf16 B and C per step are read as int32 pairs and widened with one shift or mask an element.
 # bc_f32 ((T, K) kernel): 16-bit B and C per step are widened to fp32 once before the launch (2 x b n l x 4 bytes),
 # so that the d programs a batch row load fp32 instead of each widening them on the integer pipe (offline SASS
-# 2688 -> 2488 instructions, SHF + LOP3 321 -> 71, but a 56-byte stack); not yet timed, so off.
+# 2688 -> 2488 instructions, SHF + LOP3 321 -> 71, but a 56-byte stack); H200 (notes/gpu_run11/call1) b4 0.795
+# against 0.696, b1 3.956 against 3.445: off.
+# ahead ((T, K) kernel): the next chunk's u and delta, and this chunk's z, loaded `ahead` states before the end
+# of the state loop instead of at the chunk's start. Nsight Compute (gpu_run10/call2) put 28% of the forward's
+# long-scoreboard stall samples (7% of all) on the first use of a chunk's u / delta. Offline SASS unchanged
+# (2688 / 2696, 16-byte stack); H200, same process (gpu_run11/call3, outputs bit-identical): b4 default 0.695,
+# ahead 1 0.743, 2 0.746, 4 0.662, 8 0.666, 16 (at state 0) 0.703; b1 3.443 / 3.739 / 3.784 / 3.289 / 3.279 /
+# 3.481, hence 4.
 # agg (K = 8): a row's aggregates first (its decay exp2(A_n sum(dt)), its state from zero), the lane scan, then
 # one exact pass over the row's steps from its true incoming state (no cumulative dA, no fix-up, no masked sums).
 # Offline SASS (scripts/sass_count.py mamba1-fwd, sm_90, b4 d3072 l4096): 2992 instructions -> 2912 with even
@@ -68,7 +75,8 @@ from mambakit.ops.dispatch import num_sms
 # (call2): 69% of issue slots busy (IPC 2.77), 16 warps an SM (128 registers), stalls long scoreboard 27% (B/C
 # loads a state ahead), the ALU pipe (bf16 widening, selects) the busiest at 45%.
 FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
-                       num_stages=None, max_n=16, even=True, pairs=True, agg=True, bc_f32=False)
+                       num_stages=None, max_n=16, even=True, pairs=True, agg=True, bc_f32=False,
+                       ahead=4)
 # Busy grids (b * d >= BUSY_CHANNELS_PER_SM channels an SM): the forward saves a state every BUSY_SEG steps and
 # the backward (BWD_TIME_CONFIG block_d None) runs 4 channels of 64-step chunks in one warp, its dB/dC summed
 # over them before the atomics. H200, bf16, n 16, fwd+bwd ms (notes/gpu_run8): b4 d3072 l4096 (93 channels an
@@ -287,7 +295,7 @@ def _scan_time_fwd_kt_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr, SEG_ROWS: tl.constexpr, EVEN: tl.constexpr = False,
-    PAIRS: tl.constexpr = False, AGG: tl.constexpr = False,
+    PAIRS: tl.constexpr = False, AGG: tl.constexpr = False, AHEAD: tl.constexpr = 0,
 ):
     """One channel per program, grid (d, b), chunks of T * K steps as a (T, K) tile: row i (one thread when
     T = 32 num_warps and K elements fill a 16-byte load) holds the K contiguous steps i K .. i K + K - 1.
@@ -303,7 +311,12 @@ def _scan_time_fwd_kt_kernel(
     AGG (K = 8): the aggregates first, then one exact pass. A row's decay is exp2(A_n sum(dt)) (the row sum of
     dt is shared by the states), its state from zero a 7-FMA walk of its columns; after the lane scan of the
     row aggregates each row walks its 8 steps again from its true incoming state, so h and y come from one
-    FMA each a step: no cumulative product of dA, no per-step fix-up, no masked row sums."""
+    FMA each a step: no cumulative product of dA, no per-step fix-up, no masked row sums.
+
+    AHEAD > 0: the next chunk's u and delta (as loaded, 16-bit in bf16) are loaded AHEAD states before the
+    end of this chunk's state loop (the last chunk reloads itself), and this chunk's z at the same point
+    instead of at its start, so that a chunk does not begin by waiting for memory and z is not held through
+    the loop."""
     CHUNK: tl.constexpr = T * K
     d64 = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -339,7 +352,11 @@ def _scan_time_fwd_kt_kernel(
         tl.store(carry + n, h_init)
     SEG: tl.constexpr = SEG_ROWS * K  # steps between saved states (the state before every SEG_ROWS-th row)
     st_ptr = states_ptr + pid_b * tl.cdiv(L, SEG) * DIM * NSTATE + d64 * NSTATE + rows * 0
-    for c in range(pid_b * 0, tl.cdiv(L, CHUNK)):
+    n_chunks = tl.cdiv(L, CHUNK)
+    if AHEAD > 0:  # chunk 0's u and delta, as loaded (the loop loads each next chunk's)
+        u_raw = _ld(u_base + offs, offs < L, EVEN)
+        x_raw = _ld(dt_base + offs, offs < L, EVEN)
+    for c in range(pid_b * 0, n_chunks):
         t = c * CHUNK + offs
         m2 = t < L
         Bq = B_base
@@ -348,10 +365,14 @@ def _scan_time_fwd_kt_kernel(
             tp = c * (CHUNK // 2) + rows[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :]
             Bq = B_base.to(tl.pointer_type(tl.int32)) + tp
             Cq = C_base.to(tl.pointer_type(tl.int32)) + tp
-        u = _ld(u_base + t, m2, EVEN).to(tl.float32)
-        x = _ld(dt_base + t, m2, EVEN).to(tl.float32)
-        if HAS_Z:
-            zv = _ld(z_base + t, m2, EVEN).to(tl.float32)
+        if AHEAD > 0:
+            u = u_raw.to(tl.float32)
+            x = x_raw.to(tl.float32)
+        else:
+            u = _ld(u_base + t, m2, EVEN).to(tl.float32)
+            x = _ld(dt_base + t, m2, EVEN).to(tl.float32)
+            if HAS_Z:
+                zv = _ld(z_base + t, m2, EVEN).to(tl.float32)
         if HAS_SEQ:
             reset = _seq_reset(seq_base, t, m2, s_sl)
         if PREFETCH:
@@ -376,6 +397,13 @@ def _scan_time_fwd_kt_kernel(
                 r0, r1, r2, r3, r4, r5, r6, r7 = _cols8(reset.to(tl.int32), T)
                 row_reset = (((r0 | r1) | (r2 | r3)) | ((r4 | r5) | (r6 | r7))) != 0
         for n in tl.static_range(NSTATE):
+            if AHEAD > 0:
+                if n == max(0, NSTATE - AHEAD):  # the next chunk's u, delta (the last reloads its own) and z
+                    t_nx = tl.minimum(c + 1, n_chunks - 1) * CHUNK + offs
+                    u_raw = _ld(u_base + t_nx, t_nx < L, EVEN)
+                    x_raw = _ld(dt_base + t_nx, t_nx < L, EVEN)
+                    if HAS_Z:
+                        z_raw = _ld(z_base + t, m2, EVEN)
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     a_nx, B_nx, C_nx, h_nx = _kt_state_in(n + 1, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad,
@@ -425,6 +453,8 @@ def _scan_time_fwd_kt_kernel(
         if AGG:
             y = _uncols8(y0, y1, y2, y3, y4, y5, y6, y7, T)
         if HAS_Z:
+            if AHEAD > 0:
+                zv = z_raw.to(tl.float32)
             y *= zv * tl.sigmoid(zv)
         if EVEN:
             tl.store(o_base + t, y.to(out_ptr.dtype.element_ty))
@@ -494,6 +524,8 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
             meta["PAIRS"] = pairs_ok(B, C)
         if cfg.get("agg") and meta["K"] == 8:
             meta["AGG"] = True
+        if cfg.get("ahead"):
+            meta["AHEAD"] = int(cfg["ahead"])
     else:
         kernel, grid = _scan_time_fwd_kernel, (triton.cdiv(d, meta["BLOCK_D"]), b)
     kernel[grid](

@@ -22,10 +22,12 @@ Two kernels (BWD_TIME_CONFIG steps):
   first chunk. Per-step dB, dC are summed over the program's channels and added with relaxed fp32 atomics
   into ``copies`` partial copies (program p into copy p % copies, summed by the launcher: fewer atomics on
   one address) in a slot order that makes each 16-byte vector reduction of a warp cover 512 contiguous bytes
-  (``_atomic_rows``, ``_unpermute``). ptxas (sm_90a, bf16, n 16, K 8, T 32): 255 registers, 128 bytes of
-  stack, ~7,200 instructions a chunk (about 450 a state for 8 steps a thread). block_d 2 with rows of 16
-  (one warp; the forward saving a state every 128 steps, FWD_TIME_CONFIG seg) halves the atomics' bytes and
-  instructions (``_atomic_pair``) for ~7,800 instructions a chunk: not measured on a GPU yet.
+  (``_atomic_rows``, ``_unpermute``); with 4 channels a warp (the busy-grid plan) their sums are a
+  reduce-scatter across the channels' lanes instead (``_atomic_quad``, config quad). ptxas (sm_90a, bf16,
+  n 16, K 8, T 32): 255 registers, 128 bytes of stack, ~7,200 instructions a chunk (about 450 a state for 8
+  steps a thread). block_d 2 with rows of 16 (one warp; the forward saving a state every 128 steps,
+  FWD_TIME_CONFIG seg) halves the atomics' bytes and instructions (``_atomic_pair``) for ~7,800 instructions
+  a chunk (H200, notes/gpu_run8: 4.767 ms at b4 against 4.652 with 4 channels).
 - ``_scan_bwd_time_kernel`` (steps = None; the previous default): BLOCK_D channels a program as a
   (BLOCK_D, CHUNK) tile over lanes and warps along time, ``tl.associative_scan`` over the whole chunk, g's
   reverse scan on triples (dA of the segment's first step, product of its other dA, value;
@@ -76,9 +78,19 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # shift_da ((T, K) kernel, steps 8): dA_{t+1} of g's reverse scan taken from dA shifted by one step (in-thread
 # columns, one lane gather for each row's last step, delta after the chunk for the last row) instead of a
 # second exp2 of delta loaded one step later; pairs ((T, K) kernel, lengths a multiple of the chunk): bf16 B
-# and C read as int32 pairs (as the forward's). Neither is timed on a GPU yet, so both are off.
+# and C read as int32 pairs (as the forward's). H200 (notes/gpu_run10/call1): shift_da 4.768, shift_da + pairs
+# 4.906 against 4.655, so both are off.
+# quad ((T, K) kernel, 4 channels of 8-step rows: the busy-grid plan): their dB/dC summed by a reduce-scatter
+# (``_atomic_quad``: each lane ends with 2 distinct steps, one 8-byte vector reduction) instead of a sum over
+# the channel axis followed by a shared-memory layout change for ``_atomic_rows``. Offline SASS 8024 -> 7784
+# instructions, BAR / STS / LDSM 64 each -> 0, FSEL 236 -> 620, REDG 64 -> 32. H200, b4 d3072 l4096 fwd+bwd,
+# same process (notes/gpu_run11/call4): 4.638 -> 4.468 ms (-3.7%; gradients within the atomics' order noise,
+# 2.1e-5 against 3.1e-5 between two default runs), with pairs 4.522: on.
+# Also measured and kept at the default (gpu_run11/call1-2): maxnreg 224 / 192 5.198 / 5.68 against 4.68
+# (spilling to local memory at 255 registers beats more warps); block_d 8 / 16 / 32 (cross-warp sums) 7.16 /
+# 7.75 / 8.55 against 4.637.
 BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=None, chunk=None, num_warps=None, unroll=False,
-                       num_stages=None, maxnreg=None, shift_da=False, pairs=False)
+                       num_stages=None, maxnreg=None, shift_da=False, pairs=False, quad=True)
 
 
 @triton.jit
@@ -295,6 +307,28 @@ def _atomic_pair(base, v, rows, n_valid, T: tl.constexpr):
     tl.atomic_add(base + ch * (4 * T) + r * 4 + j, keep + other, mask=step < n_valid, sem="relaxed")
 
 
+@triton.jit
+def _atomic_quad(base, v, rows, n_valid, T: tl.constexpr):
+    """``_atomic_rows`` (K = 8) of the sum of a (4, T, 8) tile over its four channels as a reduce-scatter:
+    channels c and c ^ 1 exchange the half of the row's steps the other keeps (4 values a lane), then c and
+    c ^ 2 the half of that (2), so that each lane ends with 2 steps of the full sum, no two lanes the same,
+    and adds them with one 8-byte vector reduction into ``_atomic_rows``' slots. 6 shuffles and 6 adds a lane
+    instead of the 16 and 16 of a sum over the channel axis (a butterfly that leaves every lane all 8)."""
+    lo, hi = tl.split(tl.permute(tl.reshape(v, (4, T, 2, 4)), (0, 1, 3, 2)))  # (4, T, 4): steps j, 4 + j
+    ch = tl.arange(0, 4)[:, None, None]
+    odd = (ch & 1) == 1  # keeps the row's last 4 steps
+    s1 = tl.where(odd, hi, lo) + tl.gather(tl.where(odd, lo, hi), (ch ^ 1) + tl.zeros([4, T, 4], dtype=tl.int32), 0)
+    p, q = tl.split(tl.permute(tl.reshape(s1, (4, T, 2, 2)), (0, 1, 3, 2)))  # (4, T, 2): its steps 0-1, 2-3
+    up = (ch & 2) == 2  # keeps steps 2-3 of its half
+    s2 = tl.where(up, q, p) + tl.gather(tl.where(up, p, q), (ch ^ 2) + tl.zeros([4, T, 2], dtype=tl.int32), 0)
+    half = ch & 1
+    quarter = ch >> 1
+    j = tl.arange(0, 2)[None, None, :]
+    r = rows[None, :, None]
+    step = r * 8 + half * 4 + quarter * 2 + j
+    tl.atomic_add(base + half * (4 * T) + r * 4 + quarter * 2 + j, s2, mask=step < n_valid, sem="relaxed")
+
+
 def _unpermute(x: torch.Tensor, l: int, T: int, K: int) -> torch.Tensor:
     """The step order of ``_atomic_rows``' slots: x (..., nchunks * T * K) -> (..., l)."""
     if K == 8:
@@ -349,7 +383,7 @@ def _scan_bwd_time_kt_kernel(
     NSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
-    COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False, QUAD: tl.constexpr = False,
 ):
     """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
     (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
@@ -546,6 +580,9 @@ def _scan_bwd_time_kt_kernel(
             elif DB == 2 and K == 8:  # the two channels' sums split between them (see _atomic_pair)
                 _atomic_pair(dB_ptr + dBC_base + n * LP + c * CHUNK, g * dtu, rows, L - c * CHUNK, T)
                 _atomic_pair(dC_ptr + dBC_base + n * LP + c * CHUNK, dy * h, rows, L - c * CHUNK, T)
+            elif QUAD:  # DB == 4, K == 8: the four channels' sums as a reduce-scatter (see _atomic_quad)
+                _atomic_quad(dB_ptr + dBC_base + n * LP + c * CHUNK, g * dtu, rows, L - c * CHUNK, T)
+                _atomic_quad(dC_ptr + dBC_base + n * LP + c * CHUNK, dy * h, rows, L - c * CHUNK, T)
             else:  # summed over the program's channels first
                 _atomic_rows(dB_ptr + dBC_base + n * LP + c * CHUNK, tl.sum(g * dtu, axis=0), rows,
                              L - c * CHUNK, T, K)
@@ -629,6 +666,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
                     PREFETCH=bool(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
                     SHIFT_DA=bool(cfg.get("shift_da")) and kk == 8,
                     PAIRS=bool(cfg.get("pairs")) and kk % 2 == 0 and l % chunk == 0,  # and pairs_ok(B, C)
+                    QUAD=bool(cfg.get("quad")) and kk == 8 and block_d == 4,
                     num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),

@@ -379,7 +379,8 @@ def KT(steps, rows, **kw):
 # ahead: the next chunk's u / delta and this chunk's z loaded 4 states before the end of the state loop
 # (call3, gpu_time_scan_fwd.py, bit-identical outputs: b4 0.695 -> 0.662, b1 3.443 -> 3.289: the default)
 # backward quad (4 channels' dB/dC by a reduce-scatter; call4: fwd+bwd b4 4.638 -> 4.468: the default); next
-# to time: the forward saving states with ahead on and off (FB below), quad at other shapes
+# to time: quad "bfly" (offline 7784 -> 7448 instructions; gpu_time_scan_bwd.py quad=bfly), the forward saving
+# states with ahead on and off (FB below), quad at other shapes
 LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
 FWD_B4 = [{}, KT(8, 32, ahead=0)]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
@@ -407,7 +408,8 @@ def TBW(**kw):
 # shift_da: the backward's dA_{t+1} from dA shifted one step; pairs: its B/C read as int32 pairs (offline SASS
 # 8024 -> 7544 -> 7136 instructions, MUFU 338 -> 219)
 LEAN_F, LEAN_B = KT(8, 32, even=True, pairs=True), TBW(shift_da=True, pairs=True)
-FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, ahead=0), {}), (B4, False, {}, TBW(quad=False))]
+FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, ahead=0), {}), (B4, False, {}, TBW(quad=False)),
+      (B4, False, {}, TBW(quad="bfly"))]
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
 CHECKS = [(dict(KT(8, 32, ahead=8), kernel="time"), dict(kernel="time"), False),

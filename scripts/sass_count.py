@@ -119,14 +119,15 @@ JOBS = {"mamba1-fwd": mamba1_fwd, "mamba1-bwd": mamba1_bwd}
 
 
 def parse_overrides(items) -> dict:
-    """Config overrides from KEY=VALUE strings: True / False / None, else an int."""
+    """Config overrides from KEY=VALUE strings: True / False / None, an int, else the string."""
     overrides = {}
     for kv in items:
         key, value = kv.split("=", 1)
         overrides[key] = {"True": True, "False": False, "None": None}.get(value, value)
-        if isinstance(overrides[key], str):
+        if isinstance(overrides[key], str) and value.lstrip("-").isdigit():
             overrides[key] = int(value)
     return overrides
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

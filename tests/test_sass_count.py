@@ -26,3 +26,14 @@ def test_sass_count_mamba1_forward():
     plain = count("--set", "even=False", "pairs=False", "agg=False")
     lean = count()
     assert 1000 < lean < plain, (plain, lean)
+
+
+def test_parse_overrides():
+    """KEY=VALUE overrides (shared by sass_count and the GPU timing scripts): booleans, None, ints (negative
+    too), and other values as strings (quad=bfly). In a subprocess: importing sass_count drops
+    TRITON_INTERPRET from the environment."""
+    code = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); from sass_count import parse_overrides; "
+            "print(sorted(parse_overrides(['a=8', 'b=True', 'c=None', 'd=bfly', 'e=-2', 'f=False']).items()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(sorted(dict(a=8, b=True, c=None, d="bfly", e=-2, f=False).items()))

@@ -428,7 +428,10 @@ def test_time_split_sizes():
     ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=16, shift_da=True)),
     # quad: the four channels' dB/dC summed by a reduce-scatter (_atomic_quad), rows of 8 steps, 2 or 4 rows
     ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, quad=True)),
-    ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=32, quad=True, copies=3))])
+    ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=32, quad=True, copies=3)),
+    # quad "bfly": the same reduce-scatter by pair sums over a channel bit (_atomic_quad_bfly)
+    ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, quad="bfly")),
+    ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=32, quad="bfly", copies=3))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
@@ -577,15 +580,15 @@ def test_triton_time_kernels_busy_grid_plan(poisoned, monkeypatch, busy):
     monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
     monkeypatch.setattr(tk, "BUSY_CHANNELS_PER_SM", 0 if busy else 1 << 30)
     monkeypatch.setitem(tk.FWD_TIME_CONFIG, "rows", 32)  # the default tile (the fixture shrinks it)
-    metas = _spy_kt_launches(monkeypatch, dict(T=None, K=None, SEG_ROWS=None, DB=None, QUAD=False))
+    metas = _spy_kt_launches(monkeypatch, dict(T=None, K=None, SEG_ROWS=None, DB=None, QUAD=0))
     b, d, l = 2, 8, 300
     check_kernel_rule("group", torch.float32, seq_idx=seq_idx_for(b, l), b=b, d=d, l=l, n=3)
     fwd = [m for name, m in metas if name == "fwd"]
     bwd = [m for name, m in metas if name == "bwd"]
     assert fwd and bwd, metas
-    assert fwd[0] == dict(T=32, K=8, SEG_ROWS=8 if busy else 32, DB=None, QUAD=False)
+    assert fwd[0] == dict(T=32, K=8, SEG_ROWS=8 if busy else 32, DB=None, QUAD=0)
     assert bwd[0]["DB"] == (4 if busy else 1) and bwd[0]["T"] * bwd[0]["K"] == (64 if busy else 256)
-    assert bwd[0]["QUAD"] is busy  # the busy plan's 4 channels: dB/dC by _atomic_quad
+    assert bwd[0]["QUAD"] == int(busy)  # the busy plan's 4 channels: dB/dC by _atomic_quad
 
 
 @needs_triton
@@ -609,10 +612,10 @@ def test_time_backward_quad_plan():
     from mambakit.ops import _triton_scan_time_bwd as tb
 
     u, A, B = torch.empty(2, 8, 64), torch.empty(8, 4), torch.empty(2, 4, 64)
-    for steps, block_d, want in ((8, 4, True), (8, 2, False), (4, 4, False)):
-        cfg = dict(tb.BWD_TIME_CONFIG, steps=steps, quad=True, block_d=block_d)
-        assert tb._meta(cfg, u, A, B, 16)["QUAD"] is want, (steps, block_d)
-    assert tb._meta(dict(tb.BWD_TIME_CONFIG, block_d=4, quad=False), u, A, B, 16)["QUAD"] is False
+    for steps, block_d, quad, want in ((8, 4, True, 1), (8, 4, "bfly", 2), (8, 2, True, 0), (4, 4, "bfly", 0),
+                                       (8, 4, False, 0)):
+        cfg = dict(tb.BWD_TIME_CONFIG, steps=steps, quad=quad, block_d=block_d)
+        assert tb._meta(cfg, u, A, B, 16)["QUAD"] == want, (steps, block_d, quad)
 
 
 class _Spy:

@@ -85,7 +85,10 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # the channel axis followed by a shared-memory layout change for ``_atomic_rows``. Offline SASS 8024 -> 7784
 # instructions, BAR / STS / LDSM 64 each -> 0, FSEL 236 -> 620, REDG 64 -> 32. H200, b4 d3072 l4096 fwd+bwd,
 # same process (notes/gpu_run11/call4): 4.638 -> 4.468 ms (-3.7%; gradients within the atomics' order noise,
-# 2.1e-5 against 3.1e-5 between two default runs), with pairs 4.522: on.
+# 2.1e-5 against 3.1e-5 between two default runs), with pairs 4.522: on. quad "bfly" (``_atomic_quad_bfly``):
+# the same reduce-scatter by pair sums over one channel bit, since Triton lowers _atomic_quad's tl.gather via
+# lane permutations into and out of its own layout (SHFL.IDX 564 of the 874 shuffles): offline 7784 -> 7448
+# instructions, SHFL 874 -> 746, FSEL 620 -> 236; tested through the interpreter, not yet timed, so off.
 # Also measured and kept at the default (gpu_run11/call1-2): maxnreg 224 / 192 5.198 / 5.68 against 4.68
 # (spilling to local memory at 255 registers beats more warps); block_d 8 / 16 / 32 (cross-warp sums) 7.16 /
 # 7.75 / 8.55 against 4.637.
@@ -329,6 +332,28 @@ def _atomic_quad(base, v, rows, n_valid, T: tl.constexpr):
     tl.atomic_add(base + half * (4 * T) + r * 4 + quarter * 2 + j, s2, mask=step < n_valid, sem="relaxed")
 
 
+@triton.jit
+def _atomic_quad_bfly(base, v, rows, n_valid, T: tl.constexpr):
+    """``_atomic_quad`` with the exchanges as pair sums over one channel bit (``tl.sum`` over a size-2 axis: one
+    butterfly shuffle a value, in the tile's own layout) instead of ``tl.gather``, which Triton lowers through
+    lane permutations into and out of a layout of its own (about 3 shuffles a value): all 8 steps summed over
+    the pair c, c ^ 1 and each lane keeps its half, then its 4 over c, c ^ 2 and it keeps 2. 12 shuffles and
+    12 adds a lane (the plain sum over the channel axis: 16 and 16)."""
+    v4 = tl.reshape(v, (2, 2, T, 8))  # channel 2 a + b: (a, b, row, step)
+    s1 = tl.broadcast_to(tl.expand_dims(tl.sum(v4, axis=1), 1), (2, 2, T, 8))  # over b: c and c ^ 1
+    lo, hi = tl.split(tl.permute(tl.reshape(s1, (2, 2, T, 2, 4)), (0, 1, 2, 4, 3)))  # (2, 2, T, 4)
+    b = tl.arange(0, 2)[None, :, None, None]
+    a = tl.arange(0, 2)[:, None, None, None]
+    k1 = tl.where(b == 1, hi, lo)  # b keeps steps 4 b .. 4 b + 3
+    s2 = tl.broadcast_to(tl.expand_dims(tl.sum(k1, axis=0), 0), (2, 2, T, 4))  # over a: c and c ^ 2
+    p, q = tl.split(tl.permute(tl.reshape(s2, (2, 2, T, 2, 2)), (0, 1, 2, 4, 3)))  # (2, 2, T, 2)
+    k2 = tl.where(a == 1, q, p)  # a keeps steps 2 a, 2 a + 1 of its half
+    j = tl.arange(0, 2)[None, None, None, :]
+    r = rows[None, None, :, None]
+    step = r * 8 + b * 4 + a * 2 + j
+    tl.atomic_add(base + b * (4 * T) + r * 4 + a * 2 + j, k2, mask=step < n_valid, sem="relaxed")
+
+
 def _unpermute(x: torch.Tensor, l: int, T: int, K: int) -> torch.Tensor:
     """The step order of ``_atomic_rows``' slots: x (..., nchunks * T * K) -> (..., l)."""
     if K == 8:
@@ -383,7 +408,7 @@ def _scan_bwd_time_kt_kernel(
     NSTATE: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
-    COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False, QUAD: tl.constexpr = False,
+    COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False, QUAD: tl.constexpr = 0,
 ):
     """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
     (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
@@ -580,6 +605,9 @@ def _scan_bwd_time_kt_kernel(
             elif DB == 2 and K == 8:  # the two channels' sums split between them (see _atomic_pair)
                 _atomic_pair(dB_ptr + dBC_base + n * LP + c * CHUNK, g * dtu, rows, L - c * CHUNK, T)
                 _atomic_pair(dC_ptr + dBC_base + n * LP + c * CHUNK, dy * h, rows, L - c * CHUNK, T)
+            elif QUAD == 2:  # quad "bfly": the reduce-scatter by pair sums (see _atomic_quad_bfly)
+                _atomic_quad_bfly(dB_ptr + dBC_base + n * LP + c * CHUNK, g * dtu, rows, L - c * CHUNK, T)
+                _atomic_quad_bfly(dC_ptr + dBC_base + n * LP + c * CHUNK, dy * h, rows, L - c * CHUNK, T)
             elif QUAD:  # DB == 4, K == 8: the four channels' sums as a reduce-scatter (see _atomic_quad)
                 _atomic_quad(dB_ptr + dBC_base + n * LP + c * CHUNK, g * dtu, rows, L - c * CHUNK, T)
                 _atomic_quad(dC_ptr + dBC_base + n * LP + c * CHUNK, dy * h, rows, L - c * CHUNK, T)
@@ -666,7 +694,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
                     PREFETCH=bool(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
                     SHIFT_DA=bool(cfg.get("shift_da")) and kk == 8,
                     PAIRS=bool(cfg.get("pairs")) and kk % 2 == 0 and l % chunk == 0,  # and pairs_ok(B, C)
-                    QUAD=bool(cfg.get("quad")) and kk == 8 and block_d == 4,
+                    QUAD=(2 if cfg.get("quad") == "bfly" else 1) if cfg.get("quad") and kk == 8 and block_d == 4 else 0,
                     num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),

@@ -379,7 +379,8 @@ def KT(steps, rows, **kw):
 # ahead: the next chunk's u / delta and this chunk's z loaded 4 states before the end of the state loop
 # (call3, gpu_time_scan_fwd.py, bit-identical outputs: b4 0.695 -> 0.662, b1 3.443 -> 3.289: the default)
 # backward quad (4 channels' dB/dC by a reduce-scatter; call4: fwd+bwd b4 4.638 -> 4.468: the default); next
-# to time: quad "bfly" (offline 7784 -> 7448 instructions; gpu_time_scan_bwd.py quad=bfly), the forward saving
+# to time: quad "bfly" (offline 7784 -> 7448 instructions) and the backward's ahead (8000, a 176-byte stack):
+# gpu_time_scan_bwd.py quad=bfly ahead=4 ahead=4,quad=bfly ahead=8; the forward saving
 # states with ahead on and off (FB below), quad at other shapes
 LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
 FWD_B4 = [{}, KT(8, 32, ahead=0)]

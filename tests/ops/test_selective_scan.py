@@ -431,7 +431,11 @@ def test_time_split_sizes():
     ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=32, quad=True, copies=3)),
     # quad "bfly": the same reduce-scatter by pair sums over a channel bit (_atomic_quad_bfly)
     ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, quad="bfly")),
-    ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=32, quad="bfly", copies=3))])
+    ("group", 3, 1, torch.float32, 4, dict(steps=8, block_d=4, fseg=32, quad="bfly", copies=3)),
+    # ahead: the next chunk's u, delta, dout and z loaded `ahead` states before the end of the state loop
+    ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, ahead=2)),
+    ("group", 3, 1, torch.float32, 4, dict(steps=4, ahead=1, chunk=32)),
+    ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=2, ahead=8))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
@@ -607,8 +611,8 @@ def test_time_backward_shift_da_plan():
 @needs_triton
 def test_time_backward_quad_plan():
     """BWD_TIME_CONFIG quad (the default) reaches the (T, K) backward's launch only with 4 channels of 8-step
-    rows (the busy-grid plan); test_triton_time_kernel runs it against the reference, and
-    test_triton_time_kernels_busy_grid_plan with the default plan."""
+    rows (the busy-grid plan), ahead unless shift_da; test_triton_time_kernel runs them against the reference,
+    and test_triton_time_kernels_busy_grid_plan the default plan."""
     from mambakit.ops import _triton_scan_time_bwd as tb
 
     u, A, B = torch.empty(2, 8, 64), torch.empty(8, 4), torch.empty(2, 4, 64)
@@ -616,6 +620,10 @@ def test_time_backward_quad_plan():
                                        (8, 4, False, 0)):
         cfg = dict(tb.BWD_TIME_CONFIG, steps=steps, quad=quad, block_d=block_d)
         assert tb._meta(cfg, u, A, B, 16)["QUAD"] == want, (steps, block_d, quad)
+    # ahead reaches the launch, except with shift_da (which loads delta after the chunk its own way)
+    for shift_da, want in ((False, 3), (True, 0)):
+        cfg = dict(tb.BWD_TIME_CONFIG, steps=8, ahead=3, shift_da=shift_da)
+        assert tb._meta(cfg, u, A, B, 16)["AHEAD"] == want
 
 
 class _Spy:

@@ -89,11 +89,16 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # the same reduce-scatter by pair sums over one channel bit, since Triton lowers _atomic_quad's tl.gather via
 # lane permutations into and out of its own layout (SHFL.IDX 564 of the 874 shuffles): offline 7784 -> 7448
 # instructions, SHFL 874 -> 746, FSEL 620 -> 236; tested through the interpreter, not yet timed, so off.
+# ahead ((T, K) kernel, not with shift_da): as the forward's (-4.7% there), the next chunk's u, delta, delta
+# one step later, dout and z loaded `ahead` states before the end of the state loop instead of at the chunk's
+# start. Offline (ahead 4): 7784 -> 8000 instructions and a 40 -> 176-byte stack (at 255 registers the
+# prefetched tiles spill); not yet timed, so off (0).
 # Also measured and kept at the default (gpu_run11/call1-2): maxnreg 224 / 192 5.198 / 5.68 against 4.68
 # (spilling to local memory at 255 registers beats more warps); block_d 8 / 16 / 32 (cross-warp sums) 7.16 /
 # 7.75 / 8.55 against 4.637.
 BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=None, chunk=None, num_warps=None, unroll=False,
-                       num_stages=None, maxnreg=None, shift_da=False, pairs=False, quad=True)
+                       num_stages=None, maxnreg=None, shift_da=False, pairs=False, quad=True,
+                       ahead=0)
 
 
 @triton.jit
@@ -386,6 +391,20 @@ def _rev_rows8(a, b, R: tl.constexpr):
 
 
 @triton.jit
+def _kt_bwd_chunk_in(u_base, dt_base, g_base, z_base, t, L, HAS_Z: tl.constexpr):
+    """A chunk's u, delta, delta one step later, dout and z (u again without z) at steps t, as loaded."""
+    m2 = t < L
+    u = tl.load(u_base + t, mask=m2, other=0.0)
+    x = tl.load(dt_base + t, mask=m2, other=0.0)
+    xn = tl.load(dt_base + t + 1, mask=(t + 1) < L, other=0.0)
+    dy = tl.load(g_base + t, mask=m2, other=0.0)
+    zv = u
+    if HAS_Z:
+        zv = tl.load(z_base + t, mask=m2, other=0.0)
+    return u, x, xn, dy, zv
+
+
+@triton.jit
 def _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d_idx, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
                      s_stn, CONST_BC: tl.constexpr, PAIRS: tl.constexpr = False, T: tl.constexpr = 1,
                      K: tl.constexpr = 1, DB: tl.constexpr = 0):
@@ -409,6 +428,7 @@ def _scan_bwd_time_kt_kernel(
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
     COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False, QUAD: tl.constexpr = 0,
+    AHEAD: tl.constexpr = 0,
 ):
     """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
     (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
@@ -489,6 +509,9 @@ def _scan_bwd_time_kt_kernel(
     dD_acc = tl.zeros([DB], dtype=tl.float32)
     dbias_acc = tl.zeros([DB], dtype=tl.float32)
     nchunks = tl.cdiv(L, CHUNK)
+    if AHEAD > 0:  # the last chunk's inputs, as loaded (the state loop loads each next one's)
+        u_raw, x_raw, xn_raw, dy_raw, z_raw = _kt_bwd_chunk_in(u_base, dt_base, g_base, z_base,
+                                                                (nchunks - 1) * CHUNK + offs, L, HAS_Z)
     for i in range(pid_b * 0, nchunks):
         c = nchunks - 1 - i
         t = c * CHUNK + offs  # (1, T, K) int64
@@ -502,17 +525,25 @@ def _scan_bwd_time_kt_kernel(
         m2 = t < L
         mn = (t + 1) < L
         st_ptr = st_row + (c * SEGS_PER_CHUNK) * s_stc
-        u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
-        x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
-        if SHIFT_DA:  # delta at the step after the chunk only ((DB, 1)); dA_{t+1} is dA shifted by one step
-            t_after = (c + 1) * CHUNK
-            xn = tl.load(dt_base + t_after, mask=(t_after + d3 * 0) < L, other=0.0)
-            xn = tl.reshape(xn, (DB, 1)).to(tl.float32)
+        if AHEAD > 0:  # (not with SHIFT_DA) loaded during the previous chunk's state loop
+            u = u_raw.to(tl.float32)
+            x = x_raw.to(tl.float32)
+            xn = xn_raw.to(tl.float32)
+            dy = dy_raw.to(tl.float32)
+            if HAS_Z:
+                zv = z_raw.to(tl.float32)
         else:
-            xn = tl.load(dt_base + t + 1, mask=mn, other=0.0).to(tl.float32)  # delta one step later: dA_{t+1}
-        dy = tl.load(g_base + t, mask=m2, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
+            u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
+            x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
+            if SHIFT_DA:  # delta at the step after the chunk only ((DB, 1)); dA_{t+1} is dA shifted by one step
+                t_after = (c + 1) * CHUNK
+                xn = tl.load(dt_base + t_after, mask=(t_after + d3 * 0) < L, other=0.0)
+                xn = tl.reshape(xn, (DB, 1)).to(tl.float32)
+            else:
+                xn = tl.load(dt_base + t + 1, mask=mn, other=0.0).to(tl.float32)  # delta one step later
+            dy = tl.load(g_base + t, mask=m2, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
         if HAS_SEQ:
             reset = _seq_reset(seq_base, t, m2, s_sl)
             reset_n = _seq_reset(seq_base, t + 1, mn, s_sl)
@@ -543,6 +574,10 @@ def _scan_bwd_time_kt_kernel(
         gB_acc = tl.zeros([DB, T, K], dtype=tl.float32)  # sum_n g B_n
         y_acc = tl.zeros([DB, T, K], dtype=tl.float32)  # sum_n h C_n
         for n in tl.static_range(NSTATE):
+            if AHEAD > 0:
+                if n == max(0, NSTATE - AHEAD):  # the next chunk's (the first chunk reloads its own)
+                    u_raw, x_raw, xn_raw, dy_raw, z_raw = _kt_bwd_chunk_in(
+                        u_base, dt_base, g_base, z_base, tl.maximum(c - 1, 0) * CHUNK + offs, L, HAS_Z)
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     A_nx, B_nx, C_nx, h_nx, g_nx = _kt_bwd_state_in(
@@ -695,6 +730,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
                     SHIFT_DA=bool(cfg.get("shift_da")) and kk == 8,
                     PAIRS=bool(cfg.get("pairs")) and kk % 2 == 0 and l % chunk == 0,  # and pairs_ok(B, C)
                     QUAD=(2 if cfg.get("quad") == "bfly" else 1) if cfg.get("quad") and kk == 8 and block_d == 4 else 0,
+                    AHEAD=int(cfg.get("ahead") or 0) if not (cfg.get("shift_da") and kk == 8) else 0,
                     num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),

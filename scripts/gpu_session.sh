@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call, several parts: bash scripts/gpu_session.sh PART[:SECONDS] ...
-# Parts: env, mamba1, ssd, conv, generate, decode-ops, tp, train, bench, pytest, scan-tests, decode-tests. Each part runs under its own
-# time limit, its full log and JSON go under $OUT/<part>/, and the last lines of every part are printed at the end
+# Parts: env, mamba1, ssd, conv, generate, decode-ops, tp, train, bench, pytest, scan-tests, decode-tests, fwd-time,
+# bwd-time. Each part runs under its own time limit, its full log and JSON go under $OUT/<part>/, and the last
+# lines of every part are printed at the end
 # (the device reply carries only the tail). Everything is also packed into $OUT/all.tar.gz.
 set -u
 OUT=${OUT:-/tmp/mambakit_out}
@@ -32,6 +33,9 @@ for spec in "$@"; do
     decode-ops) run_part decode-ops "$limit" python3 scripts/gpu_bench_decode_ops.py --out "$OUT/decode-ops" --budget $((limit - 30)) ${DOPS_ARGS:-} ;;
     decode-tests) run_part decode-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_decode.py tests/ops/test_state_update.py tests/inference -p no:cacheprovider ;;
     scan-tests) run_part scan-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_selective_scan.py -p no:cacheprovider ;;
+    # Mamba-1 scan config overrides against the defaults in one process (space-separated specs, each KEY=VALUE[,...])
+    fwd-time) run_part fwd-time "$limit" python3 scripts/gpu_time_scan_fwd.py ${FWDT_ARGS:-ahead=0 ahead=8} ;;
+    bwd-time) run_part bwd-time "$limit" python3 scripts/gpu_time_scan_bwd.py ${BWDT_ARGS:-quad=bfly ahead=4 ahead=4,quad=bfly} ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -7,7 +7,7 @@ import sys
 
 import triton
 from gpu_profile_mamba1 import inputs
-from sass_count import parse_overrides
+from sass_count import each_override
 
 from mambakit.ops import _triton_scan_time_bwd as tb
 from mambakit.ops import selective_scan_fn
@@ -20,11 +20,8 @@ def main(argv):
         selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
                           delta_softplus=True).backward(dout)
 
-    base = dict(tb.BWD_TIME_CONFIG)
     rows = []
-    for spec in [""] + list(argv) + [""]:
-        tb.BWD_TIME_CONFIG.clear()
-        tb.BWD_TIME_CONFIG.update(base, **parse_overrides(filter(None, spec.split(","))))
+    for spec in each_override(tb.BWD_TIME_CONFIG, argv):
         for v in x.values():
             v.grad = None
         fb()

@@ -10,7 +10,7 @@ import sys
 import torch
 import triton
 from gpu_profile_mamba1 import inputs
-from sass_count import parse_overrides
+from sass_count import each_override
 
 from mambakit.ops import _triton_scan_time as tk
 from mambakit.ops import selective_scan_fn
@@ -32,15 +32,12 @@ def main(argv):
     fb = "--fb" in argv
     specs = [a for a in argv if a != "--fb"]
     shapes = [(4, 3072, 4096, False), (1, 3072, 65536, False)] + ([(4, 3072, 4096, True)] if fb else [])
-    base = dict(tk.FWD_TIME_CONFIG)
     rows = []
     for b, d, l, grad in shapes:
         x, dout = inputs(b, d, l, grad)
         name = f"b{b} l{l}" + (" fwd+bwd" if grad else " fwd")
         ref = None
-        for spec in [""] + specs + [""]:
-            tk.FWD_TIME_CONFIG.clear()
-            tk.FWD_TIME_CONFIG.update(base, **parse_overrides(filter(None, spec.split(","))))
+        for spec in each_override(tk.FWD_TIME_CONFIG, specs):
             for v in x.values():
                 v.grad = None
             with torch.set_grad_enabled(grad):
@@ -60,8 +57,6 @@ def main(argv):
             print(f"{name:20s} {spec or 'default':30s} {ms:7.3f} ms  max abs diff vs default {err:.1e}", flush=True)
         del x, dout
         torch.cuda.empty_cache()
-    tk.FWD_TIME_CONFIG.clear()
-    tk.FWD_TIME_CONFIG.update(base)
     first = {}
     for name, spec, ms, err in rows:
         first.setdefault(name, ms)

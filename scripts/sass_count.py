@@ -129,6 +129,20 @@ def parse_overrides(items) -> dict:
     return overrides
 
 
+def each_override(cfg: dict, specs):
+    """Sets the config dict cfg to its defaults plus each spec's overrides ("KEY=VALUE[,KEY=VALUE...]"), for "" (the
+    defaults), every spec, then "" again, yielding the spec; cfg is restored afterwards."""
+    base = dict(cfg)
+    try:
+        for spec in [""] + list(specs) + [""]:
+            cfg.clear()
+            cfg.update(base, **parse_overrides(filter(None, spec.split(","))))
+            yield spec
+    finally:
+        cfg.clear()
+        cfg.update(base)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("job", choices=sorted(JOBS))

@@ -37,3 +37,20 @@ def test_parse_overrides():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(sorted(dict(a=8, b=True, c=None, d="bfly", e=-2, f=False).items()))
+
+
+def test_each_override():
+    """each_override (the GPU timing scripts' loop): the defaults, each spec, the defaults again, and the config
+    restored afterwards, also when the loop stops early."""
+    code = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); from sass_count import each_override\n"
+            "cfg = dict(a=1, b=False)\n"
+            "seen = [(s, dict(cfg)) for s in each_override(cfg, ['a=3', 'a=4,b=True'])]\n"
+            "print(seen, cfg)\n"
+            "for s in each_override(cfg, ['a=5']):\n"
+            "    if cfg['a'] == 5: break\n"
+            "print(cfg)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = [("", dict(a=1, b=False)), ("a=3", dict(a=3, b=False)), ("a=4,b=True", dict(a=4, b=True)),
+            ("", dict(a=1, b=False))]
+    assert out.stdout.splitlines() == [f"{seen} {dict(a=1, b=False)}", str(dict(a=1, b=False))]

@@ -210,6 +210,12 @@ def _ld(ptrs, m2, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _kt_chunk_in(u_base, dt_base, t, L, EVEN: tl.constexpr):
+    """A chunk's u and delta at steps t, as loaded (``_ld``: masked past L unless EVEN)."""
+    return _ld(u_base + t, t < L, EVEN), _ld(dt_base + t, t < L, EVEN)
+
+
+@triton.jit
 def _bf16_pairs(ptrs, T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr = 0):
     """A (T, K) bf16 tile ((DB, T, K) with DB > 0) read as (T, K / 2) int32 pairs (4-byte aligned pointers),
     widened to fp32 with one shift or mask per element: the low half is the even step, the high half the odd."""
@@ -354,8 +360,7 @@ def _scan_time_fwd_kt_kernel(
     st_ptr = states_ptr + pid_b * tl.cdiv(L, SEG) * DIM * NSTATE + d64 * NSTATE + rows * 0
     n_chunks = tl.cdiv(L, CHUNK)
     if AHEAD > 0:  # chunk 0's u and delta, as loaded (the loop loads each next chunk's)
-        u_raw = _ld(u_base + offs, offs < L, EVEN)
-        x_raw = _ld(dt_base + offs, offs < L, EVEN)
+        u_raw, x_raw = _kt_chunk_in(u_base, dt_base, offs, L, EVEN)
     for c in range(pid_b * 0, n_chunks):
         t = c * CHUNK + offs
         m2 = t < L
@@ -365,14 +370,12 @@ def _scan_time_fwd_kt_kernel(
             tp = c * (CHUNK // 2) + rows[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :]
             Bq = B_base.to(tl.pointer_type(tl.int32)) + tp
             Cq = C_base.to(tl.pointer_type(tl.int32)) + tp
-        if AHEAD > 0:
-            u = u_raw.to(tl.float32)
-            x = x_raw.to(tl.float32)
-        else:
-            u = _ld(u_base + t, m2, EVEN).to(tl.float32)
-            x = _ld(dt_base + t, m2, EVEN).to(tl.float32)
+        if AHEAD == 0:
+            u_raw, x_raw = _kt_chunk_in(u_base, dt_base, t, L, EVEN)
             if HAS_Z:
                 zv = _ld(z_base + t, m2, EVEN).to(tl.float32)
+        u = u_raw.to(tl.float32)
+        x = x_raw.to(tl.float32)
         if HAS_SEQ:
             reset = _seq_reset(seq_base, t, m2, s_sl)
         if PREFETCH:
@@ -399,9 +402,8 @@ def _scan_time_fwd_kt_kernel(
         for n in tl.static_range(NSTATE):
             if AHEAD > 0:
                 if n == max(0, NSTATE - AHEAD):  # the next chunk's u, delta (the last reloads its own) and z
-                    t_nx = tl.minimum(c + 1, n_chunks - 1) * CHUNK + offs
-                    u_raw = _ld(u_base + t_nx, t_nx < L, EVEN)
-                    x_raw = _ld(dt_base + t_nx, t_nx < L, EVEN)
+                    u_raw, x_raw = _kt_chunk_in(u_base, dt_base, tl.minimum(c + 1, n_chunks - 1) * CHUNK + offs,
+                                                L, EVEN)
                     if HAS_Z:
                         z_raw = _ld(z_base + t, m2, EVEN)
             if PREFETCH:

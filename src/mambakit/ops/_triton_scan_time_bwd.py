@@ -525,25 +525,19 @@ def _scan_bwd_time_kt_kernel(
         m2 = t < L
         mn = (t + 1) < L
         st_ptr = st_row + (c * SEGS_PER_CHUNK) * s_stc
-        if AHEAD > 0:  # (not with SHIFT_DA) loaded during the previous chunk's state loop
-            u = u_raw.to(tl.float32)
-            x = x_raw.to(tl.float32)
-            xn = xn_raw.to(tl.float32)
-            dy = dy_raw.to(tl.float32)
-            if HAS_Z:
-                zv = z_raw.to(tl.float32)
+        if AHEAD == 0:  # (AHEAD > 0, never with SHIFT_DA: loaded during the previous chunk's state loop)
+            u_raw, x_raw, xn_raw, dy_raw, z_raw = _kt_bwd_chunk_in(u_base, dt_base, g_base, z_base, t, L, HAS_Z)
+        u = u_raw.to(tl.float32)
+        x = x_raw.to(tl.float32)
+        dy = dy_raw.to(tl.float32)
+        if HAS_Z:
+            zv = z_raw.to(tl.float32)
+        if SHIFT_DA:  # delta at the step after the chunk only ((DB, 1)); dA_{t+1} is dA shifted by one step
+            t_after = (c + 1) * CHUNK
+            xn = tl.load(dt_base + t_after, mask=(t_after + d3 * 0) < L, other=0.0)
+            xn = tl.reshape(xn, (DB, 1)).to(tl.float32)
         else:
-            u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
-            x = tl.load(dt_base + t, mask=m2, other=0.0).to(tl.float32)
-            if SHIFT_DA:  # delta at the step after the chunk only ((DB, 1)); dA_{t+1} is dA shifted by one step
-                t_after = (c + 1) * CHUNK
-                xn = tl.load(dt_base + t_after, mask=(t_after + d3 * 0) < L, other=0.0)
-                xn = tl.reshape(xn, (DB, 1)).to(tl.float32)
-            else:
-                xn = tl.load(dt_base + t + 1, mask=mn, other=0.0).to(tl.float32)  # delta one step later
-            dy = tl.load(g_base + t, mask=m2, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zv = tl.load(z_base + t, mask=m2, other=0.0).to(tl.float32)
+            xn = xn_raw.to(tl.float32)  # delta one step later: dA_{t+1}
         if HAS_SEQ:
             reset = _seq_reset(seq_base, t, m2, s_sl)
             reset_n = _seq_reset(seq_base, t + 1, mn, s_sl)

@@ -28,29 +28,33 @@ def test_sass_count_mamba1_forward():
     assert 1000 < lean < plain, (plain, lean)
 
 
+def scripts_python(code: str) -> str:
+    """Runs code in a fresh interpreter with scripts/ importable (importing sass_count drops TRITON_INTERPRET
+    from the environment, so not in this process) and returns its stdout."""
+    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r})\n{code}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_parse_overrides():
     """KEY=VALUE overrides (shared by sass_count and the GPU timing scripts): booleans, None, ints (negative
-    too), and other values as strings (quad=bfly). In a subprocess: importing sass_count drops
-    TRITON_INTERPRET from the environment."""
-    code = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); from sass_count import parse_overrides; "
-            "print(sorted(parse_overrides(['a=8', 'b=True', 'c=None', 'd=bfly', 'e=-2', 'f=False']).items()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == str(sorted(dict(a=8, b=True, c=None, d="bfly", e=-2, f=False).items()))
+    too), and other values as strings (quad=bfly)."""
+    out = scripts_python("from sass_count import parse_overrides\n"
+                         "print(sorted(parse_overrides(['a=8', 'b=True', 'c=None', 'd=bfly', 'e=-2', 'f=False']).items()))")
+    assert out.strip() == str(sorted(dict(a=8, b=True, c=None, d="bfly", e=-2, f=False).items()))
 
 
 def test_each_override():
     """each_override (the GPU timing scripts' loop): the defaults, each spec, the defaults again, and the config
     restored afterwards, also when the loop stops early."""
-    code = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); from sass_count import each_override\n"
-            "cfg = dict(a=1, b=False)\n"
-            "seen = [(s, dict(cfg)) for s in each_override(cfg, ['a=3', 'a=4,b=True'])]\n"
-            "print(seen, cfg)\n"
-            "for s in each_override(cfg, ['a=5']):\n"
-            "    if cfg['a'] == 5: break\n"
-            "print(cfg)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = scripts_python("from sass_count import each_override\n"
+                         "cfg = dict(a=1, b=False)\n"
+                         "seen = [(s, dict(cfg)) for s in each_override(cfg, ['a=3', 'a=4,b=True'])]\n"
+                         "print(seen, cfg)\n"
+                         "for s in each_override(cfg, ['a=5']):\n"
+                         "    if cfg['a'] == 5: break\n"
+                         "print(cfg)")
     seen = [("", dict(a=1, b=False)), ("a=3", dict(a=3, b=False)), ("a=4,b=True", dict(a=4, b=True)),
             ("", dict(a=1, b=False))]
-    assert out.stdout.splitlines() == [f"{seen} {dict(a=1, b=False)}", str(dict(a=1, b=False))]
+    assert out.splitlines() == [f"{seen} {dict(a=1, b=False)}", str(dict(a=1, b=False))]

@@ -409,11 +409,11 @@ def TBW(**kw):
 # shift_da: the backward's dA_{t+1} from dA shifted one step; pairs: its B/C read as int32 pairs (offline SASS
 # 8024 -> 7544 -> 7136 instructions, MUFU 338 -> 219)
 LEAN_F, LEAN_B = KT(8, 32, even=True, pairs=True), TBW(shift_da=True, pairs=True)
-FB = [(B4, False, {}, {}), (B4, False, KT(8, 32, ahead=0), {}), (B4, False, {}, TBW(quad=False)),
-      (B4, False, {}, TBW(quad="bfly"))]
+FB = [(B4, False, {}, {})]  # the backward candidates: gpu_time_scan_bwd.py (gpu_session.sh part bwd-time)
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32, ahead=8), kernel="time"), dict(kernel="time"), False),
+CHECKS = [(dict(KT(8, 32, ahead=8), kernel="time"), dict(TBW(quad="bfly", ahead=4), kernel="time"), False),
+          (dict(KT(8, 32, ahead=8), kernel="time"), dict(kernel="time"), False),
           (dict(KT(8, 32, bc_f32=True), kernel="time"), dict(TBW(maxnreg=168), kernel="time"), False),
           (dict(LEAN_A, kernel="time"), dict(kernel="time"), False),
           (dict(LEAN_F, kernel="time"), dict(LEAN_B, kernel="time"), False),

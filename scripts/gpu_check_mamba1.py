@@ -295,13 +295,17 @@ def timed(shape, fwd=None, bwd=None, cl=False, fb=False, bc="step"):
     log(f"{key:22s} {name:44s}", {k: round(v, 3) for k, v in rec.items()})
 
 
-def check_variant(fwd, bwd, cl=True):
+def check_variant(fwd, bwd, cl=True, busy_only=False):
     """bf16 (full size; channels-last with cl) and fp32 grouped + seq_idx + initial state + last-state gradient
-    under a variant, against the PyTorch path."""
+    under a variant, against the PyTorch path; the same on grids of at least 64 channels an SM, which take the
+    busy-grid plan (4 channels a warp, quad, 64-step chunks). busy_only: those two only."""
     with variant(fwd, bwd):
         name = label(fwd, bwd)
-        check_bf16(2, 1536, 2048, f"b2 d1536 l2048{' cl' if cl else ''} [{name}]", channels_last=cl)
-        check_fp32(2, 512, 1000, f"b2 d512 l1000 g4 seq [{name}]", seq=True, bc="group", g=4)
+        if not busy_only:
+            check_bf16(2, 1536, 2048, f"b2 d1536 l2048{' cl' if cl else ''} [{name}]", channels_last=cl)
+            check_fp32(2, 512, 1000, f"b2 d512 l1000 g4 seq [{name}]", seq=True, bc="group", g=4)
+        check_fp32(8, 1536, 1000, f"b8 d1536 l1000 g4 seq busy [{name}]", seq=True, bc="group", g=4)
+        check_bf16(4, 3072, 1024, f"b4 d3072 l1024 busy [{name}]")
 
 
 def table():
@@ -383,10 +387,10 @@ def KT(steps, rows, **kw):
 # gpu_time_scan_bwd.py quad=bfly ahead=4 ahead=4,quad=bfly ahead=8; the forward saving
 # states with ahead on and off (FB below), quad at other shapes
 LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
-FWD_B4 = [{}, KT(8, 32, ahead=0)]
+FWD_B4 = [{}]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = []
-FWD_B1 = [{}, KT(8, 32, ahead=0)]
+FWD_B1 = [{}]
 
 
 def TBW(**kw):
@@ -437,6 +441,10 @@ def main(argv=None):
     ap.add_argument("--skip-checks", action="store_true", help="timings only (no correctness sections)")
     ap.add_argument("--first-check-only", action="store_true",
                     help="of the correctness sections, only the first variant's (CHECKS[0]) before the timings")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="of the correctness sections, only the defaults' before the timings")
+    ap.add_argument("--busy-only", action="store_true",
+                    help="only the defaults' checks on busy grids (no timings)")
     args = ap.parse_args(argv)
     import triton
     R.update(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -449,12 +457,18 @@ def main(argv=None):
         TK.FWD_TIME_CONFIG["chunk"] = 16
     if args.skip_checks or args.first_check_only:
         checks = checks[:1] if args.first_check_only else [(None, None, None)]
-    if not (args.skip_default_check or args.skip_checks):
-        section("check defaults: bf16 cl + fp32 group/seq_idx/h0", bud)(lambda: check_variant({}, {}))
-    if not args.skip_checks:
-        section(f"check {label(*checks[0][:2])}", bud)(lambda: check_variant(*checks[0]))
-    if args.first_check_only:
+    if args.busy_only:
+        section("check defaults on busy grids", bud)(lambda: check_variant({}, {}, busy_only=True))
+        FWD_B4.clear(), FWD_B1.clear(), FB.clear()
         args.skip_checks = True
+        checks = checks[:1]
+    elif not (args.skip_default_check or args.skip_checks):
+        section("check defaults: bf16 cl + fp32 group/seq_idx/h0", bud)(lambda: check_variant({}, {}))
+    if not (args.skip_checks or args.defaults_only):
+        section(f"check {label(*checks[0][:2])}", bud)(lambda: check_variant(*checks[0]))
+    if args.first_check_only or args.defaults_only:
+        args.skip_checks = True
+        checks = checks[:1]
     for v in FWD_B4:
         section(f"fwd b4 {label(v)}", bud)(lambda v=v: timed(B4, fwd=v))
     for v in FWD_B4_CL:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profiles of the Mamba-1 scan kernels (one launch each, after a warm-up launch): the details page
 # (throughputs, warp stall reasons, occupancy, source counters) as text and the per-SASS-instruction counters as
-# CSV, under $OUT/profile/. Usage on the device: bash scripts/gpu_profile.sh
+# CSV, under $OUT/profile/. Usage on the device: bash scripts/gpu_profile.sh [fwd] [fwd_saving] [bwd] (all by default)
 set -u
 OUT=${OUT:-/tmp/mambakit_out}
 P="$OUT/profile"
@@ -21,7 +21,8 @@ prof() {  # name kernel-regex mode
   grep -E "Duration|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Memory Throughput|L1/TEX Hit|L2 Hit|DRAM Throughput|Compute \(SM\)|Warp Cycles Per Issued|No Eligible" \
     "$P/${name}_details.txt" | head -20
 }
-prof fwd '_scan_time_fwd_kt' fwd
-prof fwd_saving '_scan_time_fwd_kt' fb
-prof bwd '_scan_bwd_time_kt' fb
+want=" ${*:-fwd fwd_saving bwd} "
+[[ $want == *" fwd "* ]] && prof fwd '_scan_time_fwd_kt' fwd
+[[ $want == *" fwd_saving "* ]] && prof fwd_saving '_scan_time_fwd_kt' fb
+[[ $want == *" bwd "* ]] && prof bwd '_scan_bwd_time_kt' fb
 ls -la "$P"

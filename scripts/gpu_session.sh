@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call, several parts: bash scripts/gpu_session.sh PART[:SECONDS] ...
 # Parts: env, mamba1, ssd, conv, generate, decode-ops, tp, train, bench, pytest, scan-tests, decode-tests, fwd-time,
-# bwd-time. Each part runs under its own time limit, its full log and JSON go under $OUT/<part>/, and the last
+# bwd-time, bwd-time-b1, profile. Each part runs under its own time limit, its full log and JSON go under $OUT/<part>/, and the last
 # lines of every part are printed at the end
 # (the device reply carries only the tail). Everything is also packed into $OUT/all.tar.gz.
 set -u
@@ -35,7 +35,10 @@ for spec in "$@"; do
     scan-tests) run_part scan-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_selective_scan.py -p no:cacheprovider ;;
     # Mamba-1 scan config overrides against the defaults in one process (space-separated specs, each KEY=VALUE[,...])
     fwd-time) run_part fwd-time "$limit" python3 scripts/gpu_time_scan_fwd.py ${FWDT_ARGS:-ahead=0 ahead=8} ;;
-    bwd-time) run_part bwd-time "$limit" python3 scripts/gpu_time_scan_bwd.py ${BWDT_ARGS:-quad=bfly ahead=4 ahead=4,quad=bfly} ;;
+    bwd-time) run_part bwd-time "$limit" python3 scripts/gpu_time_scan_bwd.py ${BWDT_ARGS:-a_evict=evict_last a_lanes=True} ;;
+    bwd-time-b1) run_part bwd-time-b1 "$limit" python3 scripts/gpu_time_scan_bwd.py --shape 1,3072,65536 ${BWDT1_ARGS:-ahead=0} ;;
+    # Nsight Compute of the scan kernels (PROF_ARGS: any of fwd fwd_saving bwd; all three by default)
+    profile) run_part profile "$limit" bash scripts/gpu_profile.sh ${PROF_ARGS:-} ;;
     *) echo "unknown part $part" ;;
   esac
 done

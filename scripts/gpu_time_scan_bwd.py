@@ -2,6 +2,7 @@
 per step) under BWD_TIME_CONFIG overrides, all in one process, the defaults first and again last:
 
   python3 scripts/gpu_time_scan_bwd.py "maxnreg=168" "maxnreg=192"
+  python3 scripts/gpu_time_scan_bwd.py --shape 1,3072,65536 "ahead=0"   (another b,d,l)
 """
 import sys
 
@@ -14,7 +15,11 @@ from mambakit.ops import selective_scan_fn
 
 
 def main(argv):
-    x, dout = inputs(4, 3072, 4096, grad=True)
+    shape = (4, 3072, 4096)
+    if argv[:1] == ["--shape"]:
+        shape, argv = tuple(int(v) for v in argv[1].split(",")), argv[2:]
+    print(f"b{shape[0]} d{shape[1]} l{shape[2]}", flush=True)
+    x, dout = inputs(*shape, grad=True)
 
     def fb():
         selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],

@@ -382,10 +382,9 @@ def KT(steps, rows, **kw):
 # vs 4.683 (gpu_time_scan_bwd.py); call2: backward block_d 8 / 16 / 32 7.16 / 7.75 / 8.55 vs 4.637)
 # ahead: the next chunk's u / delta and this chunk's z loaded 4 states before the end of the state loop
 # (call3, gpu_time_scan_fwd.py, bit-identical outputs: b4 0.695 -> 0.662, b1 3.443 -> 3.289: the default)
-# backward quad (4 channels' dB/dC by a reduce-scatter; call4: fwd+bwd b4 4.638 -> 4.468: the default); next
-# to time: quad "bfly" (offline 7784 -> 7448 instructions) and the backward's ahead (8000, a 176-byte stack):
-# gpu_time_scan_bwd.py quad=bfly ahead=4 ahead=4,quad=bfly ahead=8; the forward saving
-# states with ahead on and off (FB below), quad at other shapes
+# backward quad (4 channels' dB/dC by a reduce-scatter; call4: fwd+bwd b4 4.638 -> 4.468: the default);
+# gpu_run12 (gpu_time_scan_bwd.py): the backward's ahead 4 4.534 -> 4.202 (the default; b1 19.86 -> 19.06),
+# quad bfly 4.616, prefetch 2 4.296 vs 4.158, a_evict 4.225 / a_lanes 5.051 / quad False 4.889 vs 4.161: off
 LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
 FWD_B4 = [{}]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one

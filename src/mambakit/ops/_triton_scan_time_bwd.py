@@ -88,14 +88,21 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # 2.1e-5 against 3.1e-5 between two default runs), with pairs 4.522: on. quad "bfly" (``_atomic_quad_bfly``):
 # the same reduce-scatter by pair sums over one channel bit, since Triton lowers _atomic_quad's tl.gather via
 # lane permutations into and out of its own layout (SHFL.IDX 564 of the 874 shuffles): offline 7784 -> 7448
-# instructions, SHFL 874 -> 746, FSEL 620 -> 236; tested through the interpreter, not yet timed, so off.
+# instructions, SHFL 874 -> 746, FSEL 620 -> 236; H200 (notes/gpu_run12/call1) 4.616 against 4.534: off.
 # ahead ((T, K) kernel, not with shift_da): as the forward's (-4.7% there), the next chunk's u, delta, delta
 # one step later, dout and z loaded `ahead` states before the end of the state loop instead of at the chunk's
 # start. Offline (ahead 4): 7784 -> 8000 instructions and a 40 -> 176-byte stack (at 255 registers the
 # prefetched tiles spill). H200, b4 d3072 l4096 fwd+bwd, same process (notes/gpu_run12/call1): 4.534 -> 4.202
-# ms (-7.3%; quad bfly 4.616, bfly + ahead 4 4.511): ahead 4 is the default. prefetch 2 (the next chunk's
-# first state loaded at the last state, so that no chunk starts on a wait for its saved state): offline with
-# ahead 4 8000 -> 8120 instructions, a 216-byte stack; not yet timed.
+# ms (-7.3%; quad bfly 4.616, bfly + ahead 4 4.511); call2: 4.158 against ahead 0 4.457 and ahead 8 4.275;
+# call3: b1 d3072 l65536 (one channel a warp) 19.06 against ahead 0 19.86. ahead 4 is the default.
+# Measured and kept off (notes/gpu_run12, b4 fwd+bwd against the default of the same process):
+# - prefetch 2 (the next chunk's first state loaded at the last state, so that no chunk starts on a wait for
+#   its saved state; offline 8000 -> 8120 instructions, a 216-byte stack): 4.296 against 4.158;
+# - a_evict "evict_last" (call2's Nsight Compute profile: 10% of the stall samples wait on the loads of A,
+#   which ptxas sinks to 44-160 instructions before their use, and which miss L1): 4.225 against 4.161;
+# - a_lanes (A of a channel held over its row lanes, loaded once, one lane sum a state: offline 8320
+#   instructions, a 408-byte stack): 5.051 against 4.161;
+# - quad False (with ahead 4): 4.889 against 4.161.
 # Also measured and kept at the default (gpu_run11/call1-2): maxnreg 224 / 192 5.198 / 5.68 against 4.68
 # (spilling to local memory at 255 registers beats more warps); block_d 8 / 16 / 32 (cross-warp sums) 7.16 /
 # 7.75 / 8.55 against 4.637.

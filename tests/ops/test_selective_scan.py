@@ -445,7 +445,11 @@ def test_time_split_sizes():
     # loads of A marked evict_last (a hint only: the interpreter ignores it)
     ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, a_lanes=True)),
     ("group", 3, 1, torch.float32, 4, dict(steps=4, a_lanes=True, prefetch=2)),
-    ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=2, a_evict="evict_last"))])
+    ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=2, a_evict="evict_last")),
+    # a_ahead 2: A loaded two states ahead, cyclically across chunks (d_state 3: the wrap inside a chunk)
+    ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, a_ahead=2)),
+    ("group", 3, 1, torch.float32, 4, dict(steps=4, a_ahead=2, prefetch=2, chunk=32)),
+    ("const", 4, 1, torch.float32, -4, dict(steps=4, a_ahead=2, prefetch=False))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
     initial state and packed sequences starting on a chunk boundary (16) and inside chunks; several channels
@@ -645,6 +649,12 @@ def test_time_backward_quad_plan():
     assert tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8), u, A, B, 16)["A_EVICT"] == ""
     with pytest.raises(ValueError, match="a_evict='keep'"):
         tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, a_evict="keep"), u, A, B, 16)
+    # a_ahead 1 / 2 reach the launch (1 with a_lanes, which loads A once); anything else is refused by name
+    for a_ahead, a_lanes, want in ((1, False, 1), (2, False, 2), (2, True, 1)):
+        cfg = dict(tb.BWD_TIME_CONFIG, steps=8, a_ahead=a_ahead, a_lanes=a_lanes)
+        assert tb._meta(cfg, u, A, B, 16)["A_AHEAD"] == want
+    with pytest.raises(ValueError, match="a_ahead=3"):
+        tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, a_ahead=3), u, A, B, 16)
 
 
 class _Spy:

@@ -50,6 +50,8 @@ Config (BWD_TIME_CONFIG, overridable per call, so that variants can be timed on 
 - unroll (tile kernel): False runs the states in a run-time loop; True unrolls it, which spills: ptxas for
   sm_90, bf16, n = 16, chunk 1024, block_d 1, 4 warps gives 255 registers + 592 bytes of stack unrolled,
   255 + 8 as a loop;
+- a_ahead ((T, K) kernel): 1 loads A[:, n] one state ahead with B and C, 2 two states ahead (see below);
+  a_lanes, a_evict: other ways of loading A, measured and off;
 - num_stages, maxnreg: Triton's launch options (None: its default).
 
 All offsets that scale with batch, channels or time are int64. Everything inside is fp32 (bf16/fp16 loads
@@ -103,12 +105,17 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # - a_lanes (A of a channel held over its row lanes, loaded once, one lane sum a state: offline 8320
 #   instructions, a 408-byte stack): 5.051 against 4.161;
 # - quad False (with ahead 4): 4.889 against 4.161.
+# Next, not timed (off): a_ahead 2. The SASS shows where ptxas puts the prefetched loads: it sinks each one down
+# to the end of the basic block it is issued in (just before the state's carry store and the atomics' branches),
+# so a load issued one state ahead lands 60-180 instructions before its use. Issued two states ahead (A of state
+# n + 2 at state n, cyclically: A does not depend on the chunk), it lands 370-510 before, for 8 more
+# instructions (8000 -> 8008) and a 176 -> 184-byte stack. Tested through the interpreter.
 # Also measured and kept at the default (gpu_run11/call1-2): maxnreg 224 / 192 5.198 / 5.68 against 4.68
 # (spilling to local memory at 255 registers beats more warps); block_d 8 / 16 / 32 (cross-warp sums) 7.16 /
 # 7.75 / 8.55 against 4.637.
 BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=None, chunk=None, num_warps=None, unroll=False,
                        num_stages=None, maxnreg=None, shift_da=False, pairs=False, quad=True,
-                       ahead=4, a_lanes=False, a_evict=None)
+                       ahead=4, a_lanes=False, a_evict=None, a_ahead=1)
 
 
 @triton.jit
@@ -470,7 +477,7 @@ def _scan_bwd_time_kt_kernel(
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
     COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False, QUAD: tl.constexpr = 0,
-    AHEAD: tl.constexpr = 0, A_LANES: tl.constexpr = False, A_EVICT: tl.constexpr = "",
+    AHEAD: tl.constexpr = 0, A_LANES: tl.constexpr = False, A_EVICT: tl.constexpr = "", A_AHEAD: tl.constexpr = 1,
 ):
     """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
     (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
@@ -545,6 +552,9 @@ def _scan_bwd_time_kt_kernel(
     dt0 = x0  # dt at step 0, (DB, T) (no packed-sequence start there)
     if SOFTPLUS:
         dt0 = _softplus(x0)
+    if A_AHEAD == 2:  # A of states 0 and 1 (the state loop loads each state's two states ahead, cyclically)
+        A_q0 = tl.load(A_ptr + d_idx * s_Ad, eviction_policy=A_EVICT).to(tl.float32)
+        A_q1 = tl.load(A_ptr + d_idx * s_Ad + (1 % NSTATE) * s_An, eviction_policy=A_EVICT).to(tl.float32)
     if A_LANES:  # A of a channel spread over its row lanes: states r J .. r J + J - 1 in row r's thread
         AJ: tl.constexpr = (NP + T - 1) // T
         a_idx = rows[None, :, None] * AJ + tl.arange(0, AJ)[None, None, :] + d3 * 0  # (DB, T, AJ)
@@ -563,7 +573,7 @@ def _scan_bwd_time_kt_kernel(
                                                        L, s_stc, T, K, SEGS_PER_CHUNK, PAIRS)
         A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb, m2, s_Ad,
                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn, CONST_BC, PAIRS, T,
-                                                         K, DB, not A_LANES, A_EVICT)
+                                                         K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
     for i in range(pid_b * 0, nchunks):
         c = nchunks - 1 - i
         t, tb, Bq, Cq, m2, st_ptr = _kt_bwd_chunk_ptrs(c, B_base, C_base, st_row, offs, rows, d3, L, s_stc, T, K,
@@ -588,7 +598,7 @@ def _scan_bwd_time_kt_kernel(
         if PREFETCH == 1:
             A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb,
                                                              m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
-                                                             CONST_BC, PAIRS, T, K, DB, not A_LANES, A_EVICT)
+                                                             CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
         if HAS_BIAS:
             x += bias
             if SHIFT_DA:
@@ -620,20 +630,24 @@ def _scan_bwd_time_kt_kernel(
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     A_nx, B_nx, C_nx, h_nx, g_nx = _kt_bwd_state_in(
                         n + 1, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn,
-                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB, not A_LANES, A_EVICT)
+                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
                 elif PREFETCH == 2:  # the next chunk's state 0 (its carry, g_0 of this chunk, is stored)
                     _, tb_nx, Bq_nx, Cq_nx, m2_nx, st_nx = _kt_bwd_chunk_ptrs(
                         tl.maximum(c - 1, 0), B_base, C_base, st_row, offs, rows, d3, L, s_stc, T, K,
                         SEGS_PER_CHUNK, PAIRS)
                     A_nx, B_nx, C_nx, h_nx, g_nx = _kt_bwd_state_in(
                         0, A_ptr, Bq_nx, Cq_nx, st_nx, carry, d_idx, tb_nx, m2_nx, s_Ad, s_An, s_Bn, s_Bl, s_Cn,
-                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB, not A_LANES, A_EVICT)
+                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
             else:
                 A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(n, A_ptr, Bq, Cq, st_ptr, carry, d_idx,
                                                                  tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
-                                                                 CONST_BC, PAIRS, T, K, DB, not A_LANES, A_EVICT)
+                                                                 CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
             if A_LANES:
                 A_n = _a_lane(A_tile, n, rows, T, (NP + T - 1) // T)
+            if A_AHEAD == 2:  # issued here, ptxas sinks the load only to the end of this state's first block
+                A_n = A_q0
+                A_q0 = A_q1
+                A_q1 = tl.load(A_ptr + d_idx * s_Ad + ((n + 2) % NSTATE) * s_An, eviction_policy=A_EVICT).to(tl.float32)
             Bf = B_n.to(tl.float32)
             Cf = C_n.to(tl.float32)
             A3 = A_n[:, None, None]
@@ -745,6 +759,13 @@ def _a_evict(v) -> str:
     return v or ""
 
 
+def _a_ahead(v, a_lanes) -> int:
+    """BWD_TIME_CONFIG a_ahead (states ahead that A[:, n] is loaded: 1 or 2; 1 with a_lanes, which loads it once)."""
+    if v not in (1, 2):
+        raise ValueError(f"BWD_TIME_CONFIG a_ahead={v!r}: use 1 (the next state's, with its B and C) or 2")
+    return 1 if a_lanes else v
+
+
 def _prefetch(v) -> int:
     """BWD_TIME_CONFIG prefetch as the (T, K) kernel's PREFETCH: 0, 1 (True) or 2."""
     if v not in (False, True, 0, 1, 2):
@@ -794,6 +815,7 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
                     QUAD=(2 if cfg.get("quad") == "bfly" else 1) if cfg.get("quad") and kk == 8 and block_d == 4 else 0,
                     AHEAD=int(cfg.get("ahead") or 0) if not (cfg.get("shift_da") and kk == 8) else 0,
                     A_LANES=bool(cfg.get("a_lanes")), A_EVICT=_a_evict(cfg.get("a_evict")),
+                    A_AHEAD=_a_ahead(cfg.get("a_ahead", 1), cfg.get("a_lanes")),
                     num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),

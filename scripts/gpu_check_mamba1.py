@@ -386,10 +386,10 @@ def KT(steps, rows, **kw):
 # gpu_run12 (gpu_time_scan_bwd.py): the backward's ahead 4 4.534 -> 4.202 (the default; b1 19.86 -> 19.06),
 # quad bfly 4.616, prefetch 2 4.296 vs 4.158, a_evict 4.225 / a_lanes 5.051 / quad False 4.889 vs 4.161: off
 LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
-FWD_B4 = [{}]
+FWD_B4 = [{}, KT(8, 32, ahead2=True)]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one
 FWD_B4_CL = []
-FWD_B1 = [{}]
+FWD_B1 = [{}, KT(8, 32, ahead2=True)]
 
 
 def TBW(**kw):
@@ -415,7 +415,8 @@ LEAN_F, LEAN_B = KT(8, 32, even=True, pairs=True), TBW(shift_da=True, pairs=True
 FB = [(B4, False, {}, {})]  # the backward candidates: gpu_time_scan_bwd.py (gpu_session.sh part bwd-time)
 # correctness of the new paths at full size (every path the timings use: prefetch, split fwd/bwd, cl_copy)
 # (forward keys, backward keys, bf16 check on channels-last inputs); "time" forced: contiguous inputs only
-CHECKS = [(dict(KT(8, 32, ahead=8), kernel="time"), dict(TBW(quad="bfly", ahead=4), kernel="time"), False),
+CHECKS = [(dict(KT(8, 32, ahead2=True), kernel="time"), dict(TBW(a_ahead=2), kernel="time"), False),
+          (dict(KT(8, 32, ahead=8), kernel="time"), dict(TBW(quad="bfly", ahead=4), kernel="time"), False),
           (dict(KT(8, 32, ahead=8), kernel="time"), dict(kernel="time"), False),
           (dict(KT(8, 32, bc_f32=True), kernel="time"), dict(TBW(maxnreg=168), kernel="time"), False),
           (dict(LEAN_A, kernel="time"), dict(kernel="time"), False),

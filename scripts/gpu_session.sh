@@ -33,8 +33,9 @@ for spec in "$@"; do
     decode-ops) run_part decode-ops "$limit" python3 scripts/gpu_bench_decode_ops.py --out "$OUT/decode-ops" --budget $((limit - 30)) ${DOPS_ARGS:-} ;;
     decode-tests) run_part decode-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_decode.py tests/ops/test_state_update.py tests/inference -p no:cacheprovider ;;
     scan-tests) run_part scan-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_selective_scan.py -p no:cacheprovider ;;
-    # Mamba-1 scan config overrides against the defaults in one process (space-separated specs, each KEY=VALUE[,...])
-    fwd-time) run_part fwd-time "$limit" python3 scripts/gpu_time_scan_fwd.py ${FWDT_ARGS:-ahead=0 ahead=8} ;;
+    # Mamba-1 scan config overrides against the defaults in one process (space-separated specs, each KEY=VALUE[,...]);
+    # by default the untimed candidates (forward ahead2, backward a_ahead 2)
+    fwd-time) run_part fwd-time "$limit" python3 scripts/gpu_time_scan_fwd.py ${FWDT_ARGS:-ahead2=True} ;;
     bwd-time) run_part bwd-time "$limit" python3 scripts/gpu_time_scan_bwd.py ${BWDT_ARGS:-a_ahead=2} ;;
     bwd-time-b1) run_part bwd-time-b1 "$limit" python3 scripts/gpu_time_scan_bwd.py --shape 1,3072,65536 ${BWDT1_ARGS:-ahead=0} ;;
     # Nsight Compute of the scan kernels (PROF_ARGS: any of fwd fwd_saving bwd; all three by default)

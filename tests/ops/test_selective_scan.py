@@ -585,6 +585,31 @@ def test_triton_time_forward_agg(poisoned, monkeypatch, bc, dtype, l, seq, seg, 
 
 
 @needs_triton
+@pytest.mark.parametrize("bc,l,seq,seg,agg,n,want", [
+    ("group", 64, True, 16, True, 3, True),  # d_state 3: the two-ahead wrap inside a chunk; saved states
+    ("step", 96, False, None, False, 4, True),  # 3 chunks, the scans without agg
+    ("step", 64, True, None, True, 1, True),  # d_state 1: each load is the next chunks' state 0
+    ("step", 40, True, None, True, 3, False)])  # a ragged last chunk: no pairs, so not taken
+def test_triton_time_forward_ahead2(poisoned, monkeypatch, bc, l, seq, seg, agg, n, want):
+    """FWD_TIME_CONFIG ahead2: A and B / C (bf16 pairs of whole chunks only) loaded raw two states ahead,
+    cyclically into the next chunk, and widened at their use; against the reference (forward and backward),
+    with the launch meta checked."""
+    from mambakit.ops import _triton_scan_time as tk
+    from mambakit.ops import _triton_selective_scan as k
+
+    monkeypatch.setitem(k.FWD_CONFIG, "kernel", "time")
+    monkeypatch.setitem(k.BWD_CONFIG, "kernel", "time")
+    for key, v in dict(steps=8, rows=4, agg=agg, seg=seg, even=True, pairs=True, ahead2=True).items():
+        monkeypatch.setitem(tk.FWD_TIME_CONFIG, key, v)
+    metas = _spy_kt_launches(monkeypatch, dict(AHEAD2=False, PAIRS=False))
+    b, d = 2, 8
+    check_kernel_rule(bc, torch.bfloat16, seq_idx=seq_idx_for(b, l) if seq else None, atol=1e-3, b=b, d=d, l=l,
+                      n=n)
+    fwd = [m for name, m in metas if name == "fwd"]
+    assert fwd and all(m["AHEAD2"] is want and m["PAIRS"] is want for m in fwd), metas
+
+
+@needs_triton
 @pytest.mark.parametrize("busy", [True, False])
 def test_triton_time_kernels_busy_grid_plan(poisoned, monkeypatch, busy):
     """The default plan: on a busy grid the forward saves a state every BUSY_SEG (64) steps and the backward

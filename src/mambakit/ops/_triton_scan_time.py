@@ -74,9 +74,15 @@ from mambakit.ops.dispatch import num_sms
 # 4.723 / 4.814 / 4.695, the backward unchanged), hence all three on. Nsight Compute of the former default at b4
 # (call2): 69% of issue slots busy (IPC 2.77), 16 warps an SM (128 registers), stalls long scoreboard 27% (B/C
 # loads a state ahead), the ALU pipe (bf16 widening, selects) the busiest at 45%.
+# ahead2 ((T, K) kernel, whole chunks of bf16 B / C pairs; not yet timed, off): A and the B / C pairs loaded
+# raw two states ahead (cyclically into the next chunk) and widened at their use, instead of one state ahead
+# and widened at once. ptxas sinks each load down to the next store (the state's carry), so a load issued one
+# state ahead lands just before its use (offline SASS: 128-bit loads a median 109 instructions before their
+# first consumer, scalar loads 41); two states ahead, 198 and 99. 2696 -> 2704 instructions, the 16-byte stack
+# gone (the prefetched state is held as pairs, 8 registers instead of 16). Tested through the interpreter.
 FWD_TIME_CONFIG = dict(steps=8, rows=32, prefetch=True, maxnreg=128, seg=None, chunk=512, num_warps=1, block_d=1,
                        num_stages=None, max_n=16, even=True, pairs=True, agg=True, bc_f32=False,
-                       ahead=4)
+                       ahead=4, ahead2=False)
 # Busy grids (b * d >= BUSY_CHANNELS_PER_SM channels an SM): the forward saves a state every BUSY_SEG steps and
 # the backward (BWD_TIME_CONFIG block_d None) runs 4 channels of 64-step chunks in one warp, its dB/dC summed
 # over them before the atomics. H200, bf16, n 16, fwd+bwd ms (notes/gpu_run8): b4 d3072 l4096 (93 channels an
@@ -247,11 +253,38 @@ def _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC: tl.conste
 @triton.jit
 def _kt_state_in(n, A_ptr, B_base, C_base, carry, d64, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
                  CONST_BC: tl.constexpr, EVEN: tl.constexpr = False, PAIRS: tl.constexpr = False,
-                 T: tl.constexpr = 1, K: tl.constexpr = 1):
-    """What state n of a chunk loads: A[d, n] log2(e), B_n, C_n (``_kt_bc``) and the carried state."""
-    a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32) * 1.4426950408889634
-    B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
+                 T: tl.constexpr = 1, K: tl.constexpr = 1, LOAD_ABC: tl.constexpr = True):
+    """What state n of a chunk loads: A[d, n] log2(e), B_n, C_n (``_kt_bc``) and the carried state (without
+    LOAD_ABC only the carried state, and 0.0 placeholders: AHEAD2 loads the others two states ahead)."""
+    a_n = 0.0
+    B_n = 0.0
+    C_n = 0.0
+    if LOAD_ABC:
+        a_n = tl.load(A_ptr + d64 * s_Ad + n * s_An).to(tl.float32) * 1.4426950408889634
+        B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
     return a_n, B_n, C_n, tl.load(carry + n)
+
+
+@triton.jit
+def _kt_abc_raw(m: tl.constexpr, c, n_chunks, A_ptr, B_base, C_base, d64, rows, s_Ad, s_An, s_Bn, s_Cn,
+                NSTATE: tl.constexpr, T: tl.constexpr, K: tl.constexpr):
+    """AHEAD2: A[d, n] and the int32 pairs of B_n, C_n, as loaded (widened at the use), of the state m states
+    after state 0 of chunk c: state m % NSTATE of chunk c + m // NSTATE (the last chunk's again past the end,
+    unused)."""
+    cc = tl.minimum(c + m // NSTATE, n_chunks - 1)
+    n: tl.constexpr = m % NSTATE
+    tp = cc * (T * K // 2) + rows[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :]
+    Bp = B_base.to(tl.pointer_type(tl.int32)) + tp + n * (s_Bn // 2)
+    Cp = C_base.to(tl.pointer_type(tl.int32)) + tp + n * (s_Cn // 2)
+    return tl.load(A_ptr + d64 * s_Ad + n * s_An), tl.load(Bp), tl.load(Cp)
+
+
+@triton.jit
+def _widen_pairs(v, T: tl.constexpr, K: tl.constexpr):
+    """``_bf16_pairs``' widening of loaded (T, K / 2) int32 pairs into a (T, K) fp32 tile."""
+    lo = (v << 16).to(tl.float32, bitcast=True)
+    hi = (v & -65536).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (T, K))
 
 
 @triton.jit
@@ -301,7 +334,7 @@ def _scan_time_fwd_kt_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, PREFETCH: tl.constexpr, SEG_ROWS: tl.constexpr, EVEN: tl.constexpr = False,
-    PAIRS: tl.constexpr = False, AGG: tl.constexpr = False, AHEAD: tl.constexpr = 0,
+    PAIRS: tl.constexpr = False, AGG: tl.constexpr = False, AHEAD: tl.constexpr = 0, AHEAD2: tl.constexpr = False,
 ):
     """One channel per program, grid (d, b), chunks of T * K steps as a (T, K) tile: row i (one thread when
     T = 32 num_warps and K elements fill a 16-byte load) holds the K contiguous steps i K .. i K + K - 1.
@@ -359,6 +392,11 @@ def _scan_time_fwd_kt_kernel(
     SEG: tl.constexpr = SEG_ROWS * K  # steps between saved states (the state before every SEG_ROWS-th row)
     st_ptr = states_ptr + pid_b * tl.cdiv(L, SEG) * DIM * NSTATE + d64 * NSTATE + rows * 0
     n_chunks = tl.cdiv(L, CHUNK)
+    if AHEAD2:  # A and B / C pairs of states 0 and 1 (the state loop loads each state's two states ahead)
+        A_r0, B_r0, C_r0 = _kt_abc_raw(0, 0, n_chunks, A_ptr, B_base, C_base, d64, rows, s_Ad, s_An, s_Bn, s_Cn,
+                                       NSTATE, T, K)
+        A_r1, B_r1, C_r1 = _kt_abc_raw(1, 0, n_chunks, A_ptr, B_base, C_base, d64, rows, s_Ad, s_An, s_Bn, s_Cn,
+                                       NSTATE, T, K)
     if AHEAD > 0:  # chunk 0's u and delta, as loaded (the loop loads each next chunk's)
         u_raw, x_raw = _kt_chunk_in(u_base, dt_base, offs, L, EVEN)
     for c in range(pid_b * 0, n_chunks):
@@ -380,7 +418,7 @@ def _scan_time_fwd_kt_kernel(
             reset = _seq_reset(seq_base, t, m2, s_sl)
         if PREFETCH:
             a_n, B_n, C_n, h_start = _kt_state_in(0, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad, s_An, s_Bn,
-                                                  s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
+                                                  s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K, not AHEAD2)
         if HAS_BIAS:
             x += bias
         dt = x
@@ -409,10 +447,17 @@ def _scan_time_fwd_kt_kernel(
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     a_nx, B_nx, C_nx, h_nx = _kt_state_in(n + 1, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad,
-                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
+                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K, not AHEAD2)
             else:
                 a_n, B_n, C_n, h_start = _kt_state_in(n, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad, s_An,
-                                                      s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K)
+                                                      s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K, not AHEAD2)
+            if AHEAD2:  # issued here, ptxas sinks a load only down to this state's carry store: a state early
+                a_n = A_r0.to(tl.float32) * 1.4426950408889634
+                B_n = _widen_pairs(B_r0, T, K)
+                C_n = _widen_pairs(C_r0, T, K)
+                A_r0, B_r0, C_r0 = A_r1, B_r1, C_r1
+                A_r1, B_r1, C_r1 = _kt_abc_raw(n + 2, c, n_chunks, A_ptr, B_base, C_base, d64, rows, s_Ad, s_An,
+                                               s_Bn, s_Cn, NSTATE, T, K)
             dA = tl.exp2(dt * a_n)
             if HAS_SEQ:
                 dA = tl.where(reset, 0.0, dA)
@@ -528,6 +573,8 @@ def scan_fwd_time(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, softplus, st
             meta["AGG"] = True
         if cfg.get("ahead"):
             meta["AHEAD"] = int(cfg["ahead"])
+        if cfg.get("ahead2") and meta.get("PAIRS") and B.dim() >= 3:  # whole chunks of bf16 B / C pairs only
+            meta["AHEAD2"] = True
     else:
         kernel, grid = _scan_time_fwd_kernel, (triton.cdiv(d, meta["BLOCK_D"]), b)
     kernel[grid](

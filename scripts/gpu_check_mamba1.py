@@ -384,7 +384,7 @@ def KT(steps, rows, **kw):
 # (call3, gpu_time_scan_fwd.py, bit-identical outputs: b4 0.695 -> 0.662, b1 3.443 -> 3.289: the default)
 # backward quad (4 channels' dB/dC by a reduce-scatter; call4: fwd+bwd b4 4.638 -> 4.468: the default);
 # gpu_run12 (gpu_time_scan_bwd.py): the backward's ahead 4 4.534 -> 4.202 (the default; b1 19.86 -> 19.06),
-# quad bfly 4.616, prefetch 2 4.296 vs 4.158, a_evict 4.225 / a_lanes 5.051 / quad False 4.889 vs 4.161: off
+# quad bfly 4.616, quad False 4.889 vs 4.161: off; prefetch 2 4.296 vs 4.158, a_evict 4.225 / a_lanes 5.051 vs 4.161: removed
 LEAN_A = KT(8, 32, agg=True, even=True, pairs=True)
 FWD_B4 = [{}, KT(8, 32, ahead2=True)]
 # channels-last (transposed views; the Mamba module's layout before the fourth session): the channel-parallel kernel, or a contiguous copy then the time one

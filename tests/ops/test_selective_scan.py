@@ -437,18 +437,9 @@ def test_time_split_sizes():
     ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, ahead=2)),
     ("group", 3, 1, torch.float32, 4, dict(steps=4, ahead=1, chunk=32)),
     ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=2, ahead=8)),
-    # prefetch 2: also the next chunk's first state loaded at the last state (with ahead, 2 or 4 channels)
-    ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, ahead=2, prefetch=2)),
-    ("group", 3, 1, torch.float32, 4, dict(steps=4, prefetch=2, chunk=32, copies=3)),
-    ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=2, prefetch=2)),
-    # a_lanes: A of a channel held over its row lanes (2 states a thread with 2 rows, 1 with 4); a_evict: the
-    # loads of A marked evict_last (a hint only: the interpreter ignores it)
-    ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, a_lanes=True)),
-    ("group", 3, 1, torch.float32, 4, dict(steps=4, a_lanes=True, prefetch=2)),
-    ("const", 4, 1, torch.float32, 4, dict(steps=8, block_d=2, a_evict="evict_last")),
     # a_ahead 2: A loaded two states ahead, cyclically across chunks (d_state 3: the wrap inside a chunk)
     ("step", 4, 1, torch.bfloat16, 4, dict(steps=8, block_d=4, fseg=16, a_ahead=2)),
-    ("group", 3, 1, torch.float32, 4, dict(steps=4, a_ahead=2, prefetch=2, chunk=32)),
+    ("group", 3, 1, torch.float32, 4, dict(steps=4, a_ahead=2, chunk=32, copies=3)),
     ("const", 4, 1, torch.float32, -4, dict(steps=4, a_ahead=2, prefetch=False))])
 def test_triton_time_kernel(poisoned, monkeypatch, bc, n, block_d, dtype, steps, bcfg):
     """The time-parallel forward and backward (from the forward's chunk-start states) against the reference, with an
@@ -663,21 +654,9 @@ def test_time_backward_quad_plan():
     for shift_da, want in ((False, 3), (True, 0)):
         cfg = dict(tb.BWD_TIME_CONFIG, steps=8, ahead=3, shift_da=shift_da)
         assert tb._meta(cfg, u, A, B, 16)["AHEAD"] == want
-    # prefetch: False / True / 2 reach the launch as 0 / 1 / 2; anything else is refused by name
-    for prefetch, want in ((False, 0), (True, 1), (2, 2)):
-        assert tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, prefetch=prefetch), u, A, B, 16)["PREFETCH"] == want
-    with pytest.raises(ValueError, match="prefetch=3"):
-        tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, prefetch=3), u, A, B, 16)
-    # a_lanes / a_evict reach the launch; an unknown eviction policy is refused by name
-    m = tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, a_lanes=True, a_evict="evict_last"), u, A, B, 16)
-    assert (m["A_LANES"], m["A_EVICT"]) == (True, "evict_last")
-    assert tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8), u, A, B, 16)["A_EVICT"] == ""
-    with pytest.raises(ValueError, match="a_evict='keep'"):
-        tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, a_evict="keep"), u, A, B, 16)
-    # a_ahead 1 / 2 reach the launch (1 with a_lanes, which loads A once); anything else is refused by name
-    for a_ahead, a_lanes, want in ((1, False, 1), (2, False, 2), (2, True, 1)):
-        cfg = dict(tb.BWD_TIME_CONFIG, steps=8, a_ahead=a_ahead, a_lanes=a_lanes)
-        assert tb._meta(cfg, u, A, B, 16)["A_AHEAD"] == want
+    # a_ahead 1 / 2 reach the launch; anything else is refused by name
+    for a_ahead in (1, 2):
+        assert tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, a_ahead=a_ahead), u, A, B, 16)["A_AHEAD"] == a_ahead
     with pytest.raises(ValueError, match="a_ahead=3"):
         tb._meta(dict(tb.BWD_TIME_CONFIG, steps=8, a_ahead=3), u, A, B, 16)
 

@@ -41,7 +41,7 @@ launcher sums over b (like dA, dD, ddelta_bias).
 Config (BWD_TIME_CONFIG, overridable per call, so that variants can be timed on a GPU):
 - steps: K (a power of two) for the (T, K) kernel, None for the tile kernel; prefetch: the (T, K) kernel
   issues the next state's loads before this state's stores (the compiler cannot move them across stores it
-  does not know to be disjoint); 2: and at the last state, the next chunk's first state's (not timed); copies: partial copies of per-step dB/dC, capped at ~128 MB for the two;
+  does not know to be disjoint); copies: partial copies of per-step dB/dC, capped at ~128 MB for the two;
 - block_d: channels per program (a power of two; halved until it divides d and d / ngroups);
 - chunk: steps per chunk (None or less than the forward's seg: seg); a power of two and a multiple of seg,
   capped at the sequence length rounded up to a power of two (not below seg);
@@ -51,7 +51,6 @@ Config (BWD_TIME_CONFIG, overridable per call, so that variants can be timed on 
   sm_90, bf16, n = 16, chunk 1024, block_d 1, 4 warps gives 255 registers + 592 bytes of stack unrolled,
   255 + 8 as a loop;
 - a_ahead ((T, K) kernel): 1 loads A[:, n] one state ahead with B and C, 2 two states ahead (see below);
-  a_lanes, a_evict: other ways of loading A, measured and off;
 - num_stages, maxnreg: Triton's launch options (None: its default).
 
 All offsets that scale with batch, channels or time are int64. Everything inside is fp32 (bf16/fp16 loads
@@ -97,7 +96,8 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # prefetched tiles spill). H200, b4 d3072 l4096 fwd+bwd, same process (notes/gpu_run12/call1): 4.534 -> 4.202
 # ms (-7.3%; quad bfly 4.616, bfly + ahead 4 4.511); call2: 4.158 against ahead 0 4.457 and ahead 8 4.275;
 # call3: b1 d3072 l65536 (one channel a warp) 19.06 against ahead 0 19.86. ahead 4 is the default.
-# Measured and kept off (notes/gpu_run12, b4 fwd+bwd against the default of the same process):
+# Measured, slower, and then removed (their code is in commit 81caf05; notes/gpu_run12, b4 fwd+bwd against the
+# default of the same process):
 # - prefetch 2 (the next chunk's first state loaded at the last state, so that no chunk starts on a wait for
 #   its saved state; offline 8000 -> 8120 instructions, a 216-byte stack): 4.296 against 4.158;
 # - a_evict "evict_last" (call2's Nsight Compute profile: 10% of the stall samples wait on the loads of A,
@@ -115,7 +115,7 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # 7.75 / 8.55 against 4.637.
 BWD_TIME_CONFIG = dict(steps=8, prefetch=True, copies=64, block_d=None, chunk=None, num_warps=None, unroll=False,
                        num_stages=None, maxnreg=None, shift_da=False, pairs=False, quad=True,
-                       ahead=4, a_lanes=False, a_evict=None, a_ahead=1)
+                       ahead=4, a_ahead=1)
 
 
 @triton.jit
@@ -422,15 +422,6 @@ def _kt_bwd_chunk_in(u_base, dt_base, g_base, z_base, t, L, HAS_Z: tl.constexpr)
 
 
 @triton.jit
-def _a_lane(A_tile, n: tl.constexpr, rows, T: tl.constexpr, AJ: tl.constexpr):
-    """A[:, n] (DB,) from the (DB, T, AJ) tile that holds state r AJ + j in row r's thread: the in-thread
-    column j (a static select), then a sum over the rows that keeps row n // AJ (a butterfly across the
-    channel's lanes: log2 T shuffles, where a load of A each state waits on the L2)."""
-    col = tl.sum(tl.where(tl.arange(0, AJ)[None, None, :] == n % AJ, A_tile, 0.0), axis=2)  # (DB, T)
-    return tl.sum(tl.where(rows[None, :] == n // AJ, col, 0.0), axis=1)
-
-
-@triton.jit
 def _kt_bwd_chunk_ptrs(c, B_base, C_base, st_row, offs, rows, d3, L, s_stc, T: tl.constexpr, K: tl.constexpr,
                        SEGS_PER_CHUNK: tl.constexpr, PAIRS: tl.constexpr):
     """Of chunk c: its steps t (1, T, K) and the same as a (DB, T, K) tile (B and C are loaded in the tiles'
@@ -452,14 +443,13 @@ def _kt_bwd_chunk_ptrs(c, B_base, C_base, st_row, offs, rows, d3, L, s_stc, T: t
 @triton.jit
 def _kt_bwd_state_in(n, A_ptr, B_base, C_base, st_ptr, carry, d_idx, t, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl,
                      s_stn, CONST_BC: tl.constexpr, PAIRS: tl.constexpr = False, T: tl.constexpr = 1,
-                     K: tl.constexpr = 1, DB: tl.constexpr = 0, LOAD_A: tl.constexpr = True,
-                     A_EVICT: tl.constexpr = ""):
+                     K: tl.constexpr = 1, DB: tl.constexpr = 0, LOAD_A: tl.constexpr = True):
     """What state n of a chunk loads: A[d, n] (DB,), B_n, C_n ((DB, T, K) tiles of the program's group, the same
     for every channel, or (DB, 1, 1) when constant; in B's and C's dtypes), the state saved before the chunk
     and g at the step after it (both (DB, T), equal along T)."""
     if LOAD_A:
-        A_n = tl.load(A_ptr + d_idx * s_Ad + n * s_An, eviction_policy=A_EVICT).to(tl.float32)
-    else:  # placeholder (A_LANES: A comes from the program's lanes, _a_lane)
+        A_n = tl.load(A_ptr + d_idx * s_Ad + n * s_An).to(tl.float32)
+    else:  # placeholder (A_AHEAD 2: the state loop loads A)
         A_n = tl.zeros([DB], dtype=tl.float32)
     B_n, C_n = _kt_bc(n, B_base, C_base, t, m2, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, False, PAIRS, T, K, DB)
     return A_n, B_n, C_n, tl.load(st_ptr + n * s_stn), tl.load(carry + n)
@@ -477,7 +467,7 @@ def _scan_bwd_time_kt_kernel(
     SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEQ: tl.constexpr, CONST_BC: tl.constexpr,
     T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr, SEGS_PER_CHUNK: tl.constexpr, PREFETCH: tl.constexpr,
     COPIES: tl.constexpr, SHIFT_DA: tl.constexpr = False, PAIRS: tl.constexpr = False, QUAD: tl.constexpr = 0,
-    AHEAD: tl.constexpr = 0, A_LANES: tl.constexpr = False, A_EVICT: tl.constexpr = "", A_AHEAD: tl.constexpr = 1,
+    AHEAD: tl.constexpr = 0, A_AHEAD: tl.constexpr = 1,
 ):
     """The backward as the (T, K) forward: DB channels (of one B/C group) of one batch row per program, grid
     (d / DB, b), a (DB, T, K) tile per chunk of T K steps (a multiple of the forward's checkpoint spacing),
@@ -553,12 +543,8 @@ def _scan_bwd_time_kt_kernel(
     if SOFTPLUS:
         dt0 = _softplus(x0)
     if A_AHEAD == 2:  # A of states 0 and 1 (the state loop loads each state's two states ahead, cyclically)
-        A_q0 = tl.load(A_ptr + d_idx * s_Ad, eviction_policy=A_EVICT).to(tl.float32)
-        A_q1 = tl.load(A_ptr + d_idx * s_Ad + (1 % NSTATE) * s_An, eviction_policy=A_EVICT).to(tl.float32)
-    if A_LANES:  # A of a channel spread over its row lanes: states r J .. r J + J - 1 in row r's thread
-        AJ: tl.constexpr = (NP + T - 1) // T
-        a_idx = rows[None, :, None] * AJ + tl.arange(0, AJ)[None, None, :] + d3 * 0  # (DB, T, AJ)
-        A_tile = tl.load(A_ptr + d3 * s_Ad + a_idx * s_An, mask=a_idx < NSTATE, other=0.0).to(tl.float32)
+        A_q0 = tl.load(A_ptr + d_idx * s_Ad).to(tl.float32)
+        A_q1 = tl.load(A_ptr + d_idx * s_Ad + (1 % NSTATE) * s_An).to(tl.float32)
     dA_acc = tl.zeros([DB, NP], dtype=tl.float32)
     dBc_acc = tl.zeros([DB, NP], dtype=tl.float32)
     dCc_acc = tl.zeros([DB, NP], dtype=tl.float32)
@@ -568,12 +554,6 @@ def _scan_bwd_time_kt_kernel(
     if AHEAD > 0:  # the last chunk's inputs, as loaded (the state loop loads each next one's)
         u_raw, x_raw, xn_raw, dy_raw, z_raw = _kt_bwd_chunk_in(u_base, dt_base, g_base, z_base,
                                                                 (nchunks - 1) * CHUNK + offs, L, HAS_Z)
-    if PREFETCH == 2:  # state 0 of the last chunk (the state loop loads each next chunk's at its last state)
-        t, tb, Bq, Cq, m2, st_ptr = _kt_bwd_chunk_ptrs(nchunks - 1 + pid_b * 0, B_base, C_base, st_row, offs, rows, d3,
-                                                       L, s_stc, T, K, SEGS_PER_CHUNK, PAIRS)
-        A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb, m2, s_Ad,
-                                                         s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn, CONST_BC, PAIRS, T,
-                                                         K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
     for i in range(pid_b * 0, nchunks):
         c = nchunks - 1 - i
         t, tb, Bq, Cq, m2, st_ptr = _kt_bwd_chunk_ptrs(c, B_base, C_base, st_row, offs, rows, d3, L, s_stc, T, K,
@@ -595,10 +575,10 @@ def _scan_bwd_time_kt_kernel(
         if HAS_SEQ:
             reset = _seq_reset(seq_base, t, m2, s_sl)
             reset_n = _seq_reset(seq_base, t + 1, mn, s_sl)
-        if PREFETCH == 1:
+        if PREFETCH:
             A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(0, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb,
                                                              m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
-                                                             CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
+                                                             CONST_BC, PAIRS, T, K, DB, A_AHEAD == 1)
         if HAS_BIAS:
             x += bias
             if SHIFT_DA:
@@ -630,24 +610,15 @@ def _scan_bwd_time_kt_kernel(
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     A_nx, B_nx, C_nx, h_nx, g_nx = _kt_bwd_state_in(
                         n + 1, A_ptr, Bq, Cq, st_ptr, carry, d_idx, tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn,
-                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
-                elif PREFETCH == 2:  # the next chunk's state 0 (its carry, g_0 of this chunk, is stored)
-                    _, tb_nx, Bq_nx, Cq_nx, m2_nx, st_nx = _kt_bwd_chunk_ptrs(
-                        tl.maximum(c - 1, 0), B_base, C_base, st_row, offs, rows, d3, L, s_stc, T, K,
-                        SEGS_PER_CHUNK, PAIRS)
-                    A_nx, B_nx, C_nx, h_nx, g_nx = _kt_bwd_state_in(
-                        0, A_ptr, Bq_nx, Cq_nx, st_nx, carry, d_idx, tb_nx, m2_nx, s_Ad, s_An, s_Bn, s_Bl, s_Cn,
-                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
+                        s_Cl, s_stn, CONST_BC, PAIRS, T, K, DB, A_AHEAD == 1)
             else:
                 A_n, B_n, C_n, h_start, g_end = _kt_bwd_state_in(n, A_ptr, Bq, Cq, st_ptr, carry, d_idx,
                                                                  tb, m2, s_Ad, s_An, s_Bn, s_Bl, s_Cn, s_Cl, s_stn,
-                                                                 CONST_BC, PAIRS, T, K, DB, not (A_LANES or A_AHEAD == 2), A_EVICT)
-            if A_LANES:
-                A_n = _a_lane(A_tile, n, rows, T, (NP + T - 1) // T)
+                                                                 CONST_BC, PAIRS, T, K, DB, A_AHEAD == 1)
             if A_AHEAD == 2:  # issued here, ptxas sinks the load only to the end of this state's first block
                 A_n = A_q0
                 A_q0 = A_q1
-                A_q1 = tl.load(A_ptr + d_idx * s_Ad + ((n + 2) % NSTATE) * s_An, eviction_policy=A_EVICT).to(tl.float32)
+                A_q1 = tl.load(A_ptr + d_idx * s_Ad + ((n + 2) % NSTATE) * s_An).to(tl.float32)
             Bf = B_n.to(tl.float32)
             Cf = C_n.to(tl.float32)
             A3 = A_n[:, None, None]
@@ -713,7 +684,7 @@ def _scan_bwd_time_kt_kernel(
                 _atomic_rows(dC_ptr + dBC_base + n * LP + c * CHUNK, tl.sum(dy * h, axis=0), rows,
                              L - c * CHUNK, T, K)
             if PREFETCH:
-                if n + 1 < NSTATE or PREFETCH == 2:
+                if n + 1 < NSTATE:
                     A_n, B_n, C_n, h_start, g_end = A_nx, B_nx, C_nx, h_nx, g_nx
         # u, delta, z and dout again (cache hits) rather than live in registers through the state loop
         u = tl.load(u_base + t, mask=m2, other=0.0).to(tl.float32)
@@ -752,26 +723,11 @@ def _scan_bwd_time_kt_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 
-def _a_evict(v) -> str:
-    """BWD_TIME_CONFIG a_evict as the L1/L2 eviction policy of the (T, K) kernel's loads of A ("" the default)."""
-    if v not in (None, False, "", "evict_last", "evict_first"):
-        raise ValueError(f"BWD_TIME_CONFIG a_evict={v!r}: use None, 'evict_last' or 'evict_first'")
-    return v or ""
-
-
-def _a_ahead(v, a_lanes) -> int:
-    """BWD_TIME_CONFIG a_ahead (states ahead that A[:, n] is loaded: 1 or 2; 1 with a_lanes, which loads it once)."""
+def _a_ahead(v) -> int:
+    """BWD_TIME_CONFIG a_ahead (how many states ahead A[:, n] is loaded: 1 or 2)."""
     if v not in (1, 2):
         raise ValueError(f"BWD_TIME_CONFIG a_ahead={v!r}: use 1 (the next state's, with its B and C) or 2")
-    return 1 if a_lanes else v
-
-
-def _prefetch(v) -> int:
-    """BWD_TIME_CONFIG prefetch as the (T, K) kernel's PREFETCH: 0, 1 (True) or 2."""
-    if v not in (False, True, 0, 1, 2):
-        raise ValueError(f"BWD_TIME_CONFIG prefetch={v!r}: use False, True (the next state's loads) or 2 (also "
-                         "the next chunk's first state at the last state)")
-    return int(v)
+    return v
 
 
 def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int) -> dict:
@@ -809,13 +765,12 @@ def _meta(cfg: dict, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: int
         g = B.shape[1] if B.dim() == 4 else 1
         copies = max(1, min(copies, (1 << 27) // max(1, 8 * u.shape[0] * g * A.shape[1] * l)))
         return dict(T=rows, K=kk, DB=block_d, SEGS_PER_CHUNK=chunk // seg, NP=np_,
-                    PREFETCH=_prefetch(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
+                    PREFETCH=bool(cfg.get("prefetch", True)), COPIES=min(copies, d // block_d),
                     SHIFT_DA=bool(cfg.get("shift_da")) and kk == 8,
                     PAIRS=bool(cfg.get("pairs")) and kk % 2 == 0 and l % chunk == 0,  # and pairs_ok(B, C)
                     QUAD=(2 if cfg.get("quad") == "bfly" else 1) if cfg.get("quad") and kk == 8 and block_d == 4 else 0,
                     AHEAD=int(cfg.get("ahead") or 0) if not (cfg.get("shift_da") and kk == 8) else 0,
-                    A_LANES=bool(cfg.get("a_lanes")), A_EVICT=_a_evict(cfg.get("a_evict")),
-                    A_AHEAD=_a_ahead(cfg.get("a_ahead", 1), cfg.get("a_lanes")),
+                    A_AHEAD=_a_ahead(cfg.get("a_ahead", 1)),
                     num_warps=cfg["num_warps"] or max(1, block_d * rows // 32))
     warps = cfg["num_warps"] or max(1, min(16, chunk * block_d // 256))
     return dict(BLOCK_D=block_d, CHUNK=chunk, SEGS_PER_CHUNK=chunk // seg, NP=np_, UNROLL=bool(cfg["unroll"]),

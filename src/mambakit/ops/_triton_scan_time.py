@@ -447,7 +447,8 @@ def _scan_time_fwd_kt_kernel(
             if PREFETCH:
                 if n + 1 < NSTATE:  # the next state's loads, before this state's stores
                     a_nx, B_nx, C_nx, h_nx = _kt_state_in(n + 1, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad,
-                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K, not AHEAD2)
+                                                          s_An, s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K,
+                                                          not AHEAD2)
             else:
                 a_n, B_n, C_n, h_start = _kt_state_in(n, A_ptr, Bq, Cq, carry, d64, t, m2, s_Ad, s_An,
                                                       s_Bn, s_Bl, s_Cn, s_Cl, CONST_BC, EVEN, PAIRS, T, K, not AHEAD2)

@@ -35,7 +35,7 @@ for spec in "$@"; do
     scan-tests) run_part scan-tests "$limit" python3 -m pytest -q -rf --tb=short tests/ops/test_selective_scan.py -p no:cacheprovider ;;
     # Mamba-1 scan config overrides against the defaults in one process (space-separated specs, each KEY=VALUE[,...]);
     # by default the untimed candidates (forward ahead2, backward a_ahead 2)
-    fwd-time) run_part fwd-time "$limit" python3 scripts/gpu_time_scan_fwd.py ${FWDT_ARGS:-ahead2=True} ;;
+    fwd-time) run_part fwd-time "$limit" python3 scripts/gpu_time_scan_fwd.py ${FWDT_ARGS:---fb ahead2=True maxnreg=80} ;;
     bwd-time) run_part bwd-time "$limit" python3 scripts/gpu_time_scan_bwd.py ${BWDT_ARGS:-a_ahead=2} ;;
     bwd-time-b1) run_part bwd-time-b1 "$limit" python3 scripts/gpu_time_scan_bwd.py --shape 1,3072,65536 ${BWDT1_ARGS:-ahead=0} ;;
     # Nsight Compute of the scan kernels (PROF_ARGS: any of fwd fwd_saving bwd; all three by default)

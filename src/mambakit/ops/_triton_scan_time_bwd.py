@@ -101,7 +101,7 @@ from mambakit.ops.causal_conv1d import _join8, _split8
 # - prefetch 2 (the next chunk's first state loaded at the last state, so that no chunk starts on a wait for
 #   its saved state; offline 8000 -> 8120 instructions, a 216-byte stack): 4.296 against 4.158;
 # - a_evict "evict_last" (call2's Nsight Compute profile: 10% of the stall samples wait on the loads of A,
-#   which ptxas sinks to 44-160 instructions before their use, and which miss L1): 4.225 against 4.161;
+#   which ptxas sinks to 44-160 instructions before their use, and which seem not to hit L1): 4.225 against 4.161;
 # - a_lanes (A of a channel held over its row lanes, loaded once, one lane sum a state: offline 8320
 #   instructions, a 408-byte stack): 5.051 against 4.161;
 # - quad False (with ahead 4): 4.889 against 4.161.

@@ -225,7 +225,13 @@ def _kt_chunk_in(u_base, dt_base, t, L, EVEN: tl.constexpr):
 def _bf16_pairs(ptrs, T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr = 0):
     """A (T, K) bf16 tile ((DB, T, K) with DB > 0) read as (T, K / 2) int32 pairs (4-byte aligned pointers),
     widened to fp32 with one shift or mask per element: the low half is the even step, the high half the odd."""
-    v = tl.load(ptrs)
+    return _widen_pairs(tl.load(ptrs), T, K, DB)
+
+
+@triton.jit
+def _widen_pairs(v, T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr = 0):
+    """Loaded (T, K / 2) int32 pairs of bf16 ((DB, T, K / 2) with DB > 0) as a (T, K) fp32 tile, one shift or
+    mask per element: the low half is the even step, the high half the odd."""
     lo = (v << 16).to(tl.float32, bitcast=True)
     hi = (v & -65536).to(tl.float32, bitcast=True)
     if DB > 0:
@@ -233,6 +239,13 @@ def _bf16_pairs(ptrs, T: tl.constexpr, K: tl.constexpr, DB: tl.constexpr = 0):
     else:
         tile = tl.reshape(tl.join(lo, hi), (T, K))
     return tile
+
+
+@triton.jit
+def _pair_ptrs(base, c, rows, T: tl.constexpr, K: tl.constexpr):
+    """The (T, K / 2) int32 pointers of chunk c's bf16 pairs in state 0's row at base (whole chunks)."""
+    tp = c * (T * K // 2) + rows[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :]
+    return base.to(tl.pointer_type(tl.int32)) + tp
 
 
 @triton.jit
@@ -273,18 +286,9 @@ def _kt_abc_raw(m: tl.constexpr, c, n_chunks, A_ptr, B_base, C_base, d64, rows, 
     unused)."""
     cc = tl.minimum(c + m // NSTATE, n_chunks - 1)
     n: tl.constexpr = m % NSTATE
-    tp = cc * (T * K // 2) + rows[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :]
-    Bp = B_base.to(tl.pointer_type(tl.int32)) + tp + n * (s_Bn // 2)
-    Cp = C_base.to(tl.pointer_type(tl.int32)) + tp + n * (s_Cn // 2)
+    Bp = _pair_ptrs(B_base, cc, rows, T, K) + n * (s_Bn // 2)
+    Cp = _pair_ptrs(C_base, cc, rows, T, K) + n * (s_Cn // 2)
     return tl.load(A_ptr + d64 * s_Ad + n * s_An), tl.load(Bp), tl.load(Cp)
-
-
-@triton.jit
-def _widen_pairs(v, T: tl.constexpr, K: tl.constexpr):
-    """``_bf16_pairs``' widening of loaded (T, K / 2) int32 pairs into a (T, K) fp32 tile."""
-    lo = (v << 16).to(tl.float32, bitcast=True)
-    hi = (v & -65536).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (T, K))
 
 
 @triton.jit
@@ -405,9 +409,8 @@ def _scan_time_fwd_kt_kernel(
         Bq = B_base
         Cq = C_base
         if PAIRS:  # the chunk's bf16 B / C as int32 pairs, (T, K / 2) pointers of state 0
-            tp = c * (CHUNK // 2) + rows[:, None] * (K // 2) + tl.arange(0, K // 2)[None, :]
-            Bq = B_base.to(tl.pointer_type(tl.int32)) + tp
-            Cq = C_base.to(tl.pointer_type(tl.int32)) + tp
+            Bq = _pair_ptrs(B_base, c, rows, T, K)
+            Cq = _pair_ptrs(C_base, c, rows, T, K)
         if AHEAD == 0:
             u_raw, x_raw = _kt_chunk_in(u_base, dt_base, t, L, EVEN)
             if HAS_Z:

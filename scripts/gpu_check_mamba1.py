@@ -455,20 +455,18 @@ def main(argv=None):
     if SMOKE:  # 8-step checkpoints, so that the tiny shapes still split in time
         K.FWD_CONFIG["seg"] = 8
         TK.FWD_TIME_CONFIG["chunk"] = 16
-    if args.skip_checks or args.first_check_only:
-        checks = checks[:1] if args.first_check_only else [(None, None, None)]
+    first_only = args.first_check_only or args.defaults_only or args.busy_only  # no checks after the timings
+    if args.skip_checks or first_only:
+        checks = checks[:1] if first_only else [(None, None, None)]
     if args.busy_only:
         section("check defaults on busy grids", bud)(lambda: check_variant({}, {}, busy_only=True))
         FWD_B4.clear(), FWD_B1.clear(), FB.clear()
-        args.skip_checks = True
-        checks = checks[:1]
     elif not (args.skip_default_check or args.skip_checks):
         section("check defaults: bf16 cl + fp32 group/seq_idx/h0", bud)(lambda: check_variant({}, {}))
-    if not (args.skip_checks or args.defaults_only):
+    if not (args.skip_checks or args.defaults_only or args.busy_only):
         section(f"check {label(*checks[0][:2])}", bud)(lambda: check_variant(*checks[0]))
-    if args.first_check_only or args.defaults_only:
+    if first_only:
         args.skip_checks = True
-        checks = checks[:1]
     for v in FWD_B4:
         section(f"fwd b4 {label(v)}", bud)(lambda v=v: timed(B4, fwd=v))
     for v in FWD_B4_CL:
